@@ -1,0 +1,332 @@
+"""Typed, frozen configs.
+
+A job file under `configs/` returns an `ml_collections.ConfigDict`; `from_config_dict` converts it once into the
+frozen dataclasses below, checking every key. Each stage reads only its own sections. Errors name the dotted key and
+the bad value (`ConfigError: train.batch_size=6 is not divisible by the data-parallel size 4`).
+
+Public, stable key names: `workdir`, `seed`, `train.steps`, `train.batch_size`, `train.seq_len`,
+`checkpoint.every_steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from typing import Any, Literal
+
+import ml_collections
+
+from jaxalign.errors import ConfigError
+
+# Logical axis -> mesh axes. Parameters use `embed`, `mlp`, `heads`, `kv_heads`, `vocab`, `layers`, `head_dim`,
+# `norm`; activations use `batch`, `length`, `act_embed` (activations are not split over the embedding dimension,
+# which FSDP uses for parameters) and the parameter names for their head/mlp/vocab dimensions.
+DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", ()),
+    ("act_embed", ()),
+    ("embed", ("fsdp",)),
+    ("mlp", ("tensor",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("head_dim", ()),
+    ("vocab", ("tensor",)),
+    ("layers", ()),
+    ("norm", ()),
+)
+
+
+def _positive(section_obj: Any, section: str, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = getattr(section_obj, key)
+        if value <= 0:
+            raise ConfigError(f"{section}.{key}={value} must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-family decoder. Defaults are the benchmark's reference workload."""
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 64
+    d_ff: int = 1024
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    # "" for plain RoPE, or "llama3" (uses the four rope_* fields below, as in Llama 3.1).
+    rope_scaling: Literal["", "llama3"] = ""
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    norm_eps: float = 1e-5
+    # Gemma-style norms scale by (1 + w) with w initialised at zero.
+    norm_plus_one: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tie_embeddings: bool = False
+    # Gemma multiplies the embeddings by sqrt(d_model).
+    scale_embeddings: bool = False
+    activation: Literal["silu", "gelu_tanh"] = "silu"
+    init_std: float = 0.02
+    # Parameters stay float32; matmuls run in `compute_dtype` (float32 is fastest on CPU).
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # "none", "full" (recompute each block) or "dots" (save matmul outputs, recompute the rest).
+    remat: Literal["none", "full", "dots"] = "none"
+    # Scan over stacked layers: compile time stays flat in depth; unrolled is a little faster on CPU.
+    scan_layers: bool = False
+    attention: Literal["xla", "flash", "auto"] = "xla"
+    # "hf:/path/to/dir" loads weights from a Hugging Face checkpoint; "" initialises at random.
+    init_from: str = ""
+
+    def __post_init__(self):
+        _positive(self, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"))
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes (one of them may be -1: it takes the remaining devices) and the logical-axis rules."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    stage: int = 1
+    rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_RULES
+
+    def __post_init__(self):
+        sizes = {a: getattr(self, a) for a in ("data", "fsdp", "tensor", "stage")}
+        if list(sizes.values()).count(-1) > 1:
+            raise ConfigError(f"at most one mesh axis may be -1, got {sizes}")
+        for axis, size in sizes.items():
+            if size == 0 or size < -1:
+                raise ConfigError(f"mesh.{axis}={size} must be a positive size or -1")
+        names = [name for name, _ in self.rules]
+        for name, axes in self.rules:
+            for axis in axes:
+                if axis not in sizes:
+                    raise ConfigError(f"mesh.rules maps {name!r} to unknown mesh axis {axis!r}; axes are {list(sizes)}")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"mesh.rules names a logical axis twice: {names}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 256
+    # Microbatches per step: the batch is split and gradients are summed in one jitted step.
+    grad_accum: int = 1
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 4
+    z_loss: float = 0.0
+    # "abort": stop with a message naming the step; "skip": drop the update and count it.
+    nan_policy: Literal["abort", "skip"] = "abort"
+    # Peak FLOP/s per device for MFU; 0 measures an f32 matmul at start-up (CPU) or uses the known chip peak.
+    peak_flops: float = 0.0
+    progress: bool = True
+
+    def __post_init__(self):
+        _positive(self, "train", ("steps", "batch_size", "seq_len", "grad_accum", "log_every"))
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    # Cosine decay length; 0 means until train.steps.
+    decay_steps: int = 0
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    # Skip steps whose loss is more than spike_sigma standard deviations above the mean of the last spike_window.
+    spike_skip: bool = False
+    spike_window: int = 50
+    spike_sigma: float = 6.0
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.spike_window < 2:
+            raise ConfigError(f"optim.spike_window={self.spike_window} must be >= 2")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # Glob of JSONL(.gz) / Parquet / ArrayRecord files; "" generates the synthetic world into workdir/data.
+    input: str = ""
+    eval_input: str = ""
+    # A SentencePiece .model path; "" trains one on the training text into workdir/tokenizer.model.
+    tokenizer: str = ""
+    text_field: str = "text"
+    # "error": stop at the first bad record naming file:line; "skip": skip and count it.
+    on_error: Literal["error", "skip"] = "error"
+    # "truncate": cut over-long documents and count them; "reject": stop naming file:line.
+    overlong: Literal["truncate", "reject"] = "truncate"
+    num_workers: int = 0
+    shuffle: bool = True
+    # Size of the synthetic world (number of entities); more entities means more documents.
+    synthetic_entities: int = 400
+    synthetic_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 500
+    # Keep the latest `keep` checkpoints plus every `keep_every`-th step (0: none kept permanently).
+    keep: int = 3
+    keep_every: int = 0
+    async_save: bool = True
+    enabled: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CurateConfig:
+    """Curation (`job="curate"`): reads `data.input` JSONL records with `id` and `text`."""
+
+    exact_dedup: bool = True
+    near_dedup: bool = True
+    # MinHash-LSH over word n-grams: num_bands * rows_per_band permutations.
+    ngram: int = 5
+    num_bands: int = 14
+    rows_per_band: int = 8
+    gopher_quality: bool = True
+    gopher_repetition: bool = True
+    c4_filters: bool = True
+    fineweb_filters: bool = True
+    pii: bool = True
+    num_workers: int = 2
+
+    def __post_init__(self):
+        _positive(self, "curate", ("ngram", "num_bands", "rows_per_band", "num_workers"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole resolved config of one job. Sections a job does not use keep their defaults."""
+
+    workdir: str = ""
+    seed: int = 0
+    # Which job `main` runs.
+    job: str = "pretrain"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    curate: CurateConfig = dataclasses.field(default_factory=CurateConfig)
+
+    def __post_init__(self):
+        if not self.workdir:
+            raise ConfigError("workdir is empty: pass --config.workdir=DIR")
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"train.seq_len={self.train.seq_len} exceeds the model's maximum model.max_seq_len="
+                f"{self.model.max_seq_len}"
+            )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    """Converts a ConfigDict value to the dataclass field's type, or raises naming `key`."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, ml_collections.ConfigDict):
+            value = value.to_dict()
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a section (a ConfigDict), got {value!r}")
+        return _build(annotation, value, key + ".")
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a sequence, got {value!r}")
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{key} must have {len(args)} items, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r} does not have the type {annotation}")
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if annotation in (int, bool, str):
+        if type(value) is not annotation:
+            raise ConfigError(f"{key}={value!r} must be of type {annotation.__name__}")
+        return value
+    raise TypeError(f"unsupported annotation {annotation} for {key}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            f"unknown config key {prefix}{key}={values[key]!r}; known keys in this section: {sorted(fields)}"
+        )
+    kwargs = {name: _convert(v, hints[name], prefix + name) for name, v in values.items()}
+    return cls(**kwargs)
+
+
+def from_config_dict(config: ml_collections.ConfigDict | dict) -> Config:
+    """Converts a job's ConfigDict into the frozen `Config`, checking every key and value."""
+    if isinstance(config, ml_collections.ConfigDict):
+        config = config.to_dict()
+    return _build(Config, config, "")
+
+
+def replace(config: Config, **sections: Any) -> Config:
+    """Returns `config` with fields of sections replaced: `replace(cfg, train={"steps": 2})`."""
+    updates = {}
+    for name, value in sections.items():
+        current = getattr(config, name)
+        updates[name] = dataclasses.replace(current, **value) if isinstance(value, dict) else value
+    return dataclasses.replace(config, **updates)
+
+
+def write_json(config: Config, path: str) -> None:
+    """Writes the resolved config (process 0 only, atomically): the run directory's `config.json`."""
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(config.to_json() + "\n")
+    os.replace(tmp, path)

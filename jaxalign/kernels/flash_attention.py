@@ -1,0 +1,368 @@
+"""FlashAttention-2 in Pallas: forward, dq and dk/dv kernels, causal + packed segments + GQA.
+
+Shapes: B batch, T query length, S key length, H query heads, K key/value heads, G = H // K queries per kv
+head, D head dim. Inside the kernels the layout is head-major: `q_BxHxTxD`, `k_BxKxSxD`; Tp and Sp are T and S
+padded up to a multiple of the block sizes bq and bk. Per-row statistics are kept as columns, `lse_BxHxTpx1`,
+so every value in a kernel body is 2-D.
+
+Masking (identical to `jaxalign.models.attention.xla_attention`): query row r may see key c when
+`c <= r + (S - T)` (causal, bottom-right aligned), `segment_ids[r] == segment_ids[c]` (packing), and `c < S`
+(padding). Masked scores become a large finite negative number, never -inf, so padded and fully masked rows stay
+finite in both passes. The one case where a real row sees no key at all (causal with T > S) is overwritten by
+the mean of V in the wrapper, which is what the XLA reference's softmax over all-equal scores gives.
+
+One kernel body per pass serves every backend:
+- CPU: `interpret=True` (the default there), used by the tests.
+- GPU (Triton): blocks become pointers and `k_ref[pl.ds(...)]` loads tiles from HBM. Block sizes must be powers
+  of two and at least 16 (`tl.dot` minimum); a head dim that is not a power of two is zero-padded here.
+- TPU (Mosaic): blocks are copied to VMEM, so the full-length K/V (forward, dq) and the group's full-length
+  Q/dO (dk/dv) must fit in VMEM: about S * D * 8 bytes in bf16 with double buffering. Beyond ~8k tokens at
+  D=128 prefer a grid-reduction kernel (jax.experimental.pallas.ops.tpu.splash_attention). Use bq a multiple
+  of 8 and bk a multiple of 128 to fill vregs.
+GQA: K/V are never repeated. The forward and dq grids run over query heads and map head h to kv head h // G in
+the BlockSpec index maps; the dk/dv grid runs over kv heads and loops over the G query heads of its group (free
+reshape of Q to `BxKx(G*Tp)xD`), so dk/dv are summed in f32 inside the kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+# Finite "minus infinity": exp(MASK - finite) == 0 exactly, and MASK - MASK == 0 keeps fully masked rows finite.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the kernels specialise on (hashable: it is a nondiff argument of the custom_vjp)."""
+
+    causal: bool
+    scale: float
+    block_q: int
+    block_k: int
+    q_len: int  # T before padding
+    kv_len: int  # S before padding
+    interpret: bool
+
+    @property
+    def offset(self) -> int:
+        return self.kv_len - self.q_len  # row r sees keys c <= r + offset when causal
+
+    def num_k_blocks(self, i, nk: int):
+        """Key blocks that q block i needs: causal ones fully above the diagonal are skipped (at least one)."""
+        if not self.causal:
+            return nk
+        hi = lax.div((i + 1) * self.block_q + self.offset + self.block_k - 1, self.block_k)
+        return jnp.clip(hi, 1, nk)
+
+    def first_q_block(self, j):
+        """First q block whose rows can see key block j (causal); 0 otherwise."""
+        if not self.causal:
+            return 0
+        return jnp.maximum(lax.div(j * self.block_k - self.offset + self.block_q, self.block_q) - 1, 0)
+
+
+def _compiler_params(num_dims: int):
+    """Backend-specific launch options; None in interpret mode and on unknown backends."""
+    backend = jax.default_backend()
+    if backend == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        # Every grid axis is independent (loops over the other sequence run inside the kernel).
+        return pltpu.CompilerParams(dimension_semantics=("parallel",) * num_dims)
+    if backend in ("gpu", "cuda", "rocm"):
+        from jax.experimental.pallas import triton as pltriton
+
+        return pltriton.CompilerParams(num_warps=4, num_stages=2)
+    return None
+
+
+def _mask(st: _Static, q_pos, k_pos, q_seg, k_seg, mask_len: bool):
+    """Boolean (bq, bk) mask or None. Positions are (bq, bk) iotas; segments are (bq, 1) and (1, bk)."""
+    mask = None
+    if st.causal:
+        mask = k_pos <= q_pos + st.offset
+    if mask_len:  # causal never reaches past S - 1 from a real row, so this is only needed without it
+        m = k_pos < st.kv_len
+        mask = m if mask is None else mask & m
+    if q_seg is not None:
+        m = q_seg == k_seg
+        mask = m if mask is None else mask & m
+    return mask
+
+
+def _scores(st: _Static, q, k, q_pos, k_pos, q_seg, k_seg, mask_len):
+    """Scaled f32 scores (bq, bk) with masked entries set to MASK_VALUE."""
+    s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * st.scale
+    mask = _mask(st, q_pos, k_pos, q_seg, k_seg, mask_len)
+    return s if mask is None else jnp.where(mask, s, MASK_VALUE)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, st: _Static, mask_len: bool):
+    bq, bk = st.block_q, st.block_k
+    i = pl.program_id(2)
+    q = q_ref[...]
+    q_seg = None if qseg_ref is None else qseg_ref[...]
+    q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+
+    def body(j, carry):
+        o, m, l = carry
+        k = k_ref[pl.ds(j * bk, bk), :]
+        v = v_ref[pl.ds(j * bk, bk), :]
+        k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+        k_seg = None if kseg_ref is None else kseg_ref[:, pl.ds(j * bk, bk)]
+        s = _scores(st, q, k, q_pos, k_pos, q_seg, k_seg, mask_len)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new)
+        l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+        o = alpha * o + lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return o, m_new, l
+
+    init = (
+        jnp.zeros((bq, q.shape[1]), jnp.float32),
+        jnp.full((bq, 1), MASK_VALUE, jnp.float32),
+        jnp.zeros((bq, 1), jnp.float32),
+    )
+    o, m, l = lax.fori_loop(0, st.num_k_blocks(i, k_ref.shape[0] // bk), body, init)
+    o_ref[...] = (o / l).astype(o_ref.dtype)  # l >= 1: the row maximum contributes exp(0)
+    lse_ref[...] = m + jnp.log(l)
+
+
+def _dq_kernel(
+    q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static, mask_len: bool
+):
+    bq, bk = st.block_q, st.block_k
+    i = pl.program_id(2)
+    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    q_seg = None if qseg_ref is None else qseg_ref[...]
+    q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+
+    def body(j, dq):
+        k = k_ref[pl.ds(j * bk, bk), :]
+        v = v_ref[pl.ds(j * bk, bk), :]
+        k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+        k_seg = None if kseg_ref is None else kseg_ref[:, pl.ds(j * bk, bk)]
+        p = jnp.exp(_scores(st, q, k, q_pos, k_pos, q_seg, k_seg, mask_len) - lse)
+        dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta)
+        return dq + lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    dq = jnp.zeros((bq, q.shape[1]), jnp.float32)
+    dq = lax.fori_loop(0, st.num_k_blocks(i, k_ref.shape[0] // bk), body, dq)
+    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kseg_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    st: _Static,
+    mask_len: bool,
+    groups: int,
+):
+    # q_ref, do_ref: (G * Tp, D), the G query heads of this kv head stacked; lse_ref, delta_ref: (G * Tp, 1).
+    bq, bk = st.block_q, st.block_k
+    j = pl.program_id(2)
+    k, v = k_ref[...], v_ref[...]
+    k_seg = None if kseg_ref is None else kseg_ref[...]
+    k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    tp = q_ref.shape[0] // groups
+    nq = tp // bq
+
+    def q_block(i, carry, g):
+        dk, dv = carry
+        rows = pl.ds(g * tp + i * bq, bq)
+        q, do, lse, delta = q_ref[rows, :], do_ref[rows, :], lse_ref[rows, :], delta_ref[rows, :]
+        q_seg = None if qseg_ref is None else qseg_ref[pl.ds(i * bq, bq), :]
+        q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+        p = jnp.exp(_scores(st, q, k, q_pos, k_pos, q_seg, k_seg, mask_len) - lse)
+        dv = dv + lax.dot_general(p.astype(do.dtype), do, _TN, preferred_element_type=jnp.float32)
+        dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta)
+        dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32)
+        return dk, dv
+
+    def group(g, carry):
+        return lax.fori_loop(st.first_q_block(j), nq, functools.partial(q_block, g=g), carry)
+
+    zeros = jnp.zeros((bk, k.shape[1]), jnp.float32)
+    dk, dv = lax.fori_loop(0, groups, group, (zeros, zeros))
+    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _seg_specs(qseg, kseg, q_map, k_map, q_rows, k_cols):
+    if qseg is None:
+        return [None, None]
+    return [pl.BlockSpec((None, q_rows, 1), q_map), pl.BlockSpec((None, 1, k_cols), k_map)]
+
+
+def _forward(st: _Static, q, k, v, qseg, kseg):
+    """q_BxHxTpxD, k/v_BxKxSpxD, qseg_BxTpx1, kseg_Bx1xSp -> (o_BxHxTpxD, lse_BxHxTpx1)."""
+    B, H, Tp, D = q.shape
+    K, Sp = k.shape[1], k.shape[2]
+    G, bq = H // K, st.block_q
+    q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0))
+    kv_spec = pl.BlockSpec((None, None, Sp, D), lambda b, h, i: (b, h // G, 0, 0))
+    row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0))
+    seg = _seg_specs(qseg, kseg, lambda b, h, i: (b, i, 0), lambda b, h, i: (b, 0, 0), bq, Sp)
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, st=st, mask_len=Sp != st.kv_len and not st.causal),
+        grid=(B, H, Tp // bq),
+        in_specs=[q_spec, kv_spec, kv_spec, *seg],
+        out_specs=[q_spec, row_spec],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, Tp, 1), jnp.float32)],
+        compiler_params=None if st.interpret else _compiler_params(3),
+        interpret=st.interpret,
+        name="flash_attention_fwd",
+    )(q, k, v, qseg, kseg)
+
+
+def _backward(st: _Static, q, k, v, qseg, kseg, o, lse, do):
+    B, H, Tp, D = q.shape
+    K, Sp = k.shape[1], k.shape[2]
+    G, bq, bk = H // K, st.block_q, st.block_k
+    mask_len = Sp != st.kv_len and not st.causal
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
+
+    q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0))
+    kv_spec = pl.BlockSpec((None, None, Sp, D), lambda b, h, i: (b, h // G, 0, 0))
+    row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0))
+    seg = _seg_specs(qseg, kseg, lambda b, h, i: (b, i, 0), lambda b, h, i: (b, 0, 0), bq, Sp)
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, st=st, mask_len=mask_len),
+        grid=(B, H, Tp // bq),
+        in_specs=[q_spec, kv_spec, kv_spec, *seg, q_spec, row_spec, row_spec],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=None if st.interpret else _compiler_params(3),
+        interpret=st.interpret,
+        name="flash_attention_dq",
+    )(q, k, v, qseg, kseg, do, lse, delta)
+
+    # Head h = kh * G + g, so a kv head's query heads are contiguous: these reshapes are free.
+    group_spec = pl.BlockSpec((None, None, G * Tp, D), lambda b, kh, j: (b, kh, 0, 0))
+    group_row_spec = pl.BlockSpec((None, None, G * Tp, 1), lambda b, kh, j: (b, kh, 0, 0))
+    kv_block_spec = pl.BlockSpec((None, None, bk, D), lambda b, kh, j: (b, kh, j, 0))
+    seg = _seg_specs(qseg, kseg, lambda b, kh, j: (b, 0, 0), lambda b, kh, j: (b, 0, j), Tp, bk)
+    to_groups = lambda x: x.reshape(B, K, G * Tp, x.shape[-1])
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, st=st, mask_len=mask_len, groups=G),
+        grid=(B, K, Sp // bk),
+        in_specs=[group_spec, kv_block_spec, kv_block_spec, *seg, group_spec, group_row_spec, group_row_spec],
+        out_specs=[kv_block_spec, kv_block_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=None if st.interpret else _compiler_params(3),
+        interpret=st.interpret,
+        name="flash_attention_dkv",
+    )(to_groups(q), k, v, qseg, kseg, to_groups(do), to_groups(lse), to_groups(delta))
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(st: _Static, q, k, v, qseg, kseg):
+    return _forward(st, q, k, v, qseg, kseg)[0]
+
+
+def _flash_fwd(st: _Static, q, k, v, qseg, kseg):
+    o, lse = _forward(st, q, k, v, qseg, kseg)
+    return o, (q, k, v, qseg, kseg, o, lse)
+
+
+def _flash_bwd(st: _Static, res, do):
+    dq, dk, dv = _backward(st, *res, do)
+    return dq, dk, dv, None, None  # segment ids are integers: no cotangent
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _block(requested: int, length: int, name: str) -> int:
+    if requested < 16 or requested & (requested - 1):
+        raise ValueError(f"{name} must be a power of two >= 16 (Triton tiles), got {requested}")
+    return min(requested, max(16, pl.next_power_of_2(length)))
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def flash_attention(
+    q_BxTxHxD: jax.Array,
+    k_BxSxKxD: jax.Array,
+    v_BxSxKxD: jax.Array,
+    *,
+    causal: bool = True,
+    segment_ids: jax.Array | None = None,
+    sm_scale: float | None = None,
+    block_q: int = 128,
+    block_k: int = 128,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Softmax attention with the semantics of `xla_attention`; returns `o_BxTxHxD` in the dtype of q.
+
+    segment_ids: int32 [B, T] for packed self-attention (needs T == S). sm_scale defaults to D**-0.5.
+    block_q / block_k: tile sizes (powers of two >= 16), shrunk for short sequences. interpret: None runs the
+    Pallas interpreter on CPU and compiles on GPU/TPU. Differentiable in q, k and v (custom VJP, Pallas).
+    """
+    B, T, H, D = q_BxTxHxD.shape
+    S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+    if k_BxSxKxD.shape != v_BxSxKxD.shape or k_BxSxKxD.shape[0] != B or k_BxSxKxD.shape[3] != D:
+        raise ValueError(f"k {k_BxSxKxD.shape} and v {v_BxSxKxD.shape} must be [B={B}, S, K, D={D}]")
+    if H % K:
+        raise ValueError(f"query heads {H} must be a multiple of key/value heads {K}")
+    if segment_ids is not None:
+        if S != T:
+            raise ValueError("segment_ids need self-attention (T == S)")
+        if segment_ids.shape != (B, T):
+            raise ValueError(f"segment_ids must be [B={B}, T={T}], got {segment_ids.shape}")
+    bq, bk = _block(block_q, T, "block_q"), _block(block_k, S, "block_k")
+    st = _Static(
+        causal=causal,
+        scale=float(D**-0.5 if sm_scale is None else sm_scale),
+        block_q=bq,
+        block_k=bk,
+        q_len=T,
+        kv_len=S,
+        interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret),
+    )
+    Tp, Sp, Dp = pl.cdiv(T, bq) * bq, pl.cdiv(S, bk) * bk, pl.next_power_of_2(D)
+    # Zero padding: extra head dims add 0 to scores and give output columns that are sliced off; padded keys are
+    # masked; padded query rows are discarded (and receive a zero cotangent).
+    q = _pad_axis(_pad_axis(q_BxTxHxD.transpose(0, 2, 1, 3), 2, Tp), 3, Dp)
+    k = _pad_axis(_pad_axis(k_BxSxKxD.transpose(0, 2, 1, 3), 2, Sp), 3, Dp)
+    v = _pad_axis(_pad_axis(v_BxSxKxD.transpose(0, 2, 1, 3), 2, Sp), 3, Dp)
+    qseg = kseg = None
+    if segment_ids is not None:
+        seg = segment_ids.astype(jnp.int32)
+        qseg = _pad_axis(seg, 1, Tp, value=-1)[:, :, None]
+        kseg = _pad_axis(seg, 1, Sp, value=-1)[:, None, :]
+    o_BxTxHxD = _flash(st, q, k, v, qseg, kseg)[:, :, :T, :D].transpose(0, 2, 1, 3)
+    if causal and T > S:
+        # Rows r < T - S see no key; the reference's softmax over all-masked scores is uniform over the S keys.
+        mean_v = jnp.mean(v_BxSxKxD.astype(jnp.float32), axis=1).astype(o_BxTxHxD.dtype)  # BxKxD
+        mean_v_BxHxD = jnp.repeat(mean_v, H // K, axis=1)
+        blind_T = jnp.arange(T) < T - S
+        o_BxTxHxD = jnp.where(blind_T[None, :, None, None], mean_v_BxHxD[:, None], o_BxTxHxD)
+    return o_BxTxHxD

@@ -1,0 +1,39 @@
+"""Every training objective as a pure function: the audited core.
+
+Shape suffixes: B batch, T length, N = B * T tokens, V vocabulary. Losses return sums and the weight to divide them
+by (token or example counts), so gradient accumulation over microbatches is exact; `train.state.grad_step` divides.
+Names and semantics follow TRL where TRL has the same objective.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def token_logps(logits_NxV: jax.Array, targets_N: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Log-probabilities of `targets_N` under `logits_NxV` (float32) and the log-partition `lse_N`."""
+    logits_NxV = logits_NxV.astype(jnp.float32)
+    lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
+    target_logit_N = jnp.take_along_axis(logits_NxV, targets_N[:, None], axis=-1)[:, 0]
+    return target_logit_N - lse_N, lse_N
+
+
+def causal_lm_loss(
+    logits_NxV: jax.Array, targets_N: jax.Array, weights_N: jax.Array, z_loss: float = 0.0
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Summed next-token cross-entropy over tokens with nonzero weight, plus an optional z-loss
+    `z_loss * lse^2` (PaLM) that keeps the softmax normaliser near 1.
+
+    Returns (loss_sum, weight_sum, metric_sums) with `metric_sums["nll"]` the cross-entropy part alone.
+    """
+    weights_N = weights_N.astype(jnp.float32)
+    logp_N, lse_N = token_logps(logits_NxV, targets_N)
+    nll = -jnp.sum(logp_N * weights_N)
+    loss = nll
+    metrics = {"nll": nll}
+    if z_loss:
+        z = z_loss * jnp.sum(jnp.square(lse_N) * weights_N)
+        loss = loss + z
+        metrics["z_loss"] = z
+    return loss, jnp.sum(weights_N), metrics

@@ -1,0 +1,56 @@
+"""Entry point: `python -m jaxalign.main --config=configs/<job>.py[:arg] --config.workdir=DIR [--config.k=v ...]`.
+
+Parses the config, initialises JAX's distributed runtime when launched multi-process, and runs the job named by
+`config.job`. A user error (bad config key or value, malformed input, mismatched checkpoint) prints one line and
+exits with status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from absl import app, logging
+from ml_collections import config_flags
+
+from jaxalign import config as config_lib
+from jaxalign.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:arg]).", lock_config=True)
+
+# job name -> module with `run(config: Config)`.
+JOBS = {
+    "pretrain": "jaxalign.stages.pretrain",
+    "curate": "jaxalign.data.curate",
+}
+
+
+def run(config: config_lib.Config) -> None:
+    if config.job not in JOBS:
+        raise config_lib.ConfigError(f"job={config.job!r} is not one of {sorted(JOBS)}")
+    from jaxalign.parallel import distributed
+
+    distributed.maybe_initialize()
+    config_lib.write_json(config, os.path.join(config.workdir, "config.json"))
+    importlib.import_module(JOBS[config.job]).run(config)
+
+
+def main(argv: list[str]) -> None:
+    # Orbax and Grain log every save at INFO through absl; progress and errors are ours to print.
+    logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        run(config_lib.from_config_dict(_CONFIG.value))
+    except UserError as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def entrypoint() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,263 @@
+"""A Llama-family decoder in Flax NNX, used functionally (split into a graphdef and a param pytree).
+
+Covers Llama 2/3 (llama3 RoPE scaling), Mistral, Qwen2 (qkv bias), Qwen3 (qk-norm) and Gemma-style variants
+(1 + w norms, scaled embeddings, gelu-tanh MLP) through `ModelConfig`.
+
+Shape legend: B batch, T sequence length, N = B * T flattened tokens, D d_model, H query heads, K key/value heads,
+Dh head dim, F MLP width, V vocabulary, L layers.
+
+Dense layers act on flattened (N, D) activations: on XLA:CPU the backward of a matmul on a 3-D activation is about
+2x slower than on the flattened one, and on accelerators it is the same matmul.
+
+Every parameter carries logical axis names in its `axes` metadata; `param_shardings` maps them to the mesh through
+`Rules`. Activations are constrained at block boundaries only; XLA propagates the rest.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign.config import ModelConfig
+from jaxalign.models.attention import attention
+from jaxalign.parallel.mesh import Rules
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), axes=axes)
+
+
+def _constant(shape: tuple[int, ...], axes: tuple[str, ...], value: float) -> nnx.Param:
+    return nnx.Param(jnp.full(shape, value, jnp.float32), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * w, in float32; Gemma-style `plus_one` scales by (1 + w)."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool):
+        self.eps = eps
+        self.plus_one = plus_one
+        self.scale = _constant((dim,), ("norm",), 0.0 if plus_one else 1.0)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        w = self.scale[...] + 1.0 if self.plus_one else self.scale[...]
+        return (y * w).astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies (Dh/2,), with Llama-3.1 frequency-dependent scaling when configured."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    if cfg.rope_scaling == "llama3":
+        low_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor
+        high_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+        )
+        smoothed = (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
+        inv_freq = jnp.where(
+            wavelen > low_wavelen,
+            inv_freq / cfg.rope_factor,
+            jnp.where(wavelen < high_wavelen, inv_freq, smoothed),
+        )
+    return inv_freq
+
+
+def apply_rope(x_BxTxHxDh: jax.Array, cos_BxTxDh2: jax.Array, sin_BxTxDh2: jax.Array) -> jax.Array:
+    """Rotary embedding in the rotate-half layout used by Hugging Face checkpoints."""
+    x1, x2 = jnp.split(x_BxTxHxDh.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos_BxTxDh2[:, :, None, :], sin_BxTxDh2[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxHxDh.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        std = cfg.init_std
+        self.wq = _param(rngs, (D, H * Dh), ("embed", "heads"), std)
+        self.wk = _param(rngs, (D, K * Dh), ("embed", "kv_heads"), std)
+        self.wv = _param(rngs, (D, K * Dh), ("embed", "kv_heads"), std)
+        self.wo = _param(rngs, (H * Dh, D), ("heads", "embed"), std / math.sqrt(2 * cfg.n_layers))
+        if cfg.qkv_bias:
+            self.bq = _constant((H * Dh,), ("heads",), 0.0)
+            self.bk = _constant((K * Dh,), ("kv_heads",), 0.0)
+            self.bv = _constant((K * Dh,), ("kv_heads",), 0.0)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(Dh, cfg.norm_eps, cfg.norm_plus_one)
+            self.k_norm = RMSNorm(Dh, cfg.norm_eps, cfg.norm_plus_one)
+
+    def __call__(self, x_NxD, cos, sin, segment_ids_BxT, shape_BxT):
+        cfg = self.cfg
+        B, T = shape_BxT
+        dtype = x_NxD.dtype
+        q_NxHDh = x_NxD @ self.wq[...].astype(dtype)
+        k_NxKDh = x_NxD @ self.wk[...].astype(dtype)
+        v_NxKDh = x_NxD @ self.wv[...].astype(dtype)
+        if cfg.qkv_bias:
+            q_NxHDh += self.bq[...].astype(dtype)
+            k_NxKDh += self.bk[...].astype(dtype)
+            v_NxKDh += self.bv[...].astype(dtype)
+        q = q_NxHDh.reshape(B, T, cfg.n_heads, cfg.head_dim)
+        k = k_NxKDh.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        v = v_NxKDh.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o_BxTxHxDh = attention(q, k, v, implementation=cfg.attention, causal=True, segment_ids=segment_ids_BxT)
+        return o_BxTxHxDh.reshape(B * T, -1) @ self.wo[...].astype(dtype)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, F, std = cfg.d_model, cfg.d_ff, cfg.init_std
+        self.activation = cfg.activation
+        self.w_gate = _param(rngs, (D, F), ("embed", "mlp"), std)
+        self.w_up = _param(rngs, (D, F), ("embed", "mlp"), std)
+        self.w_down = _param(rngs, (F, D), ("mlp", "embed"), std / math.sqrt(2 * cfg.n_layers))
+
+    def __call__(self, x_NxD):
+        dtype = x_NxD.dtype
+        gate_NxF = x_NxD @ self.w_gate[...].astype(dtype)
+        act = jax.nn.silu if self.activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
+        h_NxF = act(gate_NxF) * (x_NxD @ self.w_up[...].astype(dtype))
+        return h_NxF @ self.w_down[...].astype(dtype)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_plus_one)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_plus_one)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_NxD, cos, sin, segment_ids_BxT, shape_BxT):
+        x_NxD = x_NxD + self.attn(self.attn_norm(x_NxD), cos, sin, segment_ids_BxT, shape_BxT)
+        return x_NxD + self.mlp(self.mlp_norm(x_NxD))
+
+
+def _stack(blocks: list[Block]) -> Block:
+    """One Block whose parameters carry a leading `layers` axis, for `jax.lax.scan`."""
+    splits = [nnx.split(b) for b in blocks]
+    graphdef = splits[0][0]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in splits])
+    block = nnx.merge(graphdef, stacked)
+    for _, var in nnx.iter_graph(block):
+        if isinstance(var, nnx.Variable):
+            var.set_metadata(axes=("layers", *var.get_metadata()["axes"]))
+    return block
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. `model(tokens_BxT) -> logits_BxTxV`; `hidden` gives the final normed states."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules: Rules | None = None):
+        self.cfg = cfg
+        self.rules = rules
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+        blocks = [Block(cfg, rngs) for _ in range(cfg.n_layers)]
+        self.blocks = _stack(blocks) if cfg.scan_layers else nnx.List(blocks)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_plus_one)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+
+    def _constrain(self, x, names):
+        return x if self.rules is None else self.rules.constrain(x, names)
+
+    def hidden(
+        self,
+        tokens_BxT: jax.Array,
+        positions_BxT: jax.Array | None = None,
+        segment_ids_BxT: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-normed hidden states, flattened: (N, D) with N = B * T."""
+        cfg = self.cfg
+        dtype = _DTYPES[cfg.compute_dtype]
+        B, T = tokens_BxT.shape
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        angles_BxTxDh2 = positions_BxT[..., None].astype(jnp.float32) * rope_frequencies(cfg)
+        cos, sin = jnp.cos(angles_BxTxDh2), jnp.sin(angles_BxTxDh2)
+
+        x_NxD = jnp.take(self.embed[...], tokens_BxT.reshape(-1), axis=0).astype(dtype)
+        if cfg.scale_embeddings:
+            x_NxD = x_NxD * jnp.asarray(math.sqrt(cfg.d_model), dtype)
+        x_NxD = self._constrain(x_NxD, ("batch", "act_embed"))
+
+        def apply(graphdef, state, x_NxD):
+            y = nnx.merge(graphdef, state)(x_NxD, cos, sin, segment_ids_BxT, (B, T))
+            return self._constrain(y, ("batch", "act_embed"))
+
+        if cfg.remat != "none":
+            apply = jax.checkpoint(apply, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(0,))
+        if cfg.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+            x_NxD, _ = jax.lax.scan(lambda x, s: (apply(graphdef, s, x), None), x_NxD, state)
+        else:
+            for block in self.blocks:
+                x_NxD = apply(*nnx.split(block), x_NxD)
+        return self.final_norm(x_NxD)
+
+    def logits(self, h_NxD: jax.Array) -> jax.Array:
+        """Vocabulary logits (N, V) in float32 from hidden states (N, D)."""
+        w_DxV = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        logits_NxV = jnp.dot(h_NxD, w_DxV.astype(h_NxD.dtype), preferred_element_type=jnp.float32)
+        return self._constrain(logits_NxV, ("batch", "vocab"))
+
+    def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None) -> jax.Array:
+        B, T = tokens_BxT.shape
+        return self.logits(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT)).reshape(B, T, -1)
+
+
+def param_shardings(params: nnx.State, rules: Rules) -> nnx.State:
+    """NamedShardings for a param state (concrete or abstract), from each variable's `axes` metadata."""
+    return jax.tree.map(
+        lambda v: v.replace(rules.sharding(v.get_metadata()["axes"], v.shape)),
+        params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def init_model(cfg: ModelConfig, rules: Rules, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
+    """Initialises the model directly into its shardings: shapes come from `nnx.eval_shape`, then one jitted init
+    with `out_shardings`, so full unsharded weights never exist on one device."""
+    create = lambda: nnx.split(Transformer(cfg, nnx.Rngs(seed), rules))
+    graphdef, abstract = jax.eval_shape(create)
+    shardings = param_shardings(abstract, rules)
+    params = jax.jit(lambda: create()[1], out_shardings=shardings)()
+    return graphdef, params
+
+
+def num_params(params: nnx.State) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward): 6 * matmul params + causal attention."""
+    D, H, K, Dh, F, V, L = (
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.d_ff,
+        cfg.vocab_size,
+        cfg.n_layers,
+    )
+    matmul_params = L * (D * H * Dh * 2 + D * K * Dh * 2 + 3 * D * F) + D * V
+    # QK^T and PV: 2 matmuls x 2 FLOPs x H*Dh per key; a causal mask halves the keys on average.
+    attention = L * 2 * 2 * H * Dh * seq_len / 2
+    return 3.0 * (2 * matmul_params + attention)

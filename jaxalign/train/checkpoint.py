@@ -1,0 +1,124 @@
+"""Checkpoints: an Orbax `CheckpointManager` with three items per step.
+
+  state   the TrainState pytree (params, optimizer state, step, RNG key, update guard), restored onto the
+          shardings of the current run, whatever its mesh;
+  data    the Grain iterator state, one JSON file per process;
+  config  the resolved config as JSON (data only: never executed).
+
+Only committed steps are listed by Orbax (a save interrupted mid-way leaves a temporary directory that is ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from jaxalign.config import CheckpointConfig, Config
+from jaxalign.errors import CheckpointError
+
+# Config keys whose change makes a checkpoint unusable (model shapes) or silently changes the run (data order).
+_MUST_MATCH = ("model", "train.batch_size", "train.seq_len", "data.input", "data.num_workers", "seed")
+
+
+def _get(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else None
+    return d
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Human-readable differences in the keys that must match between a checkpoint and a run."""
+    diffs = []
+    for key in _MUST_MATCH:
+        a, b = _get(saved, key), _get(current, key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for sub in sorted(set(a) | set(b)):
+                if a.get(sub) != b.get(sub):
+                    diffs.append(f"{key}.{sub}: checkpoint {a.get(sub)!r}, run {b.get(sub)!r}")
+        elif a != b:
+            diffs.append(f"{key}: checkpoint {a!r}, run {b!r}")
+    return diffs
+
+
+class Checkpointer:
+    """Saves and restores one stage's checkpoints under `directory`. Always `close()` it (use `with`)."""
+
+    def __init__(self, directory: str, cfg: CheckpointConfig, config: Config):
+        self.directory = os.path.abspath(directory)
+        self.cfg = cfg
+        self.config_dict = json.loads(config.to_json())
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep,
+            keep_period=cfg.keep_every or None,
+            enable_async_checkpointing=cfg.async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def latest_step(self) -> int | None:
+        step = self.manager.latest_step()
+        if step is None:
+            leftovers = [d for d in os.listdir(self.directory) if ".orbax-checkpoint-tmp" in d]
+            if leftovers:
+                print(
+                    f"checkpoint: {self.directory} holds only uncommitted temporary checkpoints {sorted(leftovers)}; "
+                    "starting fresh",
+                    flush=True,
+                )
+        return step
+
+    def save(self, step: int, state: Any, loader: Any, *, force: bool = False) -> bool:
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(loader),
+                config=ocp.args.JsonSave(self.config_dict),
+            ),
+            force=force,
+        )
+
+    def restore(self, step: int, state_shardings: Any, abstract_state: Any, loader: Any) -> Any:
+        """Restores `step` onto `state_shardings`; the loader's iterator state is set in place."""
+        saved_config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        diffs = config_differences(saved_config, self.config_dict)
+        if diffs:
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step} does not fit this config: " + "; ".join(diffs)
+            )
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings
+        )
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(loader)
+            ),
+        )
+        return restored.state
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

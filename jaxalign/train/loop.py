@@ -1,0 +1,248 @@
+"""The one training loop, used by every stage.
+
+A stage hands over its jittable `step_fn(state, batch) -> (state, metrics)`, the state and its shardings, and a
+checkpointable loader. The loop jits the step once with explicit in/out shardings and a donated state, restores
+the latest checkpoint, and runs: metrics of step n-1 are fetched only after step n is dispatched, so the host
+never stalls the device; it logs `metrics.jsonl`, TensorBoard and a progress bar, evaluates and checkpoints
+periodically, saves at the next step boundary on SIGTERM/SIGINT, and always closes the checkpoint manager.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from jaxalign.config import Config
+from jaxalign.errors import TrainingError
+from jaxalign.train import perf
+from jaxalign.train.checkpoint import Checkpointer
+
+StepFn = Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass
+class Result:
+    state: Any
+    last_step: int
+    preempted: bool
+    history: list[dict[str, float]]
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: str, stage: str, resume_step: int):
+        self.stage = stage
+        self.primary = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.writer = None
+        if not self.primary:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._drop_after(resume_step)
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(os.path.join(workdir, "tb", stage))
+
+    def _drop_after(self, resume_step: int) -> None:
+        """On resume, forget this stage's lines logged after the restored step: they are about to be redone."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = [
+            line
+            for line in lines
+            if not (
+                line.strip()
+                and (r := json.loads(line)).get("stage") == self.stage
+                and r.get("step", 0) > resume_step
+            )
+        ]
+        if len(kept) != len(lines):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.primary:
+            return
+        record = {"stage": self.stage, "step": step, **metrics}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in metrics.items():
+            self.writer.add_scalar(f"{self.stage}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Preemption:
+    """Turns SIGTERM/SIGINT into a request to save and stop at the next step boundary.
+
+    Multi-process runs agree on the step through Orbax's preemption sync point (JAX's distributed runtime), so every
+    process saves the same step.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def should_stop(self, step: int, checkpointer: Checkpointer | None) -> bool:
+        if jax.process_count() > 1 and checkpointer is not None:
+            return bool(checkpointer.manager.reached_preemption(step)) or self.requested
+        return self.requested
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _to_global(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
+    """Host batch (this process's rows) -> global arrays laid out by `shardings`."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train(
+    *,
+    stage: str,
+    config: Config,
+    state: Any,
+    state_shardings: Any,
+    step_fn: StepFn,
+    loader: Any,
+    batch_shardings: dict[str, NamedSharding],
+    tokens_per_step: int,
+    flops_per_token: float,
+    eval_fn: Callable[[Any], dict[str, float]] | None = None,
+) -> Result:
+    """Runs `step_fn` from the latest checkpoint of `stage` to `config.train.steps`."""
+    tcfg = config.train
+    workdir = config.workdir
+    checkpointer = (
+        Checkpointer(os.path.join(workdir, "checkpoints", stage), config.checkpoint, config)
+        if config.checkpoint.enabled
+        else None
+    )
+    preemption = Preemption()
+    log = None
+    progress = None
+    try:
+        start = 0
+        if checkpointer is not None and (latest := checkpointer.latest_step()) is not None:
+            state = checkpointer.restore(latest, state_shardings, state, loader)
+            start = latest
+            print(f"{stage}: resumed from step {start} ({checkpointer.directory})", flush=True)
+        log = MetricsLog(workdir, stage, start)
+
+        # The one place the step is jitted. Shardings: the state keeps its (FSDP / tensor) layout in and out and is
+        # donated, so params and optimizer state are updated in place; batches are split over the data axes;
+        # metrics are small replicated scalars.
+        step_jit = jax.jit(
+            step_fn,
+            in_shardings=(state_shardings, batch_shardings),
+            out_shardings=(state_shardings, None),
+            donate_argnums=(0,),
+        )
+        peak = tcfg.peak_flops or perf.peak_flops()
+        if tcfg.progress and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            progress = tqdm(total=tcfg.steps, initial=start, desc=stage, dynamic_ncols=True)
+
+        history: list[dict[str, float]] = []
+        pending = None  # (step number, device metrics) of the step dispatched before the current one
+        last_time = time.perf_counter()
+        last_logged = start
+        compile_s = None
+        last_saved = start
+        preempted = False
+        step = start
+
+        def drain(entry) -> None:
+            nonlocal last_time, last_logged, compile_s
+            step, metrics = entry
+            values = _scalars(metrics)
+            if not math.isfinite(values["loss"]) and tcfg.nan_policy == "abort":
+                last = checkpointer.latest_step() if checkpointer else None
+                raise TrainingError(
+                    f"{stage}: non-finite loss {values['loss']} at step {step} (update not applied); last good "
+                    f"checkpoint: {'step ' + str(last) if last is not None else 'none'}. Set train.nan_policy='skip' "
+                    "to skip such steps."
+                )
+            if step % tcfg.log_every and step not in (start + 1, tcfg.steps):
+                return
+            now = time.perf_counter()
+            elapsed = now - last_time
+            if compile_s is None:
+                compile_s = elapsed
+            steps_done = step - last_logged
+            tokens_per_s = tokens_per_step * steps_done / max(elapsed, 1e-9)
+            values.update(
+                tokens_per_s=tokens_per_s,
+                mfu=tokens_per_s * flops_per_token / peak,
+                step_s=elapsed / max(steps_done, 1),
+            )
+            last_time, last_logged = now, step
+            log.write(step, values)
+            history.append({"step": step, **values})
+            if progress is not None:
+                progress.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{values['mfu']:.2f}")
+
+        for step in range(start + 1, tcfg.steps + 1):
+            batch = _to_global(next(loader), batch_shardings)
+            state, metrics = step_jit(state, batch)
+            if pending is not None:
+                drain(pending)
+            pending = (step, metrics)
+            if progress is not None:
+                progress.update(1)
+            if eval_fn is not None and tcfg.eval_every and step % tcfg.eval_every == 0:
+                drain(pending)
+                pending = None
+                eval_metrics = eval_fn(state)
+                log.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+            if checkpointer is not None and step % config.checkpoint.every_steps == 0:
+                checkpointer.save(step, state, loader)
+                last_saved = step
+            if preemption.should_stop(step, checkpointer):
+                preempted = True
+                break
+        if pending is not None:
+            drain(pending)
+        if checkpointer is not None and last_saved != step:
+            checkpointer.save(step, state, loader, force=True)
+        if preempted:
+            print(f"{stage}: preempted; saved step {step}", flush=True)
+        return Result(state=state, last_step=step, preempted=preempted, history=history)
+    finally:
+        preemption.restore()
+        if progress is not None:
+            progress.close()
+        if log is not None:
+            log.close()
+        if checkpointer is not None:
+            checkpointer.close()

@@ -1,0 +1,146 @@
+"""The train state (a pytree) and the parts of a train step every objective shares.
+
+`TrainState` holds everything a resumed run needs besides the data iterator: the step, params, optimizer state,
+the RNG key and the update guard (rolling loss window, skipped-step count). The graphdef and the optax
+transformation are static fields.
+
+Objectives write `loss_fn(params, batch) -> (loss_sum, (weight, metric_sums))`; `grad_step` splits the batch into
+microbatches, sums, and divides by the total weight, so accumulation gives the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxalign.config import OptimConfig
+from jaxalign.models.transformer import param_shardings
+from jaxalign.parallel.mesh import Rules, replicated
+from jaxalign.train import optim
+
+Batch = dict[str, jax.Array]
+LossFn = Callable[[nnx.State, Batch], tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+    rng: jax.Array
+    guard: dict[str, jax.Array]
+    graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    schedule: optax.Schedule = flax.struct.field(pytree_node=False)
+
+    @property
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params)
+
+
+def create(graphdef: nnx.GraphDef, params: nnx.State, cfg: OptimConfig, total_steps: int, seed: int) -> TrainState:
+    """A fresh state around already-sharded `params`; optimizer moments inherit the params' shardings."""
+    tx = optim.make_optimizer(cfg, total_steps, params)
+    guard = optim.spike_window_init(cfg.spike_window)
+    guard["skipped"] = jnp.zeros((), jnp.int32)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(seed),
+        guard=guard,
+        graphdef=graphdef,
+        tx=tx,
+        schedule=optim.schedule(cfg, total_steps),
+    )
+
+
+def create_sharded(
+    graphdef: nnx.GraphDef, params: nnx.State, cfg: OptimConfig, total_steps: int, seed: int, rules: Rules
+) -> tuple[TrainState, Any]:
+    """Creates the state in one jitted call with explicit output shardings; returns (state, its shardings)."""
+    make = lambda p: create(graphdef, p, cfg, total_steps, seed)
+    shardings = state_shardings(jax.eval_shape(make, params), rules)
+    state = jax.jit(make, out_shardings=shardings)(params)
+    return state, shardings
+
+
+def state_shardings(state: TrainState, rules: Rules) -> Any:
+    """Params and everything shaped like them (Adam moments) follow the params' logical axes; the rest is
+    replicated."""
+
+    def leaf_sharding(x):
+        if isinstance(x, nnx.Variable):
+            return param_shardings(x, rules)
+        return replicated(rules.mesh)
+
+    return jax.tree.map(leaf_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def grad_step(loss_fn: LossFn, params: nnx.State, batch: Batch, microbatches: int):
+    """Mean gradient, mean loss and mean metrics over `batch`, accumulated over `microbatches` splits.
+
+    Returns (grads, loss, metrics) where each is the weight-normalised mean over the whole batch.
+    """
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+        (loss_sum, (weight, sums)), grads = value_and_grad(params, batch)
+    else:
+        # Microbatch j takes rows j, j + n, j + 2n, ...: each microbatch stays spread over the data-parallel devices.
+        split = jax.tree.map(
+            lambda x: x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1), batch
+        )
+
+        def body(carry, micro):
+            (l, (w, s)), g = value_and_grad(params, micro)
+            return jax.tree.map(jnp.add, carry, (g, l, w, s)), None
+
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(lambda: _first(value_and_grad, params, split)))
+        (grads, loss_sum, weight, sums), _ = jax.lax.scan(body, zeros, split)
+    weight = jnp.maximum(weight, 1e-9)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    metrics = {k: v / weight for k, v in sums.items()}
+    return grads, loss_sum / weight, metrics
+
+
+def _first(value_and_grad, params, split):
+    (l, (w, s)), g = value_and_grad(params, jax.tree.map(lambda x: x[0], split))
+    return g, l, w, s
+
+
+def apply_gradients(
+    state: TrainState, grads: nnx.State, loss: jax.Array, cfg: OptimConfig
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Applies the optimizer update unless the loss or gradients are non-finite or (optionally) the loss spikes;
+    a skipped step keeps params and optimizer state and is counted. The step always advances."""
+    finite = jnp.isfinite(loss) & optim.tree_all_finite(grads)
+    spike = optim.is_spike(state.guard, loss, cfg.spike_sigma) if cfg.spike_skip else jnp.array(False)
+    skip = ~finite | spike
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
+    window = optim.spike_window_push(state.guard, loss)
+    guard = {
+        "losses": jnp.where(skip, state.guard["losses"], window["losses"]),
+        "index": jnp.where(skip, state.guard["index"], window["index"]),
+        "skipped": state.guard["skipped"] + skip.astype(jnp.int32),
+    }
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        guard=guard,
+    )
+    metrics = {
+        "grad_norm": optax.global_norm(grads),
+        "lr": state.schedule(state.step),
+        "skipped": skip.astype(jnp.int32),
+        "skipped_total": guard["skipped"],
+    }
+    return new_state, metrics
