@@ -10,17 +10,15 @@ Override any key: --config.train.steps=1000 --config.mesh.fsdp=8 --config.data.i
 
 import ml_collections
 
-from jaxalign.config import DEFAULT_RULES
+from jaxalign.config import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
+    c = defaults()
     c.job = "pretrain"
-    c.workdir = ""
-    c.seed = 0
 
     # The reference workload of benchmarks/train_throughput.py.
-    c.model = ml_collections.ConfigDict(
+    c.model.update(
         dict(
             vocab_size=8192,
             d_model=256,
@@ -40,18 +38,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     # One -1 takes the remaining devices: plain FSDP by default.
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, stage=1, rules=DEFAULT_RULES))
-    c.train = ml_collections.ConfigDict(
-        dict(steps=300, batch_size=8, seq_len=256, grad_accum=1, log_every=10, eval_every=100, eval_batches=4, z_loss=0.0)
+    c.mesh.update(data=1, fsdp=-1, tensor=1, stage=1)
+    c.train.update(
+        steps=300,
+        batch_size=8,
+        seq_len=256,
+        grad_accum=1,
+        log_every=10,
+        eval_every=100,
+        eval_batches=4,
+        z_loss=0.0,
     )
-    c.optim = ml_collections.ConfigDict(
-        dict(lr=1e-3, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0, b2=0.95)
-    )
-    c.data = ml_collections.ConfigDict(dict(input="", eval_input="", tokenizer="", synthetic_entities=400))
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=3))
+    c.optim.update(lr=1e-3, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0, b2=0.95)
+    c.data.update(input="", eval_input="", tokenizer="", synthetic_entities=400)
+    c.checkpoint.update(every_steps=100, keep=3)
 
     if arg == "smoke":
-        c.model.update(vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=256)
+        c.model.update(
+            vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=256
+        )
         c.train.update(steps=60, batch_size=8, seq_len=128, log_every=5, eval_every=30, eval_batches=2)
         c.optim.update(lr=3e-3, warmup_steps=10)
         c.data.synthetic_entities = 200

@@ -86,7 +86,9 @@ class ModelConfig:
     init_from: str = ""
 
     def __post_init__(self):
-        _positive(self, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"))
+        _positive(
+            self, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
+        )
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}"
@@ -114,7 +116,9 @@ class MeshConfig:
         for name, axes in self.rules:
             for axis in axes:
                 if axis not in sizes:
-                    raise ConfigError(f"mesh.rules maps {name!r} to unknown mesh axis {axis!r}; axes are {list(sizes)}")
+                    raise ConfigError(
+                        f"mesh.rules maps {name!r} to unknown mesh axis {axis!r}; axes are {list(sizes)}"
+                    )
         if len(set(names)) != len(names):
             raise ConfigError(f"mesh.rules names a logical axis twice: {names}")
 
@@ -180,13 +184,32 @@ class DataConfig:
     text_field: str = "text"
     # "error": stop at the first bad record naming file:line; "skip": skip and count it.
     on_error: Literal["error", "skip"] = "error"
-    # "truncate": cut over-long documents and count them; "reject": stop naming file:line.
+    # "truncate": cut over-long documents, examples and prompts and count them; "reject": treat them as bad records
+    # (an error naming file:line, or skipped and counted with on_error="skip").
     overlong: Literal["truncate", "reject"] = "truncate"
+    # Worker processes that read and tokenize (0: in the training process); any count yields the same batches.
     num_workers: int = 0
     shuffle: bool = True
     # Size of the synthetic world (number of entities); more entities means more documents.
     synthetic_entities: int = 400
     synthetic_seed: int = 0
+    # How conversational records (message lists) become tokens: "chatml", "llama3" or "gemma" (data/chat.py).
+    chat_template: Literal["chatml", "llama3", "gemma"] = "chatml"
+    # SFT: train on the completion of prompt/completion records only (else on every token), as TRL.
+    completion_only_loss: bool = True
+    # SFT: train on the assistant turns of `messages` records only (else on every token).
+    assistant_only_loss: bool = True
+    # SFT: pack several examples per row (segment ids keep them apart); False puts one example per row.
+    packing: bool = True
+    # Preference and RL: prompts longer than this many tokens are over-long; a cut keeps the prompt's end
+    # ("keep_end", TRL's default) or its start ("keep_start").
+    max_prompt_length: int = 128
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+
+    def __post_init__(self):
+        _positive(self, "data", ("max_prompt_length", "synthetic_entities"))
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,15 +232,22 @@ class CurateConfig:
     ngram: int = 5
     num_bands: int = 14
     rows_per_band: int = 8
+    # LSH candidates are merged only if their signatures agree on >= this fraction of hashes (estimated Jaccard);
+    # 0 merges every candidate, as datatrove does.
+    near_threshold: float = 0.7
     gopher_quality: bool = True
     gopher_repetition: bool = True
     c4_filters: bool = True
+    # C4 also drops the lines its line rules reject from kept documents (as C4 and datatrove do).
+    c4_drop_lines: bool = True
     fineweb_filters: bool = True
     pii: bool = True
     num_workers: int = 2
 
     def __post_init__(self):
         _positive(self, "curate", ("ngram", "num_bands", "rows_per_band", "num_workers"))
+        if not 0.0 <= self.near_threshold <= 1.0:
+            raise ConfigError(f"curate.near_threshold={self.near_threshold} must be in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +347,24 @@ def replace(config: Config, **sections: Any) -> Config:
         current = getattr(config, name)
         updates[name] = dataclasses.replace(current, **value) if isinstance(value, dict) else value
     return dataclasses.replace(config, **updates)
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every key of every section at its default: job files start from this and override, so any key can be set
+    from the command line (`lock_config=True` rejects keys that are not here)."""
+
+    def as_dict(cls: type) -> dict:
+        out = {}
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
+                out[f.name] = as_dict(f.type)
+            elif f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            else:
+                out[f.name] = as_dict(f.default_factory)
+        return out
+
+    return ml_collections.ConfigDict(as_dict(Config))
 
 
 def write_json(config: Config, path: str) -> None:

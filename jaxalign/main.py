@@ -11,13 +11,15 @@ import importlib
 import os
 import sys
 
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxalign import config as config_lib
 from jaxalign.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:arg]).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Job config file (configs/<job>.py[:arg]).", lock_config=True
+)
 
 # job name -> module with `run(config: Config)`.
 JOBS = {
@@ -48,8 +50,26 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a bad `--config.<key>` override reported as one line (exit 2) instead of a
+    traceback: with `lock_config=True` an unknown key raises while the override is applied."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        name = str(e).strip("\"'")
+        culprits = [a for a in argv if a.startswith("--config.") and name in a.split("=")[0].split(".")]
+        where = culprits[0] if culprits else name
+        print(
+            f"ConfigError: unknown config key in {where} ({name!r} is not a key of the config)",
+            file=sys.stderr,
+        )
+    except (flags.Error, ValueError, TypeError) as e:
+        print(f"ConfigError: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
 def entrypoint() -> None:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,16 @@
-"""Random-access record sources for Grain: JSONL (optionally .gz) files matched by a glob.
+"""Random-access record sources for Grain: JSONL (optionally .gz), Parquet and ArrayRecord files matched by globs.
 
-Records are dicts. Every bad record is reported as `file:line`: with `on_error="error"` a `DataError` is raised,
-with `on_error="skip"` the record reads as `None` (filtered out by the pipelines) and is counted.
+`open_source("a/*.jsonl,b/*.parquet")` expands comma-separated globs (sorted, de-duplicated; a glob matching nothing
+is an error) and dispatches each file by its extension:
+
+    .jsonl .json .jsonl.gz .json.gz       one JSON object per non-empty line
+    .parquet .pq                          one record per row (pyarrow; nested columns become lists and dicts)
+    .array_record .arrayrecord (-NNNNN-of-NNNNN shard suffixes allowed)    one JSON object per record, UTF-8 bytes
+
+Records are dicts with an added `_where`: `file:line` for JSONL, `file:record N` (1-based) for the others. A bad record
+(invalid JSON or UTF-8, NaN/Infinity, not an object) is reported by its `_where`: with `on_error="error"` a
+`DataError` is raised, with `on_error="skip"` the record reads as `None` (filtered out by the pipelines) and is counted
+in `skipped` (per process: worker processes count their own). `read(index)` always raises.
 """
 
 from __future__ import annotations
@@ -12,19 +21,29 @@ import gzip
 import json
 import math
 import os
+import re
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from jaxalign.errors import DataError
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+_ARRAY_RECORD_RE = re.compile(r"\.(array_record|arrayrecord)(-\d+-of-\d+)?$")
+_MAX_LOGGED_SKIPS = 10
 
 
 def expand_glob(pattern: str) -> list[str]:
     """Sorted files matching a glob (or comma-separated globs); a pattern matching nothing is an error."""
     files: list[str] = []
-    for part in [p for p in pattern.split(",") if p]:
-        matched = sorted(glob_lib.glob(os.path.expanduser(part), recursive=True))
+    for part in [p.strip() for p in pattern.split(",") if p.strip()]:
+        matched = sorted(
+            f for f in glob_lib.glob(os.path.expanduser(part), recursive=True) if os.path.isfile(f)
+        )
         if not matched:
             raise DataError(f"data glob {part!r} matches no files")
         files.extend(f for f in matched if f not in files)
@@ -33,12 +52,27 @@ def expand_glob(pattern: str) -> list[str]:
     return files
 
 
+def file_format(path: str) -> str:
+    """ "jsonl", "parquet" or "array_record" by the file name; anything else is a DataError."""
+    name = os.path.basename(path).lower()
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if _ARRAY_RECORD_RE.search(name):
+        return "array_record"
+    raise DataError(
+        f"{path}: unknown data file type; accepted: {', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}, "
+        ".array_record (optionally -NNNNN-of-NNNNN)"
+    )
+
+
 def _reject_constant(name: str) -> float:
     raise ValueError(f"non-finite number literal {name}")
 
 
 def parse_json_line(line: bytes, where: str) -> dict[str, Any]:
-    """Parses one JSONL line; NaN/Infinity literals, invalid UTF-8 and non-object records are errors."""
+    """Parses one JSON record; NaN/Infinity literals, invalid UTF-8 and non-object records are errors."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -52,27 +86,82 @@ def parse_json_line(line: bytes, where: str) -> dict[str, Any]:
     return record
 
 
-class JsonlSource:
-    """A Grain random-access source over the non-empty lines of JSONL(.gz) files.
+def _check_finite(value: Any, where: str, path: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{where}: field {path} is {value}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, where, f"{path}.{k}" if path else repr(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, where, f"{path}[{i}]")
 
-    Plain files are indexed by byte offset and read lazily; gzip files are decompressed into memory once.
-    """
 
-    def __init__(self, pattern: str | Sequence[str], on_error: str = "error"):
-        self.files = expand_glob(pattern) if isinstance(pattern, str) else list(pattern)
+class Source:
+    """Records of a list of files, addressed by one global index (files in order)."""
+
+    files: list[str]
+
+    def __init__(self, files: Sequence[str], on_error: str):
+        if on_error not in ("error", "skip"):
+            raise ValueError(f"on_error must be 'error' or 'skip', got {on_error!r}")
+        self.files = list(files)
         self.on_error = on_error
         self.skipped = 0
-        self._offsets: list[np.ndarray] = []  # per file: byte offset of each non-empty line
+        self._cumulative = [0]
+
+    def _set_lengths(self, lengths: Sequence[int]) -> None:
+        self._cumulative = np.cumsum([0, *lengths]).tolist()
+
+    def __len__(self) -> int:
+        return self._cumulative[-1]
+
+    def _file_of(self, index: int) -> tuple[int, int]:
+        """(file index, index within that file) of record `index`."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        f = bisect.bisect_right(self._cumulative, index) - 1
+        return f, index - self._cumulative[f]
+
+    def where(self, index: int) -> str:
+        f, local = self._file_of(index)
+        return f"{self.files[f]}:record {local + 1}"
+
+    def read(self, index: int) -> dict[str, Any]:
+        """Record `index` with its `_where`; raises DataError for a bad record."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        try:
+            return self.read(index)
+        except DataError as e:
+            if self.on_error == "skip":
+                self.skipped += 1
+                if self.skipped <= _MAX_LOGGED_SKIPS:
+                    logging.warning("skipping a bad record: %s", e)
+                return None
+            raise
+
+
+class JsonlSource(Source):
+    """The non-empty lines of JSONL(.gz) files. Plain files are indexed by byte offset and read lazily; gzip files
+    are decompressed into memory once."""
+
+    def __init__(self, pattern: str | Sequence[str], on_error: str = "error"):
+        super().__init__(expand_glob(pattern) if isinstance(pattern, str) else pattern, on_error)
+        self._offsets: list[np.ndarray] = []  # per file: [start, end) byte offsets of each non-empty line
         self._line_numbers: list[np.ndarray] = []
         self._gz_data: dict[int, bytes] = {}
         for i, path in enumerate(self.files):
-            data = self._read_all(i, path)
-            starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(data, np.uint8) == ord("\n")) + 1])
+            data = np.frombuffer(self._read_all(i, path), np.uint8)
+            starts = np.concatenate([[0], np.flatnonzero(data == ord("\n")) + 1])
             ends = np.concatenate([starts[1:] - 1, [len(data)]])
-            nonempty = np.array([bool(data[s:e].strip()) for s, e in zip(starts, ends, strict=True)], dtype=bool)
+            # A line is non-empty when it holds a byte other than ASCII whitespace.
+            solid = np.concatenate([[0], np.cumsum(~np.isin(data, np.frombuffer(b" \t\r\n\f\v", np.uint8)))])
+            nonempty = solid[ends] > solid[starts]
             self._offsets.append(np.stack([starts[nonempty], ends[nonempty]], axis=1))
             self._line_numbers.append(np.flatnonzero(nonempty) + 1)
-        self._cumulative = np.cumsum([0] + [len(o) for o in self._offsets]).tolist()
+        self._set_lengths([len(o) for o in self._offsets])
 
     def _read_all(self, i: int, path: str) -> bytes:
         try:
@@ -86,46 +175,171 @@ class JsonlSource:
         except (OSError, EOFError) as e:
             raise DataError(f"{path}: cannot read ({e})") from None
 
-    def __len__(self) -> int:
-        return self._cumulative[-1]
-
     def locate(self, index: int) -> tuple[int, int]:
         """(file index, 1-based line number) of record `index`."""
-        f = bisect.bisect_right(self._cumulative, index) - 1
-        return f, int(self._line_numbers[f][index - self._cumulative[f]])
+        f, local = self._file_of(index)
+        return f, int(self._line_numbers[f][local])
 
     def where(self, index: int) -> str:
         f, line = self.locate(index)
         return f"{self.files[f]}:{line}"
 
     def _line(self, index: int) -> bytes:
-        f = bisect.bisect_right(self._cumulative, index) - 1
-        start, end = self._offsets[f][index - self._cumulative[f]]
+        f, local = self._file_of(index)
+        start, end = self._offsets[f][local]
         if f in self._gz_data:
             return self._gz_data[f][start:end]
         with open(self.files[f], "rb") as fh:
             fh.seek(int(start))
             return fh.read(int(end - start))
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        try:
-            record = parse_json_line(self._line(index), self.where(index))
-        except DataError:
-            if self.on_error == "skip":
-                self.skipped += 1
-                return None
-            raise
-        record["_where"] = self.where(index)
+    def read(self, index: int) -> dict[str, Any]:
+        where = self.where(index)
+        record = parse_json_line(self._line(index), where)
+        record["_where"] = where
         return record
 
 
+def _import_pyarrow_parquet(path: str):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    return pq
+
+
+class ParquetSource(Source):
+    """Rows of Parquet files. A row is read with its whole row group, and the last few row groups stay cached, so
+    sequential reads are cheap and shuffled reads of large row groups are not: write small row groups (~1k rows)."""
+
+    _CACHED_GROUPS = 4
+
+    def __init__(self, files: Sequence[str], on_error: str = "error"):
+        super().__init__(files, on_error)
+        pq = _import_pyarrow_parquet(self.files[0])
+        self._group_starts: list[list[int]] = []  # per file: first row of each row group, then the row count
+        for path in self.files:
+            try:
+                meta = pq.ParquetFile(path).metadata
+            except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
+                raise DataError(f"{path}: cannot read Parquet ({e})") from None
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            self._group_starts.append(np.cumsum([0, *sizes]).tolist())
+        self._set_lengths([starts[-1] for starts in self._group_starts])
+        self._cache: dict[tuple[int, int], list[dict]] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cache"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _rows(self, f: int, group: int) -> list[dict]:
+        key = (f, group)
+        with self._lock:
+            rows = self._cache.get(key)
+        if rows is None:
+            pq = _import_pyarrow_parquet(self.files[f])
+            try:
+                rows = pq.ParquetFile(self.files[f]).read_row_group(group).to_pylist()
+            except Exception as e:
+                raise DataError(f"{self.files[f]}: cannot read row group {group} ({e})") from None
+            with self._lock:
+                self._cache[key] = rows
+                while len(self._cache) > self._CACHED_GROUPS:
+                    self._cache.pop(next(iter(self._cache)))
+        return rows
+
+    def read(self, index: int) -> dict[str, Any]:
+        f, local = self._file_of(index)
+        where = f"{self.files[f]}:record {local + 1}"
+        group = bisect.bisect_right(self._group_starts[f], local) - 1
+        record = dict(self._rows(f, group)[local - self._group_starts[f][group]])
+        _check_finite(record, where, "")
+        record["_where"] = where
+        return record
+
+
+class ArrayRecordSource(Source):
+    """Records of ArrayRecord files, each a JSON object encoded as UTF-8 bytes."""
+
+    def __init__(self, files: Sequence[str], on_error: str = "error"):
+        super().__init__(files, on_error)
+        try:
+            from array_record.python import array_record_data_source
+        except ImportError:
+            raise DataError(
+                f"{self.files[0]}: reading ArrayRecord needs array_record (pip install array-record)"
+            ) from None
+        self._sources = []
+        for path in self.files:
+            try:
+                self._sources.append(array_record_data_source.ArrayRecordDataSource([path]))
+            except Exception as e:  # the reader raises ValueError/RuntimeError on a corrupt file
+                raise DataError(f"{path}: cannot read ArrayRecord ({e})") from None
+        self._set_lengths([len(s) for s in self._sources])
+
+    def read(self, index: int) -> dict[str, Any]:
+        f, local = self._file_of(index)
+        where = f"{self.files[f]}:record {local + 1}"
+        record = parse_json_line(self._sources[f][local], where)
+        record["_where"] = where
+        return record
+
+
+class ConcatSource(Source):
+    """Several sources one after the other (files of different formats)."""
+
+    def __init__(self, sources: Sequence[Source], on_error: str = "error"):
+        super().__init__([f for s in sources for f in s.files], on_error)
+        self._sources = list(sources)
+        self._set_lengths([len(s) for s in self._sources])
+
+    def _part(self, index: int) -> tuple[Source, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        s = bisect.bisect_right(self._cumulative, index) - 1
+        return self._sources[s], index - self._cumulative[s]
+
+    def where(self, index: int) -> str:
+        source, local = self._part(index)
+        return source.where(local)
+
+    def read(self, index: int) -> dict[str, Any]:
+        source, local = self._part(index)
+        return source.read(local)
+
+
+_FORMATS = {"jsonl": JsonlSource, "parquet": ParquetSource, "array_record": ArrayRecordSource}
+
+
+def open_source(pattern: str | Sequence[str], on_error: str = "error") -> Source:
+    """The records of every file matched by `pattern` (comma-separated globs, or a list of paths), in sorted order
+    per glob; consecutive files of one format share one source."""
+    files = expand_glob(pattern) if isinstance(pattern, str) else list(pattern)
+    if not files:
+        raise DataError(f"data glob {pattern!r} matches no files")
+    groups: list[tuple[str, list[str]]] = []
+    for path in files:
+        kind = file_format(path)
+        if groups and groups[-1][0] == kind:
+            groups[-1][1].append(path)
+        else:
+            groups.append((kind, [path]))
+    sources = [_FORMATS[kind](paths, on_error) for kind, paths in groups]
+    return sources[0] if len(sources) == 1 else ConcatSource(sources, on_error)
+
+
 def require_fields(record: dict[str, Any], fields: Sequence[str]) -> None:
-    """Raises a DataError naming file:line when a required field is missing or not a string."""
+    """Raises a DataError naming file:line when a required field is missing or not finite."""
     for field in fields:
         value = record.get(field)
         if value is None:
-            raise DataError(f"{record.get('_where', '?')}: missing field {field!r} (has {sorted(record)})")
+            present = sorted(k for k in record if k != "_where")
+            raise DataError(f"{record.get('_where', '?')}: missing field {field!r} (has {present})")
         if isinstance(value, float) and not math.isfinite(value):
             raise DataError(f"{record.get('_where', '?')}: field {field!r} is {value}")

@@ -2,14 +2,40 @@
 
 People with a birth city, birth year and profession are rendered as pretraining documents through several
 paraphrase templates, next to arithmetic text. Everything is a function of the seed, so each stage's effect can be
-measured against the truth without downloads.
+measured against the truth without downloads. `write_world` writes every stage's data (JSONL, one object a line):
+
+  world.json                   the people, and which of them are held out (`eval_people`)
+  pretrain_{train,eval}.jsonl  {"id", "text"}: person documents and arithmetic (the pretraining corpus)
+  raw.jsonl                    {"id", "text", "kind", "duplicate_of", "edit_rate", "pii"}: web-like text for curation
+  sft_{train,eval}.jsonl       {"id", "messages", "task"}: fact questions, arithmetic, small instruction tasks
+  preference_{train,eval}.jsonl  {"id", "prompt", "chosen", "rejected", "rejected_kind", "task"} (TRL's
+                               conversational preference type: prompt is a message list, chosen/rejected are one
+                               assistant message each)
+  rl_{train,eval}.jsonl        {"id", "prompt", "answer", "task"}: prompts whose answer a reward function can verify
+
+Held-out splits: fact items of the eval split ask about held-out people only (people the pretraining corpus
+describes but no train split asks about); arithmetic and instruction items of the two splits never share a prompt.
+
+Raw-corpus labels (`kind`), each record's ground truth for curation:
+  clean               a multi-sentence archive entry about a few people; should be kept
+  pii                 a clean entry with planted e-mail addresses, phone numbers or public IPv4 addresses, listed
+                      verbatim in `pii`; should be kept with those strings scrubbed
+  exact_duplicate     a verbatim copy of `duplicate_of`
+  variant_duplicate   a copy of `duplicate_of` that differs only in letter case and whitespace
+  near_duplicate      a copy of `duplicate_of` with round(edit_rate x words) word edits (substitute, delete, insert)
+  boilerplate         cookie banners, navigation menus, "enable JavaScript", lorem ipsum
+  junk_symbols        symbol spam
+  junk_repeated       one line repeated many times
+A duplicate always comes after its original, so "keep the first of each cluster" keeps the original.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
+import re
 
 import numpy as np
 
@@ -57,7 +83,7 @@ class World:
 def make_world(num_people: int, seed: int) -> World:
     """`num_people` people with distinct names and random attributes."""
     rng = np.random.default_rng(seed)
-    pairs = [(f, l) for f in FIRST_NAMES for l in LAST_NAMES]
+    pairs = [(first, last) for first in FIRST_NAMES for last in LAST_NAMES]
     if num_people > len(pairs):
         raise ValueError(f"at most {len(pairs)} people have distinct names, asked for {num_people}")
     chosen = rng.choice(len(pairs), size=num_people, replace=False)
@@ -115,7 +141,9 @@ def write_jsonl(path: str, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def write_pretraining(directory: str, num_people: int, seed: int, eval_fraction: float = 0.05) -> dict[str, str]:
+def write_pretraining(
+    directory: str, num_people: int, seed: int, eval_fraction: float = 0.05
+) -> dict[str, str]:
     """Writes `pretrain_train.jsonl` and `pretrain_eval.jsonl` under `directory` (once); returns their paths."""
     paths = {split: os.path.join(directory, f"pretrain_{split}.jsonl") for split in ("train", "eval")}
     if all(os.path.exists(p) for p in paths.values()):
@@ -125,3 +153,585 @@ def write_pretraining(directory: str, num_people: int, seed: int, eval_fraction:
     write_jsonl(paths["eval"], records[:n_eval])
     write_jsonl(paths["train"], records[n_eval:])
     return paths
+
+
+# --- the rest of the world: curation, SFT, preference and RL data ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldSizes:
+    """How much of each kind `write_world` writes (train and eval together). `None` scales with the people.
+
+    With 400 people (the default `data.synthetic_entities`): ~1,400 SFT conversations, 1,200 preference pairs,
+    800 RL prompts and ~430 raw documents; writing them all takes well under a second.
+    """
+
+    # Share of the people (and of arithmetic/instruction items) held out for the eval splits.
+    eval_fraction: float = 0.1
+    sft_facts_per_person: int = 2
+    sft_arithmetic: int | None = None  # None: num_people
+    sft_instructions: int | None = None  # None: num_people // 2
+    preference_per_person: int = 2
+    preference_arithmetic: int | None = None  # None: num_people
+    rl_facts_per_person: int = 1
+    rl_arithmetic: int | None = None  # None: num_people
+    # Raw corpus: every person is described in this many clean archive entries (4 people per entry).
+    raw_mentions_per_person: int = 3
+    # Multiplies the number of planted duplicates, junk, boilerplate and PII documents.
+    raw_noise: float = 1.0
+
+
+QUESTIONS = {
+    "city": ("Where was {name} born?", "In which city was {name} born?", "What is the birthplace of {name}?"),
+    "year": ("In which year was {name} born?", "When was {name} born?", "What is the birth year of {name}?"),
+    "profession": (
+        "What does {name} do for a living?",
+        "What is the profession of {name}?",
+        "What is {name}'s job?",
+    ),
+}
+ANSWERS = {
+    "city": "{name} was born in {city}.",
+    "year": "{name} was born in {year}.",
+    "profession": "{name} works as {article} {profession}.",
+}
+RL_QUESTIONS = {
+    "city": "In which city was {name} born? Answer with the name of the city only.",
+    "year": "In which year was {name} born? Answer with the year only.",
+    "profession": "What is the profession of {name}? Answer with one word.",
+}
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant. Answer briefly.",
+    "You are a concise assistant that answers questions about people from the city archive.",
+)
+VERBOSE_OPENERS = (
+    "That is a really interesting question, and I am very happy to help you with it.",
+    "Great question! Let me think about this carefully and explain everything step by step.",
+    "Thank you so much for asking. There is quite a lot that could be said about this topic.",
+)
+VERBOSE_CLOSERS = (
+    "I hope this detailed explanation helps, and please let me know if you have any other questions.",
+    "Of course, there is always more to learn, so feel free to ask me anything else about it.",
+    "Please do not hesitate to reach out again if anything about this answer is unclear to you.",
+)
+SYCOPHANT_PREFIXES = (
+    "You are absolutely right!",
+    "Yes, exactly as you say!",
+    "Great point, you are correct!",
+)
+INSTRUCTION_WORDS = [w.lower() for w in CITIES + PROFESSIONS] + [
+    "river",
+    "garden",
+    "window",
+    "lantern",
+    "harbor",
+]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _facts(p: Person) -> dict[str, str]:
+    return {
+        "name": p.name,
+        "city": p.city,
+        "year": str(p.year),
+        "profession": p.profession,
+        "article": _article(p.profession),
+    }
+
+
+def _wrong_value(world: World, p: Person, attribute: str, rng: np.random.Generator) -> str:
+    """A plausible but wrong value of `attribute` for `p`."""
+    if attribute == "year":
+        return str(p.year + int(rng.choice([-1, 1])) * int(rng.integers(1, 30)))
+    options = [v for v in (CITIES if attribute == "city" else PROFESSIONS) if v != getattr(p, attribute)]
+    return str(rng.choice(options))
+
+
+def _answer(p: Person, attribute: str, value: str | None = None) -> str:
+    facts = _facts(p)
+    if value is not None:
+        facts[attribute] = value
+        if attribute == "profession":
+            facts["article"] = _article(value)
+    return ANSWERS[attribute].format(**facts)
+
+
+def split_people(world: World, eval_fraction: float) -> tuple[list[Person], list[Person]]:
+    """(train people, held-out people), a fixed function of the world's seed."""
+    rng = np.random.default_rng([world.seed, 7])
+    order = rng.permutation(len(world.people))
+    n_eval = max(1, int(round(len(world.people) * eval_fraction)))
+    return [world.people[i] for i in order[n_eval:]], [world.people[i] for i in order[:n_eval]]
+
+
+def _arithmetic_problems(count: int, rng: np.random.Generator) -> list[tuple[int, str, int, int]]:
+    """`count` distinct (a, op, b, result) with operands in [0, 100)."""
+    seen: set[tuple[int, str, int]] = set()
+    problems = []
+    while len(problems) < count:
+        a, b = (int(x) for x in rng.integers(0, 100, size=2))
+        op = str(rng.choice(["+", "-", "*"]))
+        if (a, op, b) in seen:
+            continue
+        seen.add((a, op, b))
+        problems.append((a, op, b, a + b if op == "+" else a - b if op == "-" else a * b))
+    return problems
+
+
+def _split_items(items: list, eval_fraction: float) -> tuple[list, list]:
+    n_eval = max(1, int(round(len(items) * eval_fraction))) if items else 0
+    return items[n_eval:], items[:n_eval]
+
+
+def _instruction(rng: np.random.Generator) -> tuple[str, str]:
+    """A small instruction task with one exact answer: (prompt, answer)."""
+    kind = int(rng.integers(4))
+    words = [str(w) for w in rng.choice(INSTRUCTION_WORDS, size=int(rng.integers(3, 7)), replace=False)]
+    if kind == 0:
+        return f"Write the word '{words[0]}' in capital letters.", words[0].upper()
+    if kind == 1:
+        return f"Reverse the order of these words: {' '.join(words)}", " ".join(reversed(words))
+    if kind == 2:
+        numbers = [int(x) for x in rng.choice(100, size=len(words), replace=False)]
+        return (
+            f"Sort these numbers from smallest to largest: {', '.join(map(str, numbers))}",
+            ", ".join(map(str, sorted(numbers))),
+        )
+    return f"How many words are in this list: {' '.join(words)}? Answer with a number.", str(len(words))
+
+
+def _fact_conversation(world: World, p: Person, rng: np.random.Generator) -> list[dict[str, str]]:
+    """One or two fact questions about `p`, sometimes after a system message."""
+    messages = []
+    if rng.random() < 0.3:
+        messages.append({"role": "system", "content": str(rng.choice(SYSTEM_PROMPTS))})
+    n_turns = 2 if rng.random() < 0.3 else 1
+    for attribute in rng.choice(list(QUESTIONS), size=n_turns, replace=False):
+        question = str(rng.choice(QUESTIONS[attribute])).format(name=p.name)
+        messages += [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": _answer(p, attribute)},
+        ]
+    return messages
+
+
+def sft_records(world: World, sizes: WorldSizes) -> dict[str, list[dict]]:
+    """{"train": [...], "eval": [...]} of `{"id", "messages", "task"}` conversations."""
+    rng = np.random.default_rng([world.seed, 11])
+    train_people, eval_people = split_people(world, sizes.eval_fraction)
+    n = len(world.people)
+    n_arith = n if sizes.sft_arithmetic is None else sizes.sft_arithmetic
+    n_instr = n // 2 if sizes.sft_instructions is None else sizes.sft_instructions
+
+    def arithmetic(problem):
+        a, op, b, r = problem
+        return [
+            {"role": "user", "content": f"What is {a} {op} {b}?"},
+            {"role": "assistant", "content": f"{a} {op} {b} = {r}."},
+        ]
+
+    def instruction(pair):
+        return [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+
+    instructions = list({p: (p, a) for p, a in (_instruction(rng) for _ in range(n_instr))}.values())
+    arith_train, arith_eval = _split_items(_arithmetic_problems(n_arith, rng), sizes.eval_fraction)
+    instr_train, instr_eval = _split_items(instructions, sizes.eval_fraction)
+    out = {}
+    for split, people, arith, instr in (
+        ("train", train_people, arith_train, instr_train),
+        ("eval", eval_people, arith_eval, instr_eval),
+    ):
+        items = [
+            ("fact", _fact_conversation(world, p, rng))
+            for p in people
+            for _ in range(sizes.sft_facts_per_person)
+        ]
+        items += [("arithmetic", arithmetic(x)) for x in arith] + [
+            ("instruction", instruction(x)) for x in instr
+        ]
+        order = rng.permutation(len(items))
+        out[split] = [
+            {"id": f"sft-{split}-{i:06d}", "messages": items[j][1], "task": items[j][0]}
+            for i, j in enumerate(order)
+        ]
+    return out
+
+
+def _preference_item(question: str, correct: str, wrong: str, wrong_claim: str, kind: str, rng) -> dict:
+    """A pair preferring `correct` (concise) over a wrong, verbose or sycophantic answer."""
+    prompt = question
+    if kind == "wrong":
+        rejected = wrong
+    elif kind == "verbose":
+        rejected = f"{rng.choice(VERBOSE_OPENERS)} {correct} {rng.choice(VERBOSE_CLOSERS)}"
+    else:  # sycophantic: the user asserts a wrong claim; the rejected answer agrees with it.
+        prompt = f"I am quite sure that {wrong_claim} {question}"
+        rejected = f"{rng.choice(SYCOPHANT_PREFIXES)} {wrong}"
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": correct}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "rejected_kind": kind,
+    }
+
+
+PREFERENCE_KINDS = ("wrong", "verbose", "sycophantic")
+
+
+def preference_records(world: World, sizes: WorldSizes) -> dict[str, list[dict]]:
+    """{"train": [...], "eval": [...]} of `{"id", "prompt", "chosen", "rejected", "rejected_kind", "task"}`."""
+    rng = np.random.default_rng([world.seed, 13])
+    train_people, eval_people = split_people(world, sizes.eval_fraction)
+    n_arith = len(world.people) if sizes.preference_arithmetic is None else sizes.preference_arithmetic
+    arith_train, arith_eval = _split_items(_arithmetic_problems(n_arith, rng), sizes.eval_fraction)
+    out = {}
+    for split, people, arith in (("train", train_people, arith_train), ("eval", eval_people, arith_eval)):
+        items = []
+        for p in people:
+            for _ in range(sizes.preference_per_person):
+                attribute = str(rng.choice(list(QUESTIONS)))
+                wrong_value = _wrong_value(world, p, attribute, rng)
+                wrong = _answer(p, attribute, wrong_value)
+                question = str(rng.choice(QUESTIONS[attribute])).format(name=p.name)
+                kind = str(rng.choice(PREFERENCE_KINDS))
+                items.append(
+                    ("fact", _preference_item(question, _answer(p, attribute), wrong, wrong, kind, rng))
+                )
+        for a, op, b, r in arith:
+            wrong_r = r + int(rng.choice([-1, 1])) * int(rng.integers(1, 10))
+            kind = str(rng.choice(PREFERENCE_KINDS))
+            item = _preference_item(
+                f"What is {a} {op} {b}?",
+                f"{a} {op} {b} = {r}.",
+                f"{a} {op} {b} = {wrong_r}.",
+                f"{a} {op} {b} is {wrong_r}.",
+                kind,
+                rng,
+            )
+            items.append(("arithmetic", item))
+        order = rng.permutation(len(items))
+        out[split] = [
+            {"id": f"pref-{split}-{i:06d}", **items[j][1], "task": items[j][0]} for i, j in enumerate(order)
+        ]
+    return out
+
+
+def rl_records(world: World, sizes: WorldSizes) -> dict[str, list[dict]]:
+    """{"train": [...], "eval": [...]} of `{"id", "prompt", "answer", "task"}`; `answer` is the exact string a
+    correct completion contains (a number, a city, a year or a profession)."""
+    rng = np.random.default_rng([world.seed, 17])
+    train_people, eval_people = split_people(world, sizes.eval_fraction)
+    n_arith = len(world.people) if sizes.rl_arithmetic is None else sizes.rl_arithmetic
+    arith_train, arith_eval = _split_items(_arithmetic_problems(n_arith, rng), sizes.eval_fraction)
+    out = {}
+    for split, people, arith in (("train", train_people, arith_train), ("eval", eval_people, arith_eval)):
+        items = []
+        for p in people:
+            for attribute in rng.choice(list(RL_QUESTIONS), size=sizes.rl_facts_per_person, replace=True):
+                question = RL_QUESTIONS[attribute].format(name=p.name)
+                items.append((question, str(getattr(p, attribute)), f"fact_{attribute}"))
+        items += [
+            (f"What is {a} {op} {b}? Answer with a number only.", str(r), "arithmetic")
+            for a, op, b, r in arith
+        ]
+        order = rng.permutation(len(items))
+        out[split] = [
+            {
+                "id": f"rl-{split}-{i:06d}",
+                "prompt": [{"role": "user", "content": items[j][0]}],
+                "answer": items[j][1],
+                "task": items[j][2],
+            }
+            for i, j in enumerate(order)
+        ]
+    return out
+
+
+# Raw corpus ---------------------------------------------------------------------------------------------------------
+FILLER_SENTENCES = (
+    "The notes below were collected by the city archive and checked against the records of the registry.",
+    "Most of these entries were written by hand and later typed up by volunteers of the local history society.",
+    "Readers who have more information about any of these people are invited to write to the archive.",
+    "The archive keeps short biographies of people from many cities, and new entries are added every month.",
+    "Some of the dates in older entries have been corrected with the help of church books and school lists.",
+    "Each entry gives the place and the year of birth together with the work that the person is known for.",
+    "Several of the families mentioned here have kept letters and photographs that they shared with the museum.",
+    "The volunteers would like to thank everyone who took the time to answer their questions with such patience.",
+    "A longer version of this collection is available to visitors in the reading room of the old library.",
+    "It is worth remembering that the records of small towns were often kept with less care than those of cities.",
+    "This page is part of a series that tries to describe ordinary lives with the same care as famous ones.",
+    "Corrections are always welcome, and every change to an entry is noted with the date and the source.",
+)
+EDIT_WORDS = (
+    "apple bridge candle forest silver window meadow copper thunder velvet harbor lantern orchard pebble quiet "
+    "river saddle timber violet willow"
+).split()
+NEAR_DUPLICATE_RATES = (0.02, 0.05, 0.1, 0.2, 0.4)
+BOILERPLATE_BLOCKS = (
+    (
+        "This website uses cookies to give you the best experience.",
+        "By continuing to browse the {site} site you agree to our use of cookies.",
+        "Read our privacy policy and terms of use.",
+        "Accept all",
+        "Manage settings",
+    ),
+    (
+        "Home",
+        "About us",
+        "News",
+        "Contact",
+        "Login",
+        "Register",
+        "Share on social media",
+        "© {year} {site}. All rights reserved.",
+    ),
+    (
+        "Please enable JavaScript in your browser to view {site}.",
+        "Your browser is not supported.",
+        "Skip to content",
+    ),
+    (
+        "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et "
+        "dolore magna aliqua.",
+        "Ut enim ad minim veniam, quis nostrud exercitation ullamco laboris nisi ut aliquip ex ea commodo consequat.",
+    ),
+    (
+        "Subscribe to our newsletter",
+        "Enter your e-mail address",
+        "Sign up",
+        "Follow {site} for daily updates",
+    ),
+)
+SPAM_LINES = (
+    "Buy cheap flights to {city} now and save big on every booking!!!",
+    "Click here to win a free {profession} starter kit today!",
+    "Best {profession} deals in {city}, limited offer, act fast!",
+)
+SYMBOLS = "#$%&*@!~^+=|<>"
+PUBLIC_FIRST_OCTETS = (31, 45, 62, 77, 84, 91, 109, 145, 178, 185, 193, 213)
+
+
+def _archive_entry(people: list[Person], rng: np.random.Generator, extra: str = "") -> str:
+    """A clean document: two filler sentences, one paraphrase per person (no template twice), a closing filler."""
+    fillers = [FILLER_SENTENCES[i] for i in rng.choice(len(FILLER_SENTENCES), size=3, replace=False)]
+    templates = rng.choice(
+        len(PERSON_TEMPLATES), size=len(people), replace=len(people) > len(PERSON_TEMPLATES)
+    )
+    facts = " ".join(
+        PERSON_TEMPLATES[t].format(**dataclasses.asdict(p)) for t, p in zip(templates, people, strict=True)
+    )
+    closing = fillers[2] + (" " + extra if extra else "")
+    return f"{fillers[0]} {fillers[1]} {facts}\n\n{closing}"
+
+
+def _pii(p: Person, rng: np.random.Generator) -> tuple[str, list[str]]:
+    """A sentence with an e-mail address and a phone number or a public IPv4 address; (sentence, planted strings)."""
+    first, last = p.name.lower().split()
+    email = f"{first}.{last}@{rng.choice(['example.org', 'mail.example.com', 'archive.example.net'])}"
+    if rng.random() < 0.5:
+        digits = [int(x) for x in rng.integers(0, 10, size=10)]
+        if rng.random() < 0.5:
+            phone = (
+                f"+{rng.choice([31, 44, 49, 351])} {digits[0] + 1}{digits[1]} {''.join(map(str, digits[2:6]))} "
+                + "".join(map(str, digits[6:]))
+            )
+        else:
+            phone = f"({2 + digits[0] % 8}{digits[1]}{digits[2]}) 555-{''.join(map(str, digits[3:7]))}"
+        return f"Relatives who want to reach the family can write to {email} or call {phone}.", [email, phone]
+    while True:
+        ip = ".".join(
+            [str(rng.choice(PUBLIC_FIRST_OCTETS)), *(str(int(x)) for x in rng.integers(1, 255, size=3))]
+        )
+        if ipaddress.IPv4Address(ip).is_global:
+            break
+    return f"Questions about this entry go to {email}, and the scans are kept on the server at {ip}.", [
+        email,
+        ip,
+    ]
+
+
+def _edit_words(text: str, rate: float, rng: np.random.Generator) -> str:
+    """Exactly round(rate x words) word edits at distinct positions; each substitutes, deletes or inserts a word."""
+    words = re.split(r"(?<=\S) (?=\S)", text)
+    k = max(1, int(round(rate * len(words))))
+    for pos in sorted(rng.choice(len(words), size=k, replace=False), reverse=True):
+        op = int(rng.integers(3))
+        new = str(rng.choice(EDIT_WORDS))
+        if op == 0:
+            words[pos] = new
+        elif op == 1 and len(words) > 1:
+            del words[pos]
+        else:
+            words.insert(int(pos), new)
+    return " ".join(words)
+
+
+def _variant(text: str, rng: np.random.Generator) -> str:
+    """The same text in another letter case and with other spacing."""
+    text = text.lower() if rng.random() < 0.5 else text.upper()
+    words = text.split(" ")
+    spaced = [w + (" " * int(rng.integers(1, 3)) if rng.random() < 0.3 else " ") for w in words]
+    return "".join(spaced).rstrip(" ") + " " * int(rng.integers(0, 3))
+
+
+def _boilerplate(rng: np.random.Generator) -> str:
+    site = f"{rng.choice(CITIES)} {rng.choice(['Daily', 'News', 'Portal', 'Market', 'Times'])}"
+    blocks = rng.choice(len(BOILERPLATE_BLOCKS), size=2, replace=False)
+    lines = [line for b in blocks for line in BOILERPLATE_BLOCKS[b]]
+    return "\n".join(line.format(site=site, year=int(rng.integers(2005, 2025))) for line in lines)
+
+
+def _junk_symbols(rng: np.random.Generator) -> str:
+    runs = [
+        "".join(rng.choice(list(SYMBOLS), size=int(rng.integers(2, 8))))
+        for _ in range(int(rng.integers(40, 90)))
+    ]
+    for i in rng.choice(len(runs), size=len(runs) // 8, replace=False):
+        runs[i] = str(rng.choice(EDIT_WORDS))
+    return " ".join(runs)
+
+
+def _junk_repeated(rng: np.random.Generator) -> str:
+    line = str(rng.choice(SPAM_LINES)).format(city=rng.choice(CITIES), profession=rng.choice(PROFESSIONS))
+    return "\n".join([line] * int(rng.integers(10, 30)))
+
+
+def raw_corpus(world: World, sizes: WorldSizes) -> list[dict]:
+    """Web-like records `{"id", "text", "kind", "duplicate_of", "edit_rate", "pii"}` (kinds in the module doc)."""
+    rng = np.random.default_rng([world.seed, 19])
+    people = list(world.people)
+    originals: list[dict] = []
+    for _ in range(sizes.raw_mentions_per_person):
+        order = rng.permutation(len(people))
+        for start in range(0, len(order), 4):
+            group = [people[i] for i in order[start : start + 4]]
+            originals.append({"text": _archive_entry(group, rng), "kind": "clean", "pii": []})
+    n_clean = len(originals)
+
+    def count(fraction: float, minimum: int = 1) -> int:
+        """Planted documents of one kind: at least `minimum` (unless raw_noise is 0)."""
+        return max(minimum, int(round(n_clean * fraction * sizes.raw_noise))) if sizes.raw_noise > 0 else 0
+
+    for _ in range(count(1 / 15)):
+        group = [people[i] for i in rng.choice(len(people), size=3, replace=False)]
+        sentence, planted = _pii(group[0], rng)
+        originals.append({"text": _archive_entry(group, rng, extra=sentence), "kind": "pii", "pii": planted})
+    for kind, make, fraction in (
+        ("boilerplate", _boilerplate, 1 / 20),
+        ("junk_symbols", _junk_symbols, 1 / 30),
+        ("junk_repeated", _junk_repeated, 1 / 30),
+    ):
+        originals += [{"text": make(rng), "kind": kind, "pii": []} for _ in range(count(fraction))]
+    originals = [originals[i] for i in rng.permutation(len(originals))]
+    for i, r in enumerate(originals):
+        r.update(id=f"raw-o{i:06d}", duplicate_of="", edit_rate=0.0)
+
+    clean = [i for i, r in enumerate(originals) if r["kind"] == "clean"]
+    copies: list[tuple[int, dict]] = []  # (index of the original, record)
+    for kind, fraction in (
+        ("exact_duplicate", 1 / 10),
+        ("variant_duplicate", 1 / 20),
+        ("near_duplicate", 1 / 10),
+    ):
+        minimum = len(NEAR_DUPLICATE_RATES) if kind == "near_duplicate" else 1
+        for j, i in enumerate(rng.choice(clean, size=count(fraction, minimum), replace=True)):
+            text, rate = originals[i]["text"], 0.0
+            if kind == "variant_duplicate":
+                text = _variant(text, rng)
+            elif kind == "near_duplicate":
+                rate = NEAR_DUPLICATE_RATES[j % len(NEAR_DUPLICATE_RATES)]
+                text = _edit_words(text, rate, rng)
+            copies.append(
+                (
+                    int(i),
+                    {
+                        "text": text,
+                        "kind": kind,
+                        "pii": [],
+                        "duplicate_of": originals[i]["id"],
+                        "edit_rate": rate,
+                    },
+                )
+            )
+    # Each copy lands at a uniformly random place after its original.
+    keys = [float(i) for i in range(len(originals))] + [
+        float(rng.uniform(i + 0.5, len(originals))) for i, _ in copies
+    ]
+    records = originals + [c for _, c in copies]
+    out = []
+    for n, k in enumerate(np.argsort(keys, kind="stable")):
+        r = records[k]
+        out.append(
+            {
+                "id": f"raw-{n:06d}",
+                "text": r["text"],
+                "kind": r["kind"],
+                "duplicate_of": r["duplicate_of"],
+                "edit_rate": r["edit_rate"],
+                "pii": r["pii"],
+                "_old": r["id"] if k < len(originals) else "",
+            }
+        )
+    new_id = {r["_old"]: r["id"] for r in out if r["_old"]}
+    for r in out:
+        r["duplicate_of"] = new_id.get(r["duplicate_of"], "")
+        del r["_old"]
+    return out
+
+
+def write_world(
+    directory: str, num_people: int, seed: int, sizes: WorldSizes | None = None
+) -> dict[str, str]:
+    """Writes every stage's data under `directory` (file list in the module doc); returns {name: path}.
+
+    Names: world, pretrain_train, pretrain_eval, raw, sft_train, sft_eval, preference_train, preference_eval,
+    rl_train, rl_eval. Files are written atomically and only once per (num_people, seed, sizes): a later call with
+    the same arguments returns the existing paths, so process 0 can write while the others wait and then call it.
+    """
+    sizes = sizes or WorldSizes()
+    manifest = {"num_people": num_people, "seed": seed, "sizes": dataclasses.asdict(sizes), "version": 1}
+    names = ["pretrain_train", "pretrain_eval", "raw"] + [
+        f"{kind}_{split}" for kind in ("sft", "preference", "rl") for split in ("train", "eval")
+    ]
+    paths = {"world": os.path.join(directory, "world.json")}
+    paths.update({name: os.path.join(directory, f"{name}.jsonl") for name in names})
+    manifest_path = os.path.join(directory, "manifest.json")
+    if os.path.exists(manifest_path) and all(os.path.exists(p) for p in paths.values()):
+        with open(manifest_path, encoding="utf-8") as f:
+            if json.load(f) == manifest:
+                return paths
+
+    world = make_world(num_people, seed)
+    pretrain = pretraining_corpus(num_people, seed)
+    n_eval = max(1, int(len(pretrain) * 0.05))  # as write_pretraining
+    data = {
+        "pretrain_train": pretrain[n_eval:],
+        "pretrain_eval": pretrain[:n_eval],
+        "raw": raw_corpus(world, sizes),
+    }
+    for kind, make in (("sft", sft_records), ("preference", preference_records), ("rl", rl_records)):
+        for split, records in make(world, sizes).items():
+            data[f"{kind}_{split}"] = records
+    for name, records in data.items():
+        write_jsonl(paths[name], records)
+    _, eval_people = split_people(world, sizes.eval_fraction)
+    _write_json(
+        paths["world"],
+        {
+            "seed": seed,
+            "people": [dataclasses.asdict(p) for p in world.people],
+            "eval_people": [p.name for p in eval_people],
+        },
+    )
+    _write_json(manifest_path, manifest)
+    return paths
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)

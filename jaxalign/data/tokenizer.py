@@ -3,6 +3,9 @@
 Training uses Llama-2-style settings: BPE, byte fallback, digits split, whitespace-only pieces allowed, identity
 normalisation (text round-trips exactly), and the chat special tokens as user-defined symbols. A newline is a
 user-defined symbol too, so it is a real piece rather than a byte fallback.
+
+Chat templates (`data/chat.py`) render conversations through the same interface; their markers are single pieces of
+the vocabulary, so every template in `chat.TEMPLATES` lists its markers in `CHAT_SPECIAL_TOKENS`.
 """
 
 from __future__ import annotations
@@ -10,38 +13,76 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import sentencepiece as spm
 
 from jaxalign.errors import ConfigError
 
-CHAT_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
+# Markers of the chat templates in data/chat.py: ChatML (Qwen, SmolLM), Llama 3 and Gemma. Their BOS is the
+# tokenizer's own BOS, so `<|begin_of_text|>` and `<bos>` are not listed.
+CHAT_SPECIAL_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+)
 
 
+@runtime_checkable
 class Tokenizer(Protocol):
-    """What every tokenizer backend provides."""
+    """What every tokenizer backend provides (SentencePiece here; Hugging Face `tokenizers` in hf_tokenizer.py).
+
+    Implementations must be picklable: input pipelines send them to worker processes.
+    """
 
     vocab_size: int
     bos_id: int
     eos_id: int
     pad_id: int
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`, without BOS or EOS."""
+        ...
 
-    def decode(self, ids: Iterable[int]) -> str: ...
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`; special pieces are rendered as their text."""
+        ...
+
+    def token_id(self, piece: str) -> int:
+        """The id of `piece` if it is one piece of the vocabulary (a chat marker, "\\n"); else raises `KeyError`."""
+        ...
 
 
 class SentencePieceTokenizer:
+    """A SentencePiece model file. Pickles as its serialized model (no file needed on the receiving side)."""
+
     def __init__(self, model_path: str):
         if not os.path.exists(model_path):
             raise ConfigError(f"tokenizer model {model_path!r} does not exist")
         self.path = model_path
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        except (OSError, RuntimeError) as e:
+            raise ConfigError(f"tokenizer model {model_path!r} is not a SentencePiece model ({e})") from None
+        self._set_ids()
+
+    def _set_ids(self) -> None:
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
         self.pad_id = max(self.sp.pad_id(), 0)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "proto": self.sp.serialized_model_proto()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path = state["path"]
+        self.sp = spm.SentencePieceProcessor(model_proto=state["proto"])
+        self._set_ids()
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -50,13 +91,16 @@ class SentencePieceTokenizer:
         return self.sp.encode(texts)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.sp.decode(list(ids))
+        return self.sp.decode([int(i) for i in ids])
 
     def piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(token_id)
 
     def token_id(self, piece: str) -> int:
-        return self.sp.piece_to_id(piece)
+        token = self.sp.piece_to_id(piece)
+        if token == self.sp.unk_id() and piece != self.sp.id_to_piece(token):
+            raise KeyError(piece)
+        return token
 
 
 def train_sentencepiece(

@@ -112,7 +112,9 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o_BxTxHxDh = attention(q, k, v, implementation=cfg.attention, causal=True, segment_ids=segment_ids_BxT)
+        o_BxTxHxDh = attention(
+            q, k, v, implementation=cfg.attention, causal=True, segment_ids=segment_ids_BxT
+        )
         return o_BxTxHxDh.reshape(B * T, -1) @ self.wo[...].astype(dtype)
 
 

@@ -71,7 +71,9 @@ class Rules:
                 out.append(None)
                 continue
             if name not in table:
-                raise ConfigError(f"logical axis {name!r} has no entry in mesh.rules (known: {sorted(table)})")
+                raise ConfigError(
+                    f"logical axis {name!r} has no entry in mesh.rules (known: {sorted(table)})"
+                )
             axes = []
             size = 1
             for axis in table[name]:

@@ -78,7 +78,9 @@ def prepare_data(config: Config) -> tuple[str, str, Tokenizer]:
         if jax.process_index() == 0:
             synthetic.write_pretraining(data_dir, config.data.synthetic_entities, config.data.synthetic_seed)
         _barrier("synthetic data")
-        paths = synthetic.write_pretraining(data_dir, config.data.synthetic_entities, config.data.synthetic_seed)
+        paths = synthetic.write_pretraining(
+            data_dir, config.data.synthetic_entities, config.data.synthetic_seed
+        )
         train_glob, eval_glob = paths["train"], eval_glob or paths["eval"]
     tokenizer_path = config.data.tokenizer or os.path.join(config.workdir, "tokenizer.model")
     if not config.data.tokenizer and not os.path.exists(tokenizer_path) and jax.process_index() == 0:
@@ -131,7 +133,9 @@ def run(config: Config) -> loop.Result:
         graphdef, params = hf.load_params(config.model, rules)
     else:
         graphdef, params = init_model(config.model, rules, config.seed)
-    state, state_shardings = state_lib.create_sharded(graphdef, params, config.optim, tcfg.steps, config.seed, rules)
+    state, state_shardings = state_lib.create_sharded(
+        graphdef, params, config.optim, tcfg.steps, config.seed, rules
+    )
 
     # The step.
     step_fn = functools.partial(
@@ -149,7 +153,10 @@ def run(config: Config) -> loop.Result:
             eval_loader = pipelines.lm_loader(eval_glob, seed=0, shuffle=False, **loader_kwargs)
             total, count = 0.0, 0.0
             for _ in range(tcfg.eval_batches):
-                batch = {k: jax.make_array_from_process_local_data(batch_shardings[k], v) for k, v in next(eval_loader).items()}
+                batch = {
+                    k: jax.make_array_from_process_local_data(batch_shardings[k], v)
+                    for k, v in next(eval_loader).items()
+                }
                 loss, weight = eval_jit(state.params, batch)
                 total, count = total + float(loss), count + float(weight)
             return {"loss": total / max(count, 1.0)}

@@ -99,7 +99,9 @@ class Checkpointer:
 
     def restore(self, step: int, state_shardings: Any, abstract_state: Any, loader: Any) -> Any:
         """Restores `step` onto `state_shardings`; the loader's iterator state is set in place."""
-        saved_config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        saved_config = self.manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        ).config
         diffs = config_differences(saved_config, self.config_dict)
         if diffs:
             raise CheckpointError(

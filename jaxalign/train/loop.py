@@ -210,7 +210,9 @@ def train(
             log.write(step, values)
             history.append({"step": step, **values})
             if progress is not None:
-                progress.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{values['mfu']:.2f}")
+                progress.set_postfix(
+                    loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{values['mfu']:.2f}"
+                )
 
         for step in range(start + 1, tcfg.steps + 1):
             batch = _to_global(next(loader), batch_shardings)

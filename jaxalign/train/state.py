@@ -44,7 +44,9 @@ class TrainState:
         return nnx.merge(self.graphdef, self.params)
 
 
-def create(graphdef: nnx.GraphDef, params: nnx.State, cfg: OptimConfig, total_steps: int, seed: int) -> TrainState:
+def create(
+    graphdef: nnx.GraphDef, params: nnx.State, cfg: OptimConfig, total_steps: int, seed: int
+) -> TrainState:
     """A fresh state around already-sharded `params`; optimizer moments inherit the params' shardings."""
     tx = optim.make_optimizer(cfg, total_steps, params)
     guard = optim.spike_window_init(cfg.spike_window)
@@ -98,10 +100,13 @@ def grad_step(loss_fn: LossFn, params: nnx.State, batch: Batch, microbatches: in
         )
 
         def body(carry, micro):
-            (l, (w, s)), g = value_and_grad(params, micro)
-            return jax.tree.map(jnp.add, carry, (g, l, w, s)), None
+            (loss, (w, s)), g = value_and_grad(params, micro)
+            return jax.tree.map(jnp.add, carry, (g, loss, w, s)), None
 
-        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(lambda: _first(value_and_grad, params, split)))
+        zeros = jax.tree.map(
+            lambda a: jnp.zeros(a.shape, a.dtype),
+            jax.eval_shape(lambda: _first(value_and_grad, params, split)),
+        )
         (grads, loss_sum, weight, sums), _ = jax.lax.scan(body, zeros, split)
     weight = jnp.maximum(weight, 1e-9)
     grads = jax.tree.map(lambda g: g / weight, grads)
@@ -110,8 +115,8 @@ def grad_step(loss_fn: LossFn, params: nnx.State, batch: Batch, microbatches: in
 
 
 def _first(value_and_grad, params, split):
-    (l, (w, s)), g = value_and_grad(params, jax.tree.map(lambda x: x[0], split))
-    return g, l, w, s
+    (loss, (w, s)), g = value_and_grad(params, jax.tree.map(lambda x: x[0], split))
+    return g, loss, w, s
 
 
 def apply_gradients(
