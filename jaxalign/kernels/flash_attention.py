@@ -16,9 +16,10 @@ One kernel body per pass serves every backend:
 - GPU (Triton): blocks become pointers and `k_ref[pl.ds(...)]` loads tiles from HBM. Block sizes must be powers
   of two and at least 16 (`tl.dot` minimum); a head dim that is not a power of two is zero-padded here.
 - TPU (Mosaic): blocks are copied to VMEM, so the full-length K/V (forward, dq) and the group's full-length
-  Q/dO (dk/dv) must fit in VMEM: about S * D * 8 bytes in bf16 with double buffering. Beyond ~8k tokens at
-  D=128 prefer a grid-reduction kernel (jax.experimental.pallas.ops.tpu.splash_attention). Use bq a multiple
-  of 8 and bk a multiple of 128 to fill vregs.
+  Q/dO (dk/dv) must fit next to the tiles: with bf16 and double buffering about 8*S*D bytes (forward, dq) and
+  8*G*T*D bytes (dk/dv), against a scoped-VMEM default of 16-32 MiB. For long contexts raise vmem_limit_bytes
+  or use a grid-reduction kernel (jax.experimental.pallas.ops.tpu.splash_attention). Use bq a multiple of 8
+  and bk a multiple of 128 to fill vregs.
 GQA: K/V are never repeated. The forward and dq grids run over query heads and map head h to kv head h // G in
 the BlockSpec index maps; the dk/dv grid runs over kv heads and loops over the G query heads of its group (free
 reshape of Q to `BxKx(G*Tp)xD`), so dk/dv are summed in f32 inside the kernel.
@@ -60,14 +61,15 @@ class _Static:
         """Key blocks that q block i needs: causal ones fully above the diagonal are skipped (at least one)."""
         if not self.causal:
             return nk
-        hi = lax.div((i + 1) * self.block_q + self.offset + self.block_k - 1, self.block_k)
+        hi = lax.div((i + 1) * self.block_q + self.offset + self.block_k - 1, jnp.int32(self.block_k))
         return jnp.clip(hi, 1, nk)
 
     def first_q_block(self, j):
         """First q block whose rows can see key block j (causal); 0 otherwise."""
         if not self.causal:
             return 0
-        return jnp.maximum(lax.div(j * self.block_k - self.offset + self.block_q, self.block_q) - 1, 0)
+        first = lax.div(j * self.block_k - self.offset + self.block_q, jnp.int32(self.block_q)) - 1
+        return jnp.maximum(first, 0)
 
 
 def _compiler_params(num_dims: int):
@@ -114,31 +116,42 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, st: 
     q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
 
     def body(j, carry):
-        o, m, l = carry
+        o, row_max, row_sum = carry
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
         k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
         k_seg = None if kseg_ref is None else kseg_ref[:, pl.ds(j * bk, bk)]
         s = _scores(st, q, k, q_pos, k_pos, q_seg, k_seg, mask_len)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new)
-        l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+        new_max = jnp.maximum(row_max, jnp.max(s, axis=1, keepdims=True))
+        alpha = jnp.exp(row_max - new_max)  # rescales what was accumulated under the old maximum
+        p = jnp.exp(s - new_max)
+        row_sum = alpha * row_sum + jnp.sum(p, axis=1, keepdims=True)
         o = alpha * o + lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return o, m_new, l
+        return o, new_max, row_sum
 
     init = (
         jnp.zeros((bq, q.shape[1]), jnp.float32),
         jnp.full((bq, 1), MASK_VALUE, jnp.float32),
         jnp.zeros((bq, 1), jnp.float32),
     )
-    o, m, l = lax.fori_loop(0, st.num_k_blocks(i, k_ref.shape[0] // bk), body, init)
-    o_ref[...] = (o / l).astype(o_ref.dtype)  # l >= 1: the row maximum contributes exp(0)
-    lse_ref[...] = m + jnp.log(l)
+    o, row_max, row_sum = lax.fori_loop(0, st.num_k_blocks(i, k_ref.shape[0] // bk), body, init)
+    o_ref[...] = (o / row_sum).astype(o_ref.dtype)  # row_sum >= 1: the row maximum contributes exp(0)
+    lse_ref[...] = row_max + jnp.log(row_sum)
 
 
 def _dq_kernel(
-    q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static, mask_len: bool
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kseg_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dq_ref,
+    *,
+    st: _Static,
+    mask_len: bool,
 ):
     bq, bk = st.block_q, st.block_k
     i = pl.program_id(2)
@@ -186,8 +199,13 @@ def _dkv_kernel(
     tp = q_ref.shape[0] // groups
     nq = tp // bq
 
-    def q_block(i, carry, g):
+    first = st.first_q_block(j)
+    per_group = jnp.maximum(nq - first, 0)  # q blocks per head that can see this key block
+    divisor = jnp.maximum(per_group, 1)  # no division by zero even where the loop runs zero times
+
+    def q_block(r, carry):  # one flat loop over (g, i): r = g * per_group + (i - first)
         dk, dv = carry
+        g, i = lax.div(r, divisor), first + lax.rem(r, divisor)
         rows = pl.ds(g * tp + i * bq, bq)
         q, do, lse, delta = q_ref[rows, :], do_ref[rows, :], lse_ref[rows, :], delta_ref[rows, :]
         q_seg = None if qseg_ref is None else qseg_ref[pl.ds(i * bq, bq), :]
@@ -199,13 +217,16 @@ def _dkv_kernel(
         dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32)
         return dk, dv
 
-    def group(g, carry):
-        return lax.fori_loop(st.first_q_block(j), nq, functools.partial(q_block, g=g), carry)
-
     zeros = jnp.zeros((bk, k.shape[1]), jnp.float32)
-    dk, dv = lax.fori_loop(0, groups, group, (zeros, zeros))
+    dk, dv = lax.fori_loop(0, groups * per_group, q_block, (zeros, zeros))
     dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _out_struct(shape, dtype, *inputs) -> jax.ShapeDtypeStruct:
+    """Output type; inside shard_map(check_vma=True) it varies over every mesh axis an input varies over."""
+    varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in inputs if x is not None))
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
 
 
 def _seg_specs(qseg, kseg, q_map, k_map, q_rows, k_cols):
@@ -223,16 +244,17 @@ def _forward(st: _Static, q, k, v, qseg, kseg):
     kv_spec = pl.BlockSpec((None, None, Sp, D), lambda b, h, i: (b, h // G, 0, 0))
     row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0))
     seg = _seg_specs(qseg, kseg, lambda b, h, i: (b, i, 0), lambda b, h, i: (b, 0, 0), bq, Sp)
+    inputs = (q, k, v, qseg, kseg)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st, mask_len=Sp != st.kv_len and not st.causal),
         grid=(B, H, Tp // bq),
         in_specs=[q_spec, kv_spec, kv_spec, *seg],
         out_specs=[q_spec, row_spec],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, Tp, 1), jnp.float32)],
+        out_shape=[_out_struct(q.shape, q.dtype, *inputs), _out_struct((B, H, Tp, 1), jnp.float32, *inputs)],
         compiler_params=None if st.interpret else _compiler_params(3),
         interpret=st.interpret,
         name="flash_attention_fwd",
-    )(q, k, v, qseg, kseg)
+    )(*inputs)
 
 
 def _backward(st: _Static, q, k, v, qseg, kseg, o, lse, do):
@@ -246,16 +268,17 @@ def _backward(st: _Static, q, k, v, qseg, kseg, o, lse, do):
     kv_spec = pl.BlockSpec((None, None, Sp, D), lambda b, h, i: (b, h // G, 0, 0))
     row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0))
     seg = _seg_specs(qseg, kseg, lambda b, h, i: (b, i, 0), lambda b, h, i: (b, 0, 0), bq, Sp)
+    inputs = (q, k, v, qseg, kseg, do, lse, delta)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, st=st, mask_len=mask_len),
         grid=(B, H, Tp // bq),
         in_specs=[q_spec, kv_spec, kv_spec, *seg, q_spec, row_spec, row_spec],
         out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=_out_struct(q.shape, q.dtype, *inputs),
         compiler_params=None if st.interpret else _compiler_params(3),
         interpret=st.interpret,
         name="flash_attention_dq",
-    )(q, k, v, qseg, kseg, do, lse, delta)
+    )(*inputs)
 
     # Head h = kh * G + g, so a kv head's query heads are contiguous: these reshapes are free.
     group_spec = pl.BlockSpec((None, None, G * Tp, D), lambda b, kh, j: (b, kh, 0, 0))
@@ -268,7 +291,7 @@ def _backward(st: _Static, q, k, v, qseg, kseg, o, lse, do):
         grid=(B, K, Sp // bk),
         in_specs=[group_spec, kv_block_spec, kv_block_spec, *seg, group_spec, group_row_spec, group_row_spec],
         out_specs=[kv_block_spec, kv_block_spec],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[_out_struct(k.shape, k.dtype, *inputs), _out_struct(v.shape, v.dtype, *inputs)],
         compiler_params=None if st.interpret else _compiler_params(3),
         interpret=st.interpret,
         name="flash_attention_dkv",
@@ -334,7 +357,7 @@ def flash_attention(
         raise ValueError(f"query heads {H} must be a multiple of key/value heads {K}")
     if segment_ids is not None:
         if S != T:
-            raise ValueError("segment_ids need self-attention (T == S)")
+            raise ValueError(f"segment_ids need self-attention (T == S), got T={T}, S={S}")
         if segment_ids.shape != (B, T):
             raise ValueError(f"segment_ids must be [B={B}, T={T}], got {segment_ids.shape}")
     bq, bk = _block(block_q, T, "block_q"), _block(block_k, S, "block_k")

@@ -1,0 +1,357 @@
+"""Hugging Face interop: load a `config.json` + safetensors directory into the jaxalign `Transformer`, and save one
+that transformers loads.
+
+    model = hf.load("path/to/hf_dir", dtype=jnp.float32, mesh=None)
+    logits_BxTxV = model(tokens_BxT)
+    hf.save(model, "out_dir")
+
+Training configs set `model.init_from="hf:/path/to/hf_dir"`; `pretrain.run` then calls `load_params(cfg, rules)`.
+
+Loading streams: each checkpoint tensor is memory-mapped (`safetensors.safe_open`) and every device reads only its
+own slice of it (`jax.make_array_from_callback` with the parameter's rule-given `NamedSharding`), so no host ever holds
+a full copy of the model, and the parameters land directly in their shardings. Pickle checkpoints (`*.bin`, `*.pt`,
+`*.pth`) are refused: jaxalign never unpickles.
+
+Saving writes shards of at most `max_shard_bytes` (5 GB like transformers; one tensor larger than that gets a shard of
+its own) with `model.safetensors.index.json`, gathering one tensor (one layer of a stacked tensor) at a time.
+Config and tensor-name mappings live in `hf_mappings.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxalign.config import DEFAULT_RULES, MeshConfig, ModelConfig
+from jaxalign.errors import CheckpointError, ConfigError
+from jaxalign.models.hf_mappings import (
+    IGNORED_SUFFIXES,
+    TensorMap,
+    check_matches,
+    hf_config,
+    model_config,
+    tensor_map,
+)
+from jaxalign.models.transformer import Transformer, param_shardings
+from jaxalign.parallel.mesh import Rules, make_mesh
+
+__all__ = ["load", "save", "load_params", "model_config", "read_config"]
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_SAFETENSORS_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = jnp.dtype(dtype).name
+    if name not in _NP_DTYPES:
+        raise ConfigError(f"dtype={name!r} is not supported; accepted: {sorted(_NP_DTYPES)}")
+    return name
+
+
+def _checkpoint_dir(init_from: str) -> str:
+    """The directory of `model.init_from="hf:/path"` (a bare path is accepted too)."""
+    path = init_from[3:] if init_from.startswith("hf:") else init_from
+    if not path:
+        raise ConfigError(f"model.init_from={init_from!r} names no directory; expected 'hf:/path/to/hf_dir'")
+    return path
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"Hugging Face checkpoint directory {path!r} does not exist")
+    if not os.path.exists(config_path):
+        raise CheckpointError(
+            f"{config_path} does not exist: a Hugging Face checkpoint needs its config.json"
+        )
+    with open(config_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _weight_files(path: str) -> dict[str, str]:
+    """Tensor name -> safetensors file, from the index when there is one, else from every `*.safetensors`."""
+    index_path = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index_path):
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        missing = sorted(
+            {file for file in weight_map.values() if not os.path.exists(os.path.join(path, file))}
+        )
+        if missing:
+            raise CheckpointError(f"{index_path} names files that do not exist: {missing}")
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        pickles = sorted(
+            os.path.basename(p) for pattern in PICKLE_PATTERNS for p in glob.glob(os.path.join(path, pattern))
+        )
+        if pickles:
+            raise CheckpointError(
+                f"{path} holds only pickle checkpoints ({', '.join(pickles)}); jaxalign loads safetensors only and "
+                f"never unpickles. Convert it once with transformers: "
+                f"AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir, safe_serialization=True)"
+            )
+        raise CheckpointError(f"{path} holds no *.safetensors weights")
+    from safetensors import safe_open
+
+    names: dict[str, str] = {}
+    for file in files:
+        with safe_open(file, framework="numpy") as f:
+            names.update({name: file for name in f.keys()})
+    return names
+
+
+def _header(file: str) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and the byte offset where its data starts."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(size)), 8 + size
+
+
+class _Reader:
+    """Memory-mapped, sliceable checkpoint tensors. Uses `safe_open(framework="numpy")`; for a dtype this
+    safetensors build cannot hand to numpy (bf16 before ml_dtypes support), it maps the bytes itself."""
+
+    def __init__(self, files: dict[str, str]):
+        from safetensors import safe_open
+
+        self.files = files
+        self._stack = contextlib.ExitStack()
+        self._handles = {
+            f: self._stack.enter_context(safe_open(f, framework="numpy")) for f in set(files.values())
+        }
+        self._memmaps: dict[str, np.ndarray] = {}
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self.files[name]].get_slice(name).get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        try:
+            return np.asarray(self._handles[self.files[name]].get_slice(name)[index])
+        except TypeError:
+            if name not in self._memmaps:
+                self._memmaps[name] = _memmap(self.files[name], name)
+            return np.asarray(self._memmaps[name][index])
+
+
+def _memmap(file: str, name: str) -> np.ndarray:
+    header, start = _header(file)
+    info = header[name]
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(
+            f"{file}: tensor {name} has dtype {info['dtype']}; accepted: {sorted(_SAFETENSORS_DTYPES)}"
+        )
+    begin, _ = info["data_offsets"]
+    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+    return np.memmap(file, dtype=dtype, mode="r", offset=start + begin, shape=tuple(info["shape"]))
+
+
+def _load_state(cfg: ModelConfig, rules: Rules, path: str, dtype: Any) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, params) of `cfg` with every parameter read from the checkpoint at `path` into its sharding.
+    Names and shapes are all checked before any weight is read."""
+    create = lambda: nnx.split(Transformer(cfg, nnx.Rngs(0), rules))
+    graphdef, abstract = jax.eval_shape(create)
+    shardings = dict(nnx.to_flat_state(param_shardings(abstract, rules)))
+    files = _weight_files(path)
+    reader = _Reader(files)
+    np_dtype = _NP_DTYPES[_dtype_name(dtype)]
+    try:
+        plan = [(key, var, tensor_map(key, cfg)) for key, var in nnx.to_flat_state(abstract)]
+        for key, var, tmap in plan:
+            want = var.shape[1:] if tmap.stacked else var.shape
+            want = tuple(reversed(want)) if tmap.transpose else tuple(want)
+            for name in tmap.names:
+                if name not in files:
+                    raise CheckpointError(
+                        f"{path}: tensor {name} is missing (needed for {'/'.join(map(str, key))})"
+                    )
+                if reader.shape(name) != want:
+                    raise CheckpointError(
+                        f"{path}: tensor {name} has shape {reader.shape(name)}, the config gives {want}"
+                    )
+        used = {name for _, _, tmap in plan for name in tmap.names}
+        unused = sorted(
+            n
+            for n in set(files) - used
+            if not n.endswith(IGNORED_SUFFIXES) and not (cfg.tie_embeddings and n == "lm_head.weight")
+        )
+        if unused:
+            raise CheckpointError(
+                f"{path}: tensors the model has no place for: {unused[:5]} ({len(unused)} in all)"
+            )
+        flat = []
+        for key, var, tmap in plan:
+            callback = _slice_reader(reader, tmap, np_dtype)
+            array = jax.make_array_from_callback(var.shape, shardings[key].get_value(), callback)
+            flat.append((key, var.replace(array)))
+    finally:
+        reader.close()
+    return graphdef, nnx.from_flat_state(flat)
+
+
+def _slice_reader(
+    reader: _Reader, tmap: TensorMap, np_dtype: Any
+) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    """The `make_array_from_callback` callback: one device's slice of the parameter, read from the memory map."""
+
+    def read_one(name: str, index: tuple[slice, ...]) -> np.ndarray:
+        if tmap.transpose:
+            return reader.read(name, tuple(reversed(index))).T
+        return reader.read(name, index)
+
+    def callback(index: tuple[slice, ...]) -> np.ndarray:
+        if tmap.stacked:
+            layers = range(len(tmap.names))[index[0]]
+            x = np.stack([read_one(tmap.names[i], index[1:]) for i in layers])
+        else:
+            x = read_one(tmap.names[0], index)
+        return np.ascontiguousarray(x.astype(np_dtype, copy=False))
+
+    return callback
+
+
+def _rules(mesh: Mesh | None, rules: Sequence[tuple[str, Sequence[str]]] | None) -> Rules:
+    if mesh is None:
+        mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1, stage=1), devices=jax.devices()[:1])
+    table = tuple((name, tuple(axes)) for name, axes in (rules or DEFAULT_RULES))
+    return Rules(mesh, table)
+
+
+def load(
+    path: str,
+    dtype: Any = jnp.float32,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Sequence[str]]] | None = None,
+    **overrides: Any,
+) -> Transformer:
+    """Loads a Hugging Face checkpoint directory (config.json + *.safetensors, sharded with an index or not) as a
+    `Transformer`. Parameters are stored in `dtype`, which is also the compute dtype unless `compute_dtype` is given
+    in `overrides` (which set any non-architecture `ModelConfig` field, e.g. `scan_layers=True`). Without a `mesh`
+    the model lives on one device; with one (from `parallel.mesh.make_mesh`), parameters are sharded by `rules`
+    (default `config.DEFAULT_RULES`)."""
+    overrides.setdefault("compute_dtype", _dtype_name(dtype))
+    cfg = model_config(read_config(path), where=os.path.join(path, "config.json"), **overrides)
+    graphdef, params = _load_state(cfg, _rules(mesh, rules), path, dtype)
+    return nnx.merge(graphdef, params)
+
+
+def load_params(cfg: ModelConfig, rules: Rules) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, float32 params) for a training config with `model.init_from="hf:/path"`, placed directly in their
+    rule-given shardings. The checkpoint's config.json must agree with `cfg` on every architecture field."""
+    path = _checkpoint_dir(cfg.init_from)
+    check_matches(cfg, read_config(path), where=os.path.join(path, "config.json"))
+    return _load_state(cfg, rules, path, jnp.float32)
+
+
+def _host_value(x: jax.Array) -> np.ndarray:
+    """A (possibly sharded, possibly multi-host) array as one host numpy array."""
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def save(
+    model: Transformer,
+    out_dir: str,
+    *,
+    dtype: Any = None,
+    model_type: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    config_overrides: dict[str, Any] | None = None,
+) -> None:
+    """Writes `model` as a Hugging Face checkpoint: config.json and safetensors shards (with
+    `model.safetensors.index.json` when there are several). `dtype` defaults to the parameters' dtype;
+    `model_type` to the family `hf_mappings.infer_model_type` picks (pass "mistral" for a Mistral);
+    `config_overrides` adds config.json keys such as `bos_token_id`. Call it on every process of a multi-host run;
+    process 0 writes."""
+    cfg = model.cfg
+    params = nnx.state(model, nnx.Param)
+    flat = list(nnx.to_flat_state(params))
+    save_dtype = _dtype_name(dtype if dtype is not None else flat[0][1].get_value().dtype)
+    np_dtype = _NP_DTYPES[save_dtype]
+    config = dict(hf_config(cfg, model_type, save_dtype), **(config_overrides or {}))
+
+    # Plan: (tensor name, how to fetch it) in checkpoint order, then shards by size.
+    tensors: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]] = []
+    for key, var in flat:
+        tmap = tensor_map(key, cfg)
+        if key == ("lm_head",) and cfg.tie_embeddings:
+            continue
+        array = var.get_value()
+        for i, name in enumerate(tmap.names):
+            shape = array.shape[1:] if tmap.stacked else array.shape
+            shape = tuple(reversed(shape)) if tmap.transpose else tuple(shape)
+
+            def fetch(array=array, i=i, tmap=tmap):
+                x = _host_value(array[i] if tmap.stacked else array)
+                return np.ascontiguousarray((x.T if tmap.transpose else x).astype(np_dtype))
+
+            tensors.append((name, shape, fetch))
+    tensors.sort(key=lambda t: _natural_key(t[0]))
+    itemsize = np.dtype(np_dtype).itemsize
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, shape, _) in enumerate(tensors):
+        nbytes = int(np.prod(shape)) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += nbytes
+
+    write = jax.process_index() == 0
+    if write:
+        os.makedirs(out_dir, exist_ok=True)
+        for stale in [SINGLE_FILE, INDEX_FILE, *glob.glob(os.path.join(out_dir, "model-*-of-*.safetensors"))]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, stale))
+    from safetensors.numpy import save_file
+
+    weight_map: dict[str, str] = {}
+    total = 0
+    for n, shard in enumerate(shards):
+        file = SINGLE_FILE if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        arrays = {tensors[i][0]: tensors[i][2]() for i in shard}
+        total += sum(a.nbytes for a in arrays.values())
+        weight_map.update({name: file for name in arrays})
+        if write:
+            save_file(arrays, os.path.join(out_dir, file), metadata={"format": "pt"})
+    if not write:
+        return
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_json(os.path.join(out_dir, INDEX_FILE), index)
+    _write_json(os.path.join(out_dir, "config.json"), config)
+
+
+def _natural_key(name: str) -> list[Any]:
+    """Sorts `model.layers.10` after `model.layers.9`."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
+
+
+def _write_json(path: str, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
