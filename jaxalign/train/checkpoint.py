@@ -45,6 +45,16 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return diffs
 
 
+class _IteratorSnapshot:
+    """A loader's state frozen at save time, in the `get_state() -> bytes` form Grain's handler writes."""
+
+    def __init__(self, state: bytes):
+        self._state = state
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
 class Checkpointer:
     """Saves and restores one stage's checkpoints under `directory`. Always `close()` it (use `with`)."""
 
@@ -91,7 +101,8 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(loader),
+                # The iterator state is captured now: the async save runs after the loop has moved on.
+                data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(loader.get_state())),
                 config=ocp.args.JsonSave(self.config_dict),
             ),
             force=force,

