@@ -7,10 +7,17 @@ Key/value heads are never materialised repeated: queries are grouped as (K, H //
 
 from __future__ import annotations
 
+import functools
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxalign.errors import ConfigError
+
+if TYPE_CHECKING:
+    from jaxalign.parallel.mesh import Rules
 
 IMPLEMENTATIONS = ("xla", "flash", "auto")
 
@@ -46,6 +53,28 @@ def xla_attention(
     return o_BxTxKxGxD.reshape(B, T, H, D)
 
 
+def _flash(q, k, v, causal, segment_ids, sm_scale, rules):
+    """The Pallas kernel, inside `shard_map` over batch and heads when the mesh has more than one device."""
+    from jaxalign.kernels.flash_attention import flash_attention
+
+    kernel = functools.partial(flash_attention, causal=causal, sm_scale=sm_scale)
+    if rules is None or rules.mesh.size == 1:
+        return kernel(q, k, v, segment_ids=segment_ids)
+    B, _, H, _ = q.shape
+    K = k.shape[2]
+    batch = rules.spec(("batch",), (B,))[0]
+    # Query and key/value heads are split over the same mesh axes so each shard keeps whole GQA groups.
+    heads = rules.spec(("heads",), (H,))[0]
+    if heads != rules.spec(("kv_heads",), (K,))[0]:
+        heads = None
+    qkv = P(batch, None, heads, None)
+    if segment_ids is None:
+        return jax.shard_map(kernel, mesh=rules.mesh, in_specs=(qkv, qkv, qkv), out_specs=qkv)(q, k, v)
+    per_shard = lambda q, k, v, seg: kernel(q, k, v, segment_ids=seg)
+    in_specs = (qkv, qkv, qkv, P(batch, None))
+    return jax.shard_map(per_shard, mesh=rules.mesh, in_specs=in_specs, out_specs=qkv)(q, k, v, segment_ids)
+
+
 def resolve(implementation: str) -> str:
     """Maps "auto" to "flash" on GPU/TPU and "xla" on CPU."""
     if implementation not in IMPLEMENTATIONS:
@@ -64,15 +93,13 @@ def attention(
     causal: bool = True,
     segment_ids: jax.Array | None = None,
     sm_scale: float | None = None,
+    rules: Rules | None = None,
 ) -> jax.Array:
-    """Dispatches to the chosen implementation; all take and return the same layouts."""
+    """Dispatches to the chosen implementation; all take and return the same layouts. `rules` (the model's mesh
+    rules) lets the flash kernel run per shard: XLA cannot partition a Pallas call itself."""
     implementation = resolve(implementation)
     if implementation == "flash":
-        from jaxalign.kernels.flash_attention import flash_attention
-
-        return flash_attention(
-            q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale
-        )
+        return _flash(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal, segment_ids, sm_scale, rules)
     return xla_attention(
         q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale
     )

@@ -79,8 +79,9 @@ def apply_rope(x_BxTxHxDh: jax.Array, cos_BxTxDh2: jax.Array, sin_BxTxDh2: jax.A
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules: Rules | None = None):
         self.cfg = cfg
+        self.rules = rules
         D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         std = cfg.init_std
         self.wq = _param(rngs, (D, H * Dh), ("embed", "heads"), std)
@@ -113,7 +114,7 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o_BxTxHxDh = attention(
-            q, k, v, implementation=cfg.attention, causal=True, segment_ids=segment_ids_BxT
+            q, k, v, implementation=cfg.attention, causal=True, segment_ids=segment_ids_BxT, rules=self.rules
         )
         return o_BxTxHxDh.reshape(B * T, -1) @ self.wo[...].astype(dtype)
 
@@ -135,9 +136,9 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules: Rules | None = None):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_plus_one)
-        self.attn = Attention(cfg, rngs)
+        self.attn = Attention(cfg, rngs, rules)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_plus_one)
         self.mlp = MLP(cfg, rngs)
 
@@ -171,7 +172,7 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.rules = rules
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
-        blocks = [Block(cfg, rngs) for _ in range(cfg.n_layers)]
+        blocks = [Block(cfg, rngs, rules) for _ in range(cfg.n_layers)]
         self.blocks = _stack(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_plus_one)
         if not cfg.tie_embeddings:

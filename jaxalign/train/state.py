@@ -143,7 +143,7 @@ def apply_gradients(
         guard=guard,
     )
     metrics = {
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": state.schedule(state.step),
         "skipped": skip.astype(jnp.int32),
         "skipped_total": guard["skipped"],
