@@ -1,0 +1,104 @@
+"""Checkpoint resharding and NaN handling, in process."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxalign import config as config_lib
+from jaxalign.config import OptimConfig
+from jaxalign.data import pipelines, synthetic
+from jaxalign.data.tokenizer import train_sentencepiece
+from jaxalign.errors import TrainingError
+from jaxalign.models.transformer import init_model
+from jaxalign.stages import pretrain
+from jaxalign.train import state as state_lib
+from jaxalign.train.checkpoint import Checkpointer
+from tests.helpers import rules_for, tiny
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("corpus")
+    paths = synthetic.write_pretraining(str(directory), num_people=40, seed=0)
+    texts = [json.loads(line)["text"] for line in open(paths["train"])]
+    tokenizer = train_sentencepiece(texts, str(directory / "sp.model"), vocab_size=512)
+    return paths["train"], tokenizer
+
+
+def smoke_config(workdir, corpus, **train):
+    base = config_lib.defaults()
+    base.update(workdir=str(workdir))
+    base.model.update(vocab_size=512, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
+    base.train.update(steps=6, batch_size=8, seq_len=32, log_every=1, progress=False, **train)
+    base.optim.update(warmup_steps=1)
+    base.data.update(input=corpus[0], tokenizer=corpus[1].path)
+    base.checkpoint.update(every_steps=2, async_save=False)
+    return config_lib.from_config_dict(base)
+
+
+def test_checkpoint_saved_on_fsdp8_restores_onto_data2_tensor4(tmp_path, corpus):
+    cfg = tiny()
+    optim = OptimConfig()
+    source, target = rules_for(fsdp=8), rules_for(data=2, fsdp=1, tensor=4)
+    graphdef, params = init_model(cfg, source, seed=3)
+    state, _ = state_lib.create_sharded(graphdef, params, optim, 10, 3, source)
+    loader = pipelines.lm_loader(corpus[0], corpus[1], seq_len=32, global_batch_size=8, seed=0)
+    run_config = smoke_config(tmp_path, corpus)
+    with Checkpointer(str(tmp_path / "ckpt"), run_config.checkpoint, run_config) as ckpt:
+        ckpt.save(5, state, loader)
+
+    _, params_b = init_model(cfg, target, seed=99)
+    fresh, shardings = state_lib.create_sharded(graphdef, params_b, optim, 10, 99, target)
+    with Checkpointer(str(tmp_path / "ckpt"), run_config.checkpoint, run_config) as ckpt:
+        restored = ckpt.restore(5, shardings, fresh, loader)
+
+    w = restored.params["blocks"][0]["mlp"]["w_gate"][...]
+    assert w.sharding.spec == P(None, "tensor") and w.sharding.mesh.shape["data"] == 2
+    assert restored.opt_state[1][0].mu["embed"][...].sharding.spec == P("tensor", None)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def poison(loader, bad_step):
+    """Wraps a loader so that batch number `bad_step` (1-based) has NaN loss weights."""
+
+    class Poisoned:
+        def __init__(self):
+            self.count = 0
+
+        def __next__(self):
+            batch = next(loader)
+            self.count += 1
+            if self.count == bad_step:
+                batch = dict(batch, weights=np.full_like(batch["weights"], np.nan))
+            return batch
+
+        def get_state(self):
+            return loader.get_state()
+
+        def set_state(self, state):
+            loader.set_state(state)
+
+    return Poisoned()
+
+
+def test_nan_aborts_naming_the_step_by_default(tmp_path, corpus, monkeypatch):
+    original = pipelines.lm_loader
+    monkeypatch.setattr(pipelines, "lm_loader", lambda *a, **k: poison(original(*a, **k), 5))
+    with pytest.raises(TrainingError, match=r"non-finite loss nan at step 5 .* last good checkpoint: step 4"):
+        pretrain.run(smoke_config(tmp_path, corpus))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+
+
+def test_nan_skip_policy_continues_and_counts(tmp_path, corpus, monkeypatch):
+    original = pipelines.lm_loader
+    monkeypatch.setattr(pipelines, "lm_loader", lambda *a, **k: poison(original(*a, **k), 3))
+    result = pretrain.run(smoke_config(tmp_path, corpus, nan_policy="skip"))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in lines] == [0, 0, 1, 0, 0, 0]
+    assert lines[-1]["skipped_total"] == 1 and np.isnan(lines[2]["loss"])
+    assert int(result.state.step) == 6 and np.isfinite(lines[-1]["loss"])
