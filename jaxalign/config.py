@@ -189,12 +189,16 @@ class DataConfig:
     overlong: Literal["truncate", "reject"] = "truncate"
     # Worker processes that read and tokenize (0: in the training process); any count yields the same batches.
     num_workers: int = 0
+    # Independent record streams per global batch; 0 means one per process. Fix it (e.g. to the largest process
+    # count you will use) to get the same batches on any number of processes.
+    shards: int = 0
     shuffle: bool = True
     # Size of the synthetic world (number of entities); more entities means more documents.
     synthetic_entities: int = 400
     synthetic_seed: int = 0
-    # How conversational records (message lists) become tokens: "chatml", "llama3" or "gemma" (data/chat.py).
-    chat_template: Literal["chatml", "llama3", "gemma"] = "chatml"
+    # How conversational records (message lists) become tokens: "chatml", "llama3" or "gemma" (data/chat.py), or
+    # "tokenizer": the tokenizer's own template (a Hugging Face tokenizer's, for imported models).
+    chat_template: Literal["chatml", "llama3", "gemma", "tokenizer"] = "chatml"
     # SFT: train on the completion of prompt/completion records only (else on every token), as TRL.
     completion_only_loss: bool = True
     # SFT: train on the assistant turns of `messages` records only (else on every token).

@@ -6,7 +6,8 @@
 Each process gets the JAX distributed-runtime variables (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
 `JAX_PROCESS_ID`) that `jaxalign.parallel.distributed.maybe_initialize` reads, and on CPU its own fake devices.
 Output lines are prefixed with the process id. SIGTERM/SIGINT are forwarded to every process (they save at the same
-step and exit 0); if one process fails the others are stopped. The exit code is the first non-zero one, else 0.
+step and exit 0); if one process fails the others are stopped. The exit code is the first non-zero one (128 + N for
+a process killed by signal N), else 0.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def launch(processes: int, devices_per_process: int, args: list[str], cpu: bool 
                 continue
             remaining.discard(pid)
             if rc != 0 and code == 0:
-                code = rc
+                code = 128 - rc if rc < 0 else rc  # killed by signal N -> 128 + N, as a shell reports it
                 for other in remaining:
                     children[other].terminate()
     for t in pumps:

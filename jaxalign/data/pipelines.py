@@ -25,13 +25,19 @@ Records are conversational (`messages`; `prompt`/`completion`/`chosen`/`rejected
 chat template) or plain strings (`text`; `prompt`/`completion`; ...), as in TRL's dataset types.
 
 Each JAX process reads its own slice of the records (`[process_index::process_count]`, after a global shuffle that
-changes every epoch) and yields its share of the global batch; a finite number of epochs is first trimmed to a
-multiple of the process count, so unpacked loaders yield equal batch counts on every process (with infinite epochs,
-the default for training, every process yields batches forever).
+changes every epoch) and yields its share of the global batch. With infinite epochs (the default, for training)
+every process yields batches forever. A finite number of epochs is first trimmed to a multiple of the process count,
+so the unpacked loaders (preference, RL) yield equal batch counts on every process; packed loaders may differ by a
+batch or two at the end of a finite input, so iterate those a fixed number of batches (as evaluation does). At the
+end of a finite input the last packed batch is padded (rows of segment id 0, weight 0) and a last partial unpacked
+batch is dropped.
 
-Execution: reading, parsing and tokenizing are a 1:1 map over the record index, which `num_workers > 0` spreads over
-worker processes (`mp_prefetch`); skipping bad records, chunking, packing and batching run after it in this process.
-Grain interleaves the workers' slices back in index order, so N workers yield the same batches as none.
+Execution, per process:
+  records --shuffle, repeat, shard--> chunks of 16 records --read, parse, tokenize (num_workers processes)-->
+  examples --raise or count bad records (here)--> pack or batch (here) --background thread--> Loader
+The tokenizing map is 1:1 over chunks, which `mp_prefetch` deals out to the workers and interleaves back in order,
+so N workers yield the same batches as none. Packing is first fit over the B rows of a batch; the first example that
+fits no row opens the next batch.
 
 A bad record raises a `DataError` naming file:line, here in the main process; with `on_error="skip"` it is dropped and
 counted in `Loader.counts["skipped"]`. Over-long examples are cut (`overlong="truncate"`, counted in
@@ -60,6 +66,8 @@ from jaxalign.data.tokenizer import Tokenizer
 from jaxalign.errors import CheckpointError, ConfigError, DataError
 
 _MAX_LOGGED_SKIPS = 10
+_PREFETCH = 2  # batches prepared ahead of the training step
+_RECORDS_PER_CHUNK = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +84,8 @@ class Layout:
     kind: str = "lm"
     process_index: int = 0
     packing: bool = True
+    # Independent record streams the global batch is made of (see `_assemble`).
+    shards: int = 1
 
 
 class Loader:
@@ -83,13 +93,17 @@ class Loader:
 
     Implements the `get_state() -> bytes` / `set_state(bytes)` protocol of Grain's Orbax checkpoint handler, so each
     process writes its own iterator state. `counts` holds this process's "examples", "skipped" and "truncated"
-    counts since the loader was built.
+    counts since the loader was built (including the few batches prepared ahead).
     """
 
     def __init__(self, dataset: grain.IterDataset, layout: Layout, counts: collections.Counter | None = None):
         self.layout = layout
         self.counts = counts if counts is not None else collections.Counter()
-        self._iterator = iter(dataset)
+        # A background thread prepares the next batches while the training step runs (the state stays exact: it is
+        # the state after the last batch returned here).
+        self._iterator = iter(
+            grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=_PREFETCH)
+        )
 
     def __iter__(self):
         return self
@@ -115,14 +129,12 @@ class Loader:
         self._iterator.set_state(state["iterator"])
 
     def start_prefetch(self) -> None:
-        """Called by Grain's checkpoint handler after a restore: starts the worker processes, if any."""
-        if hasattr(self._iterator, "start_prefetch"):
-            self._iterator.start_prefetch()
+        """Called by Grain's checkpoint handler after a restore: starts preparing batches."""
+        self._iterator.start_prefetch()
 
     def close(self) -> None:
-        """Stops worker processes (also done at garbage collection)."""
-        if hasattr(self._iterator, "close"):
-            self._iterator.close()
+        """Stops the background thread and worker processes (also done at garbage collection)."""
+        self._iterator.close()
 
 
 # --- the shared machinery ------------------------------------------------------------------------------------------
@@ -145,12 +157,16 @@ class _Guarded:
 
 
 class _Encode:
-    """The 1:1 map: a record -> {"examples": [...], "truncated": n} or {"_error": "file:line: ..."}."""
+    """The map over chunks of records: each record -> {"examples": [...], "truncated": n} or
+    {"_error": "file:line: ..."} (errors travel as values, so they cross worker processes intact)."""
 
     def __init__(self, encode: Callable[[dict[str, Any], str], tuple[list[dict], int]]):
         self.encode = encode
 
-    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [self._one(r) for r in records]
+
+    def _one(self, record: dict[str, Any]) -> dict[str, Any]:
         if "_error" in record:
             return record
         where = record.get("_where", "?")
@@ -163,7 +179,7 @@ class _Encode:
 
 
 class _Tally(grain.experimental.FlatMapTransform):
-    """Main process: raises or counts errors, counts truncations, and emits the examples."""
+    """Main process: raises or counts errors, counts truncations, and emits the examples of a chunk in order."""
 
     max_fan_out = 1 << 20
 
@@ -171,17 +187,20 @@ class _Tally(grain.experimental.FlatMapTransform):
         self.on_error = on_error
         self.counts = counts
 
-    def flat_map(self, encoded: dict[str, Any]) -> list[dict[str, Any]]:
-        if "_error" in encoded:
-            if self.on_error != "skip":
-                raise DataError(encoded["_error"])
-            self.counts["skipped"] += 1
-            if self.counts["skipped"] <= _MAX_LOGGED_SKIPS:
-                logging.warning("skipping a bad record: %s", encoded["_error"])
-            return []
-        self.counts["truncated"] += encoded["truncated"]
-        self.counts["examples"] += len(encoded["examples"])
-        return encoded["examples"]
+    def flat_map(self, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        examples = []
+        for encoded in chunk:
+            if "_error" in encoded:
+                if self.on_error != "skip":
+                    raise DataError(encoded["_error"])
+                self.counts["skipped"] += 1
+                if self.counts["skipped"] <= _MAX_LOGGED_SKIPS:
+                    logging.warning("skipping a bad record: %s", encoded["_error"])
+                continue
+            self.counts["truncated"] += encoded["truncated"]
+            self.counts["examples"] += len(encoded["examples"])
+            examples.extend(encoded["examples"])
+        return examples
 
 
 def _check_common(
@@ -200,35 +219,104 @@ def _check_common(
     return global_batch_size // process_count
 
 
-def _encoded_examples(
+def _assemble(
     pattern: str,
     encode: Callable[[dict[str, Any], str], tuple[list[dict], int]],
-    counts: collections.Counter,
+    batch: Callable[[grain.IterDataset, int], grain.IterDataset],
     *,
+    kind: str,
+    seq_len: int,
+    packing: bool,
+    global_batch_size: int,
     seed: int,
     shuffle: bool,
-    num_epochs: int | None,
     num_workers: int,
     on_error: str,
-    process_index: int,
-    process_count: int,
-) -> tuple[grain.IterDataset, Source]:
-    """This process's examples, in order: shuffle, repeat, shard, encode (in workers), tally."""
+    overlong: str,
+    num_epochs: int | None,
+    process_index: int | None,
+    process_count: int | None,
+    shards: int = 0,
+) -> Loader:
+    """The shared pipeline: shuffle, repeat, shard, encode (in workers), tally, then `batch(examples, rows)`."""
+    process_index, process_count = _processes(process_index, process_count)
+    rows = _check_common(global_batch_size, process_count, on_error, overlong, num_workers)
+    shards = shards or process_count
+    if shards % process_count or global_batch_size % shards:
+        raise ConfigError(
+            f"data.shards={shards} must be a multiple of the {process_count} processes and divide "
+            f"train.batch_size={global_batch_size}"
+        )
     source = open_source(pattern, on_error=on_error)
     ds = grain.MapDataset.source(_Guarded(source))
     if shuffle:
         ds = ds.shuffle(seed=seed)  # a new permutation every epoch
     ds = ds.repeat(num_epochs)
     if num_epochs is not None:
-        ds = ds[: len(ds) // process_count * process_count]
-    ds = ds[process_index::process_count]
-    it = ds.map(_Encode(encode)).to_iter_dataset()
+        ds = ds[: len(ds) // shards * shards]
+    counts = collections.Counter()
+    # The records are split into `shards` streams, each packed into global_batch_size / shards rows of every batch;
+    # this process runs its contiguous range of streams. A fixed `shards` gives the same global batches whatever the
+    # number of processes.
+    per_process = shards // process_count
+    streams = [
+        _stream(ds[shard::shards], encode, batch, rows // per_process, num_workers, on_error, counts)
+        for shard in range(process_index * per_process, (process_index + 1) * per_process)
+    ]
+    it = streams[0] if len(streams) == 1 else grain.experimental.ZipIterDataset(streams).map(_concat_rows)
+    layout = Layout(
+        files=tuple(source.files),
+        seed=seed,
+        global_batch_size=global_batch_size,
+        seq_len=seq_len,
+        process_count=process_count,
+        num_workers=num_workers,
+        shuffle=shuffle,
+        kind=kind,
+        process_index=process_index,
+        packing=packing,
+        shards=shards,
+    )
+    return Loader(it, layout, counts)
+
+
+def _concat_rows(parts: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """One batch from the batches of several streams: their rows, in stream order."""
+    out = {}
+    for key, first in parts[0].items():
+        values = [p[key] for p in parts]
+        out[key] = (
+            np.concatenate(values) if isinstance(first, np.ndarray) else [v for vs in values for v in vs]
+        )
+    return out
+
+
+def _stream(
+    ds: grain.MapDataset,
+    encode: Callable[[dict[str, Any], str], tuple[list[dict], int]],
+    batch: Callable[[grain.IterDataset, int], grain.IterDataset],
+    rows: int,
+    num_workers: int,
+    on_error: str,
+    counts: collections.Counter,
+) -> grain.IterDataset:
+    """One shard's records -> encoded examples (in worker processes when asked) -> batches of `rows` rows."""
+    # Records travel in chunks: per-element costs (Grain's bookkeeping, inter-process queues) are paid per chunk.
+    ds = ds.batch(_RECORDS_PER_CHUNK, batch_fn=list)
+    # No reader threads: tokenizing holds the GIL, so threads only add contention (3-4x slower on 2 cores);
+    # worker processes are the way to parallelise.
+    it = ds.map(_Encode(encode)).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if num_workers > 0:
         if not flags.FLAGS.is_parsed():
             # Grain's worker processes read absl flags; outside an absl app (tests, notebooks) use their defaults.
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return grain.experimental.FlatMapIterDataset(it, _Tally(on_error, counts)), source
+        # Examples are small: pickling them through the queue is far cheaper than a shared-memory block per array.
+        it = grain.experimental.WithOptionsIterDataset(
+            it, grain.experimental.DatasetOptions(min_shm_size=1 << 30)
+        )
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=8))
+    it = grain.experimental.FlatMapIterDataset(it, _Tally(on_error, counts))
+    return batch(it, rows)
 
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -239,28 +327,81 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
     return index, count
 
 
-def _packed_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {
-        "inputs": packed["inputs"].astype(np.int32),
-        "targets": packed["targets"].astype(np.int32),
-        "segment_ids": packed["inputs_segment_ids"].astype(np.int32),
-        "positions": packed["inputs_positions"].astype(np.int32),
-        "weights": packed["weights"].astype(np.float32),
-    }
+class _PackedBatches(grain.IterDataset):
+    """First-fit packing of examples {"inputs", "targets", "weights"} [n <= T] into batches of B rows [B, T]."""
+
+    def __init__(self, parent: grain.IterDataset, seq_len: int, batch_size: int, packing: bool):
+        super().__init__(parent)
+        self.seq_len, self.batch_size, self.packing = seq_len, batch_size, packing
+
+    def __iter__(self) -> _PackIterator:
+        return _PackIterator(self._parent.__iter__(), self.seq_len, self.batch_size, self.packing)
 
 
-def _pack(it: grain.IterDataset, seq_len: int, batch_size: int, seed: int, shuffle: bool, packing: bool):
-    """Packs examples {"inputs", "targets", "weights"} [<= T] into rows [T] (first fit over `batch_size` rows; one
-    example per row without packing) and batches the rows."""
-    it = grain.experimental.FirstFitPackIterDataset(
-        it,
-        length_struct={"inputs": seq_len, "targets": seq_len, "weights": seq_len},
-        num_packing_bins=batch_size,
-        seed=seed,
-        shuffle_bins=shuffle,
-        max_sequences_per_bin=None if packing else 1,
-    )
-    return it.batch(batch_size, drop_remainder=True).map(_packed_batch)
+class _PackIterator(grain.DatasetIterator):
+    """Places each example in the first of the B rows with room for it (without packing: the first empty row). The
+    first example that fits no row closes the batch and opens the next one, so the iterator state is the parent's
+    state just before that example, and a restore re-reads it. The last batch of a finite input comes out with its
+    unused rows as padding (segment id 0, weight 0)."""
+
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, batch_size: int, packing: bool):
+        super().__init__(parent)
+        self.seq_len, self.batch_size, self.packing = seq_len, batch_size, packing
+        self._state = parent.get_state()  # where the next batch starts
+        self._carry = None  # an example already read that opens the next batch
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        B, T = self.batch_size, self.seq_len
+        batch = {
+            "inputs": np.zeros((B, T), np.int32),
+            "targets": np.zeros((B, T), np.int32),
+            "segment_ids": np.zeros((B, T), np.int32),
+            "positions": np.zeros((B, T), np.int32),
+            "weights": np.zeros((B, T), np.float32),
+        }
+        used, segments = [0] * B, [0] * B
+        while True:
+            if self._carry is not None:
+                example, self._carry = self._carry, None
+            else:
+                before = self._parent.get_state()
+                try:
+                    example = next(self._parent)
+                except StopIteration:
+                    if not any(segments):
+                        raise
+                    self._state = self._parent.get_state()
+                    return batch
+            n = len(example["inputs"])
+            if n > T:  # the encoders cut every example to fit: this is a bug, not bad data
+                raise ValueError(f"an example of {n} tokens does not fit a row of {T}")
+            row = next((r for r in range(B) if used[r] + n <= T and (self.packing or not segments[r])), None)
+            if row is None:
+                self._carry, self._state = example, before
+                return batch
+            a, b = used[row], used[row] + n
+            segments[row] += 1
+            used[row] = b
+            batch["inputs"][row, a:b] = example["inputs"]
+            batch["targets"][row, a:b] = example["targets"]
+            batch["weights"][row, a:b] = example["weights"]
+            batch["segment_ids"][row, a:b] = segments[row]
+            batch["positions"][row, a:b] = np.arange(n)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._state}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._state, self._carry = state["parent"], None
+
+
+def _packed(seq_len: int, packing: bool) -> Callable[[grain.IterDataset, int], grain.IterDataset]:
+    return lambda examples, rows: _PackedBatches(examples, seq_len, rows, packing)
+
+
+def _stacked(batch_fn: Callable | None = None) -> Callable[[grain.IterDataset, int], grain.IterDataset]:
+    return lambda examples, rows: examples.batch(rows, drop_remainder=True, batch_fn=batch_fn)
 
 
 def _shifted(ids: Sequence[int], mask: Sequence[int]) -> dict[str, np.ndarray]:
@@ -290,13 +431,6 @@ def _messages(record: dict[str, Any], field: str, where: str) -> list[dict[str, 
         raise DataError(f"{where}: field {field!r}: {e}") from None
 
 
-def _check_template(tokenizer: Tokenizer, name: str) -> None:
-    """Fails before any work when the tokenizer lacks one of the template's markers (a ConfigError naming it)."""
-    template = chat.get_template(name)
-    for piece in template.special_tokens:
-        chat.special_id(tokenizer, piece, template)
-
-
 def _is_conversational(value: Any) -> bool:
     return isinstance(value, list)
 
@@ -304,15 +438,15 @@ def _is_conversational(value: Any) -> bool:
 # --- LM -----------------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
 class _LmEncode:
     """A document as [bos, ..., eos], cut into next-token chunks of at most `seq_len` targets."""
 
-    def __init__(self, tokenizer: Tokenizer, seq_len: int, text_field: str, max_chunks: int, overlong: str):
-        self.tokenizer = tokenizer
-        self.seq_len = seq_len
-        self.text_field = text_field
-        self.max_chunks = max_chunks
-        self.overlong = overlong
+    tokenizer: Tokenizer
+    seq_len: int
+    text_field: str
+    max_chunks: int
+    overlong: str
 
     def __call__(self, record: dict[str, Any], where: str) -> tuple[list[dict], int]:
         text = _string(record, self.text_field, where)
@@ -349,40 +483,31 @@ def lm_loader(
     max_chunks_per_doc: int = 64,
     process_index: int | None = None,
     process_count: int | None = None,
+    shards: int = 0,
 ) -> Loader:
     """Tokenized, packed LM batches of this process's share of `global_batch_size` rows of `seq_len` tokens.
 
     Documents longer than `max_chunks_per_doc` rows are over-long (cut or rejected by `overlong`).
     """
-    process_index, process_count = _processes(process_index, process_count)
-    batch_size = _check_common(global_batch_size, process_count, on_error, overlong, num_workers)
-    counts = collections.Counter()
     encode = _LmEncode(tokenizer, seq_len, text_field, max_chunks_per_doc, overlong)
-    it, source = _encoded_examples(
+    return _assemble(
         pattern,
         encode,
-        counts,
+        _packed(seq_len, packing=True),
+        kind="lm",
+        seq_len=seq_len,
+        packing=True,
+        global_batch_size=global_batch_size,
         seed=seed,
         shuffle=shuffle,
-        num_epochs=num_epochs,
         num_workers=num_workers,
         on_error=on_error,
+        overlong=overlong,
+        num_epochs=num_epochs,
         process_index=process_index,
         process_count=process_count,
+        shards=shards,
     )
-    layout = Layout(
-        files=tuple(source.files),
-        seed=seed,
-        global_batch_size=global_batch_size,
-        seq_len=seq_len,
-        process_count=process_count,
-        num_workers=num_workers,
-        shuffle=shuffle,
-        kind="lm",
-        process_index=process_index,
-        packing=True,
-    )
-    return Loader(_pack(it, seq_len, batch_size, seed, shuffle, packing=True), layout, counts)
 
 
 # --- SFT ----------------------------------------------------------------------------------------------------------
@@ -399,24 +524,16 @@ def _cut_to(ids: list[int], mask: list[int], limit: int, overlong: str, where: s
     return ids[:limit], mask[:limit], True
 
 
+@dataclasses.dataclass(frozen=True)
 class _SftEncode:
     """`messages`, or `prompt` + `completion` (strings, or message lists), as ids with a loss mask."""
 
-    def __init__(
-        self,
-        tokenizer: Tokenizer,
-        seq_len: int,
-        template: str,
-        overlong: str,
-        completion_only_loss: bool,
-        assistant_only_loss: bool,
-    ):
-        self.tokenizer = tokenizer
-        self.seq_len = seq_len
-        self.template = chat.get_template(template)
-        self.overlong = overlong
-        self.completion_only_loss = completion_only_loss
-        self.assistant_only_loss = assistant_only_loss
+    tokenizer: Tokenizer
+    seq_len: int
+    template: str
+    overlong: str
+    completion_only_loss: bool
+    assistant_only_loss: bool
 
     def ids_and_mask(self, record: dict[str, Any], where: str) -> tuple[list[int], list[int]]:
         """The whole example's ids and loss mask (before any truncation)."""
@@ -437,15 +554,9 @@ class _SftEncode:
             prompt, completion = _messages(record, "prompt", where), _messages(record, "completion", where)
             if not "".join(m["content"] for m in completion).strip():
                 raise DataError(f"{where}: field 'completion' is empty")
-            prompt_ids, _ = chat.render(tok, prompt, self.template, add_generation_prompt=True)
-            ids, mask = chat.render(tok, prompt + completion, self.template)
-            if ids[: len(prompt_ids)] != prompt_ids:
-                raise DataError(f"{where}: 'completion' must start with an assistant message")
-            if self.completion_only_loss:
-                mask = [0] * len(prompt_ids) + mask[len(prompt_ids) :]
-            else:
-                mask = [1] * len(ids)
-            return ids, mask
+            prompt_ids, ids, mask = chat.render_continuation(tok, prompt, completion, self.template)
+            prompt_mask = [0 if self.completion_only_loss else 1] * len(prompt_ids)
+            return prompt_ids + ids, prompt_mask + (mask if self.completion_only_loss else [1] * len(ids))
         prompt, completion = _string(record, "prompt", where), _string(record, "completion", where)
         if not completion.strip():
             raise DataError(f"{where}: field 'completion' is empty")
@@ -481,6 +592,7 @@ def sft_loader(
     num_epochs: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    shards: int = 0,
 ) -> Loader:
     """SFT batches with the LM keys (module doc); `weights` are the loss mask of each target token.
 
@@ -488,46 +600,34 @@ def sft_loader(
     records train on the completion (`completion_only_loss`, else every token). Examples over `seq_len + 1` tokens
     are cut at the end or rejected (`overlong`). `packing=False` puts one example per row.
     """
-    process_index, process_count = _processes(process_index, process_count)
-    batch_size = _check_common(global_batch_size, process_count, on_error, overlong, num_workers)
-    _check_template(tokenizer, chat_template)
-    counts = collections.Counter()
+    chat.check_template(tokenizer, chat_template)
     encode = _SftEncode(
         tokenizer, seq_len, chat_template, overlong, completion_only_loss, assistant_only_loss
     )
-    it, source = _encoded_examples(
+    return _assemble(
         pattern,
         encode,
-        counts,
+        _packed(seq_len, packing),
+        kind="sft",
+        seq_len=seq_len,
+        packing=packing,
+        global_batch_size=global_batch_size,
         seed=seed,
         shuffle=shuffle,
-        num_epochs=num_epochs,
         num_workers=num_workers,
         on_error=on_error,
+        overlong=overlong,
+        num_epochs=num_epochs,
         process_index=process_index,
         process_count=process_count,
+        shards=shards,
     )
-    layout = Layout(
-        files=tuple(source.files),
-        seed=seed,
-        global_batch_size=global_batch_size,
-        seq_len=seq_len,
-        process_count=process_count,
-        num_workers=num_workers,
-        shuffle=shuffle,
-        kind="sft",
-        process_index=process_index,
-        packing=packing,
-    )
-    return Loader(_pack(it, seq_len, batch_size, seed, shuffle, packing), layout, counts)
 
 
 # --- prompts (preference and RL) ----------------------------------------------------------------------------------
 
 
-def _prompt_ids(
-    tokenizer: Tokenizer, template: chat.ChatTemplate, record: dict[str, Any], where: str
-) -> list[int]:
+def _prompt_ids(tokenizer: Tokenizer, template: str, record: dict[str, Any], where: str) -> list[int]:
     """A prompt's ids: a message list rendered with the assistant header appended, or [bos] + a string's ids."""
     if _is_conversational(record.get("prompt")):
         messages = _messages(record, "prompt", where)
@@ -563,22 +663,16 @@ def _check_prompt_options(max_prompt_length: int, truncation_mode: str) -> None:
 # --- preference ---------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
 class _PreferenceEncode:
-    def __init__(
-        self,
-        tokenizer: Tokenizer,
-        seq_len: int,
-        max_prompt_length: int,
-        template: str,
-        truncation_mode: str,
-        overlong: str,
-    ):
-        self.tokenizer = tokenizer
-        self.seq_len = seq_len
-        self.max_prompt_length = max_prompt_length
-        self.template = chat.get_template(template)
-        self.truncation_mode = truncation_mode
-        self.overlong = overlong
+    """A pair as two right-padded rows that share the prompt."""
+
+    tokenizer: Tokenizer
+    seq_len: int
+    max_prompt_length: int
+    template: str
+    truncation_mode: str
+    overlong: str
 
     def _completion(self, record: dict[str, Any], field: str, where: str) -> tuple[list[int], list[int]]:
         """(ids, mask) of a completion as it follows the prompt."""
@@ -587,14 +681,12 @@ class _PreferenceEncode:
             messages = _messages(record, field, where)
             if not "".join(m["content"] for m in messages).strip():
                 raise DataError(f"{where}: field {field!r} is empty")
-            prompt = _messages(record, "prompt", where) if _is_conversational(record.get("prompt")) else None
-            if prompt is None:
+            if not _is_conversational(record.get("prompt")):
                 raise DataError(f"{where}: field {field!r} is a message list but 'prompt' is not")
-            prompt_ids, _ = chat.render(tok, prompt, self.template, add_generation_prompt=True)
-            ids, mask = chat.render(tok, prompt + messages, self.template)
-            if ids[: len(prompt_ids)] != prompt_ids:
-                raise DataError(f"{where}: field {field!r} must start with an assistant message")
-            return ids[len(prompt_ids) :], mask[len(prompt_ids) :]
+            _, ids, mask = chat.render_continuation(
+                tok, _messages(record, "prompt", where), messages, self.template
+            )
+            return ids, mask
         text = _string(record, field, where)
         if not text.strip():
             raise DataError(f"{where}: field {field!r} is empty")
@@ -660,50 +752,41 @@ def preference_loader(
     num_epochs: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    shards: int = 0,
 ) -> Loader:
     """Preference batches (`chosen_*`, `rejected_*`, module doc), one pair per row of `seq_len` targets.
 
     A prompt over `max_prompt_length` tokens keeps its end (`truncation_mode="keep_end"`, as TRL) or its start; a
     completion that does not fit after the prompt keeps its start. With `overlong="reject"` either is a bad record.
     """
-    process_index, process_count = _processes(process_index, process_count)
-    batch_size = _check_common(global_batch_size, process_count, on_error, overlong, num_workers)
     _check_prompt_options(max_prompt_length, truncation_mode)
-    _check_template(tokenizer, chat_template)
+    chat.check_template(tokenizer, chat_template)
     if max_prompt_length >= seq_len:
         raise ConfigError(
             f"data.max_prompt_length={max_prompt_length} must be smaller than train.seq_len={seq_len} "
             "(the completion needs room)"
         )
-    counts = collections.Counter()
     encode = _PreferenceEncode(
         tokenizer, seq_len, max_prompt_length, chat_template, truncation_mode, overlong
     )
-    it, source = _encoded_examples(
+    return _assemble(
         pattern,
         encode,
-        counts,
+        _stacked(),
+        kind="preference",
+        seq_len=seq_len,
+        packing=False,
+        global_batch_size=global_batch_size,
         seed=seed,
         shuffle=shuffle,
-        num_epochs=num_epochs,
         num_workers=num_workers,
         on_error=on_error,
+        overlong=overlong,
+        num_epochs=num_epochs,
         process_index=process_index,
         process_count=process_count,
+        shards=shards,
     )
-    layout = Layout(
-        files=tuple(source.files),
-        seed=seed,
-        global_batch_size=global_batch_size,
-        seq_len=seq_len,
-        process_count=process_count,
-        num_workers=num_workers,
-        shuffle=shuffle,
-        kind="preference",
-        process_index=process_index,
-        packing=False,
-    )
-    return Loader(it.batch(batch_size, drop_remainder=True), layout, counts)
 
 
 def concatenated(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -715,22 +798,16 @@ def concatenated(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 # --- RL prompts ---------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
 class _RlEncode:
-    def __init__(
-        self,
-        tokenizer: Tokenizer,
-        max_prompt_length: int,
-        template: str,
-        truncation_mode: str,
-        overlong: str,
-        columns: tuple[str, ...],
-    ):
-        self.tokenizer = tokenizer
-        self.max_prompt_length = max_prompt_length
-        self.template = chat.get_template(template)
-        self.truncation_mode = truncation_mode
-        self.overlong = overlong
-        self.columns = columns
+    """A prompt, left-padded, with the other columns of its record."""
+
+    tokenizer: Tokenizer
+    max_prompt_length: int
+    template: str
+    truncation_mode: str
+    overlong: str
+    columns: tuple[str, ...]
 
     def __call__(self, record: dict[str, Any], where: str) -> tuple[list[dict], int]:
         if record.get("prompt") is None:
@@ -781,40 +858,31 @@ def rl_loader(
     num_epochs: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    shards: int = 0,
 ) -> Loader:
     """RL prompt batches (`prompt_ids`, `prompt_mask`, `prompt_positions`, `extras`; module doc).
 
     `global_batch_size` counts prompts. `columns` names extra fields every record must have (e.g. ("answer",)); all
     fields but `prompt` are passed through in `extras` either way.
     """
-    process_index, process_count = _processes(process_index, process_count)
-    batch_size = _check_common(global_batch_size, process_count, on_error, overlong, num_workers)
     _check_prompt_options(max_prompt_length, truncation_mode)
-    _check_template(tokenizer, chat_template)
-    counts = collections.Counter()
+    chat.check_template(tokenizer, chat_template)
     encode = _RlEncode(tokenizer, max_prompt_length, chat_template, truncation_mode, overlong, tuple(columns))
-    it, source = _encoded_examples(
+    return _assemble(
         pattern,
         encode,
-        counts,
+        _stacked(_rl_batch),
+        kind="rl",
+        seq_len=max_prompt_length,
+        packing=False,
+        global_batch_size=global_batch_size,
         seed=seed,
         shuffle=shuffle,
-        num_epochs=num_epochs,
         num_workers=num_workers,
         on_error=on_error,
+        overlong=overlong,
+        num_epochs=num_epochs,
         process_index=process_index,
         process_count=process_count,
+        shards=shards,
     )
-    layout = Layout(
-        files=tuple(source.files),
-        seed=seed,
-        global_batch_size=global_batch_size,
-        seq_len=max_prompt_length,
-        process_count=process_count,
-        num_workers=num_workers,
-        shuffle=shuffle,
-        kind="rl",
-        process_index=process_index,
-        packing=False,
-    )
-    return Loader(it.batch(batch_size, drop_remainder=True, batch_fn=_rl_batch), layout, counts)

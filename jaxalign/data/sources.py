@@ -152,6 +152,7 @@ class JsonlSource(Source):
         self._offsets: list[np.ndarray] = []  # per file: [start, end) byte offsets of each non-empty line
         self._line_numbers: list[np.ndarray] = []
         self._gz_data: dict[int, bytes] = {}
+        self._fds: dict[int, int] = {}
         for i, path in enumerate(self.files):
             data = np.frombuffer(self._read_all(i, path), np.uint8)
             starts = np.concatenate([[0], np.flatnonzero(data == ord("\n")) + 1])
@@ -189,9 +190,17 @@ class JsonlSource(Source):
         start, end = self._offsets[f][local]
         if f in self._gz_data:
             return self._gz_data[f][start:end]
-        with open(self.files[f], "rb") as fh:
-            fh.seek(int(start))
-            return fh.read(int(end - start))
+        fd = self._fds.get(f)
+        if fd is None:  # one descriptor per file and process; pread needs no seek, so threads can share it
+            fd = self._fds[f] = os.open(self.files[f], os.O_RDONLY)
+        return os.pread(fd, int(end - start), int(start))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fds": {}}
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
 
     def read(self, index: int) -> dict[str, Any]:
         where = self.where(index)

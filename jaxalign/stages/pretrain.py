@@ -84,19 +84,28 @@ def prepare_data(config: Config) -> tuple[str, str, Tokenizer]:
         train_glob, eval_glob = paths["train"], eval_glob or paths["eval"]
     tokenizer_path = config.data.tokenizer or os.path.join(config.workdir, "tokenizer.model")
     if not config.data.tokenizer and not os.path.exists(tokenizer_path) and jax.process_index() == 0:
-        from jaxalign.data.sources import JsonlSource
+        from jaxalign.data.sources import open_source
 
-        source = JsonlSource(train_glob, on_error="skip")
+        source = open_source(train_glob, on_error="skip")
         texts = (r.get(config.data.text_field, "") for r in (source[i] for i in range(len(source))) if r)
         train_sentencepiece(texts, tokenizer_path, config.model.vocab_size)
     _barrier("tokenizer")
-    tokenizer = SentencePieceTokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
             f"({tokenizer_path})"
         )
     return train_glob, eval_glob, tokenizer
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A Hugging Face directory or tokenizer.json through `tokenizers`, else a SentencePiece .model."""
+    if os.path.isdir(path) or path.endswith(".json"):
+        from jaxalign.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(path)
+    return SentencePieceTokenizer(path)
 
 
 def _barrier(name: str) -> None:
@@ -121,7 +130,9 @@ def run(config: Config) -> loop.Result:
         global_batch_size=tcfg.batch_size,
         num_workers=config.data.num_workers,
         on_error=config.data.on_error,
+        overlong=config.data.overlong,
         text_field=config.data.text_field,
+        shards=config.data.shards,
     )
     loader = pipelines.lm_loader(train_glob, seed=config.seed, shuffle=config.data.shuffle, **loader_kwargs)
     batch_shardings = {k: rules.sharding(("batch", "length")) for k in BATCH_KEYS}

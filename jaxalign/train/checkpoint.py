@@ -22,7 +22,15 @@ from jaxalign.config import CheckpointConfig, Config
 from jaxalign.errors import CheckpointError
 
 # Config keys whose change makes a checkpoint unusable (model shapes) or silently changes the run (data order).
-_MUST_MATCH = ("model", "train.batch_size", "train.seq_len", "data.input", "data.num_workers", "seed")
+_MUST_MATCH = (
+    "model",
+    "train.batch_size",
+    "train.seq_len",
+    "data.input",
+    "data.num_workers",
+    "data.shards",
+    "seed",
+)
 
 
 def _get(d: dict, dotted: str) -> Any:

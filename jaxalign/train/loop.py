@@ -235,13 +235,15 @@ def train(
             if progress is not None:
                 progress.update(1)
             if eval_fn is not None and tcfg.eval_every and step % tcfg.eval_every == 0:
-                drain(pending)
+                if pending is not None:
+                    drain(pending)
                 pending = None
                 eval_metrics = eval_fn(state)
                 log.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
             if checkpointer is not None and step % config.checkpoint.every_steps == 0:
                 # Log everything up to the checkpoint first: a run killed after this save resumes after `step`.
-                drain(pending)
+                if pending is not None:
+                    drain(pending)
                 pending = None
                 checkpointer.save(step, state, loader)
                 last_saved = step

@@ -13,20 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxalign.data import synthetic
-from jaxalign.data.tokenizer import train_sentencepiece
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """The smoke corpus and a tokenizer trained once for every run in this module."""
-    directory = tmp_path_factory.mktemp("corpus")
-    paths = synthetic.write_pretraining(str(directory), num_people=60, seed=0)
-    records = [json.loads(line) for line in open(paths["train"])]
-    train_sentencepiece((r["text"] for r in records), str(directory / "sp.model"), vocab_size=512)
-    return {"input": paths["train"], "tokenizer": str(directory / "sp.model")}
 
 
 def command(workdir, corpus, *overrides):
