@@ -11,15 +11,16 @@ Writes workdir/curated/*.jsonl, workdir/removed.jsonl and workdir/curate_report.
 
 import ml_collections
 
+from jaxalign.config import defaults
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
+    config = defaults()
     config.job = "curate"
-    config.workdir = ""
     config.seed = 0  # MinHash permutations
     # A glob of JSONL(.gz) files with "id" and "text" per record; one shard per file.
-    config.data = ml_collections.ConfigDict({"input": "", "on_error": "error"})
-    config.curate = ml_collections.ConfigDict(
+    config.data.update({"input": "", "on_error": "error"})
+    config.curate.update(
         {
             "exact_dedup": True,
             "near_dedup": True,

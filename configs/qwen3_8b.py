@@ -18,19 +18,16 @@ The corpus must be tokenized with the checkpoint's own tokenizer (`data.tokenize
 
 import ml_collections
 
-from jaxalign.config import DEFAULT_RULES
+from jaxalign.config import continued_pretraining
 
 CHECKPOINT = "/path/to/Qwen3-8B"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.job = "pretrain"
-    c.workdir = ""
-    c.seed = 0
-
-    c.model = ml_collections.ConfigDict(
-        dict(
+    return continued_pretraining(
+        CHECKPOINT,
+        arg,
+        model=dict(
             vocab_size=151936,
             d_model=4096,
             n_layers=36,
@@ -40,40 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             d_ff=12288,
             max_seq_len=40960,
             rope_theta=1000000.0,
-            norm_eps=1e-6,
+            norm_eps=1e-06,
             qk_norm=True,
             tie_embeddings=False,
-            compute_dtype="bfloat16",
-            remat="full",
-            scan_layers=True,
-            attention="auto",
-            init_from=f"hf:{CHECKPOINT}",
-        )
+        ),
     )
-    # One host, 8 accelerators: plain FSDP (parameters, gradients and Adam state split 8 ways: ~16 GB per device).
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=8, tensor=1, stage=1, rules=DEFAULT_RULES))
-    c.train = ml_collections.ConfigDict(
-        dict(
-            steps=5000,
-            batch_size=64,
-            seq_len=8192,
-            grad_accum=8,
-            log_every=10,
-            eval_every=500,
-            eval_batches=8,
-        )
-    )
-    # Continued pretraining: a short warmup to a small peak learning rate.
-    c.optim = ml_collections.ConfigDict(
-        dict(lr=1e-5, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0, b2=0.95)
-    )
-    c.data = ml_collections.ConfigDict(dict(input="", eval_input="", tokenizer=CHECKPOINT))
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2))
-
-    if arg == "pod":
-        # FSDP over the 64 chips of a slice; -1 puts every further slice on the data axis.
-        c.mesh.update(data=-1, fsdp=64, tensor=1)
-        c.train.update(steps=2500, batch_size=512, grad_accum=1)
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; accepted: 'pod'")
-    return c

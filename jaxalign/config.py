@@ -371,6 +371,43 @@ def defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(as_dict(Config))
 
 
+def continued_pretraining(
+    checkpoint: str, arg: str | None, *, model: dict, train: dict | None = None, pod_train: dict | None = None
+) -> ml_collections.ConfigDict:
+    """The shared shape of the big-model jobs under configs/: continued pretraining from a local Hugging Face
+    checkpoint (bf16 compute, full remat, scanned layers) on one host of 8 accelerators (FSDP over all 8), or with
+    `arg="pod"` on a pod slice (FSDP over the 64 chips of a slice, data parallel across slices)."""
+    c = defaults()
+    c.job = "pretrain"
+    c.model.update(
+        compute_dtype="bfloat16",
+        remat="full",
+        scan_layers=True,
+        attention="auto",
+        init_from=f"hf:{checkpoint}",
+    )
+    c.model.update(model)
+    # Parameters, gradients and Adam state split 8 ways: ~16 GB per device for an 8B model.
+    c.mesh.update(data=1, fsdp=8, tensor=1, stage=1)
+    c.train.update(
+        steps=5000, batch_size=64, seq_len=8192, grad_accum=8, log_every=10, eval_every=500, eval_batches=8
+    )
+    c.train.update(train or {})
+    # Continued pretraining: a short warmup to a small peak learning rate.
+    c.optim.update(lr=1e-5, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0, b2=0.95)
+    # The corpus is tokenized with the checkpoint's own tokenizer.
+    c.data.update(input="", eval_input="", tokenizer=checkpoint)
+    c.checkpoint.update(every_steps=500, keep=2)
+    if arg == "pod":
+        # -1 puts every further slice on the data axis.
+        c.mesh.update(data=-1, fsdp=64, tensor=1)
+        c.train.update(steps=2500, batch_size=512, grad_accum=1)
+        c.train.update(pod_train or {})
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; accepted: 'pod'")
+    return c
+
+
 def write_json(config: Config, path: str) -> None:
     """Writes the resolved config (process 0 only, atomically): the run directory's `config.json`."""
     import jax
