@@ -20,7 +20,7 @@ from jaxalign.data.tokenizer import SentencePieceTokenizer, Tokenizer, train_sen
 from jaxalign.errors import ConfigError
 from jaxalign.models.transformer import flops_per_token, init_model
 from jaxalign.parallel.mesh import Rules, make_mesh
-from jaxalign.train import loop
+from jaxalign.train import loop, perf
 from jaxalign.train import state as state_lib
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
@@ -121,6 +121,9 @@ def run(config: Config) -> loop.Result:
     mesh = make_mesh(config.mesh)
     rules = Rules(mesh, config.mesh.rules)
     check_batch(config, rules)
+    if not tcfg.peak_flops:
+        # Measure the matmul peak for MFU now, before the data loader's background thread competes for the cores.
+        perf.peak_flops()
 
     # Data.
     train_glob, eval_glob, tokenizer = prepare_data(config)
