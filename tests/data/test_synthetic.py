@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from jaxalign.data import synthetic
+from jaxalign.data import synthetic, synthetic_raw
 
 NUM_PEOPLE = 60
 
@@ -203,10 +203,10 @@ def test_raw_corpus_labels_are_true(world_dir):
             lines = r["text"].split("\n")
             assert len(lines) >= 10 and len(set(lines)) == 1
         elif r["kind"] == "junk_symbols":
-            assert sum(c in synthetic.SYMBOLS for c in r["text"]) > 0.5 * len(r["text"].replace(" ", ""))
+            assert sum(c in synthetic_raw.SYMBOLS for c in r["text"]) > 0.5 * len(r["text"].replace(" ", ""))
         if r["kind"] != "pii":
             assert r["pii"] == []
-    assert rates == set(synthetic.NEAR_DUPLICATE_RATES)
+    assert rates == set(synthetic_raw.NEAR_DUPLICATE_RATES)
 
 
 def test_every_person_is_described_in_clean_raw_documents(world_dir, people):
