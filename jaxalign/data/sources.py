@@ -341,14 +341,3 @@ def open_source(pattern: str | Sequence[str], on_error: str = "error") -> Source
             groups.append((kind, [path]))
     sources = [_FORMATS[kind](paths, on_error) for kind, paths in groups]
     return sources[0] if len(sources) == 1 else ConcatSource(sources, on_error)
-
-
-def require_fields(record: dict[str, Any], fields: Sequence[str]) -> None:
-    """Raises a DataError naming file:line when a required field is missing or not finite."""
-    for field in fields:
-        value = record.get(field)
-        if value is None:
-            present = sorted(k for k in record if k != "_where")
-            raise DataError(f"{record.get('_where', '?')}: missing field {field!r} (has {present})")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise DataError(f"{record.get('_where', '?')}: field {field!r} is {value}")

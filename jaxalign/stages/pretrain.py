@@ -162,16 +162,15 @@ def run(config: Config) -> loop.Result:
             functools.partial(eval_loss, graphdef=graphdef),
             in_shardings=(state_shardings.params, batch_shardings),
         )
+        # The held-out batches are the same at every evaluation: read and tokenize them once.
+        eval_loader = pipelines.lm_loader(eval_glob, seed=0, shuffle=False, **loader_kwargs)
+        eval_batches = [next(eval_loader) for _ in range(tcfg.eval_batches)]
+        eval_loader.close()
 
         def eval_fn(state):
-            eval_loader = pipelines.lm_loader(eval_glob, seed=0, shuffle=False, **loader_kwargs)
             total, count = 0.0, 0.0
-            for _ in range(tcfg.eval_batches):
-                batch = {
-                    k: jax.make_array_from_process_local_data(batch_shardings[k], v)
-                    for k, v in next(eval_loader).items()
-                }
-                loss, weight = eval_jit(state.params, batch)
+            for batch in eval_batches:
+                loss, weight = eval_jit(state.params, loop.to_global(batch, batch_shardings))
                 total, count = total + float(loss), count + float(weight)
             return {"loss": total / max(count, 1.0)}
 

@@ -129,7 +129,7 @@ def _inject_fault(step: int, checkpointer: Checkpointer) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _to_global(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
+def to_global(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
     """Host batch (this process's rows) -> global arrays laid out by `shardings`."""
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
 
@@ -189,14 +189,16 @@ def train(
         pending = None  # (step number, device metrics) of the step dispatched before the current one
         last_time = time.perf_counter()
         last_logged = start
-        compile_s = None
         last_saved = start
         preempted = False
         step = start
 
-        def drain(entry) -> None:
-            nonlocal last_time, last_logged, compile_s
-            step, metrics = entry
+        def flush() -> None:
+            """Fetches, checks and logs the pending step's metrics (if any)."""
+            nonlocal pending, last_time, last_logged
+            if pending is None:
+                return
+            (step, metrics), pending = pending, None
             values = _scalars(metrics)
             if not math.isfinite(values["loss"]) and tcfg.nan_policy == "abort":
                 last = checkpointer.latest_step() if checkpointer else None
@@ -209,8 +211,6 @@ def train(
                 return
             now = time.perf_counter()
             elapsed = now - last_time
-            if compile_s is None:
-                compile_s = elapsed
             steps_done = step - last_logged
             tokens_per_s = tokens_per_step * steps_done / max(elapsed, 1e-9)
             values.update(
@@ -227,32 +227,26 @@ def train(
                 )
 
         for step in range(start + 1, tcfg.steps + 1):
-            batch = _to_global(next(loader), batch_shardings)
+            batch = to_global(next(loader), batch_shardings)
             state, metrics = step_jit(state, batch)
-            if pending is not None:
-                drain(pending)
+            flush()
             pending = (step, metrics)
             if progress is not None:
                 progress.update(1)
             if eval_fn is not None and tcfg.eval_every and step % tcfg.eval_every == 0:
-                if pending is not None:
-                    drain(pending)
-                pending = None
+                flush()
                 eval_metrics = eval_fn(state)
                 log.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
             if checkpointer is not None and step % config.checkpoint.every_steps == 0:
                 # Log everything up to the checkpoint first: a run killed after this save resumes after `step`.
-                if pending is not None:
-                    drain(pending)
-                pending = None
+                flush()
                 checkpointer.save(step, state, loader)
                 last_saved = step
                 _inject_fault(step, checkpointer)
             if preemption.should_stop(step, checkpointer):
                 preempted = True
                 break
-        if pending is not None:
-            drain(pending)
+        flush()
         if checkpointer is not None and last_saved != step:
             checkpointer.save(step, state, loader, force=True)
         if preempted:

@@ -159,12 +159,3 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # makes `import pyarrow.parquet` fail
     with pytest.raises(DataError, match=r"c\.parquet: reading Parquet needs pyarrow \(pip install pyarrow\)"):
         sources.open_source(path)
-
-
-def test_require_fields(files):
-    record = sources.open_source(files["jsonl"])[0]
-    sources.require_fields(record, ["text", "id"])
-    with pytest.raises(
-        DataError, match=rf"{files['jsonl']}:1: missing field 'prompt' \(has \['id', 'messages'"
-    ):
-        sources.require_fields(record, ["prompt"])

@@ -13,13 +13,10 @@ from jaxalign.models.transformer import Transformer, flops_per_token, init_model
 from jaxalign.stages import pretrain
 from tests.helpers import lm_batch, rules_for, tiny
 
-ONE = None
 
-
+@functools.cache
 def single_device_rules():
-    global ONE
-    ONE = ONE or rules_for(devices=1)
-    return ONE
+    return rules_for(devices=1)
 
 
 def test_loss_at_t_has_zero_gradient_wrt_later_tokens():

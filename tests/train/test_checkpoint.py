@@ -1,4 +1,4 @@
-"""Checkpoint resharding and NaN handling, in process."""
+"""Checkpoint resharding and NaN handling, in process (the `corpus` fixture is in conftest.py)."""
 
 import json
 
@@ -9,8 +9,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxalign import config as config_lib
 from jaxalign.config import OptimConfig
-from jaxalign.data import pipelines, synthetic
-from jaxalign.data.tokenizer import train_sentencepiece
+from jaxalign.data import pipelines
+from jaxalign.data.tokenizer import SentencePieceTokenizer
 from jaxalign.errors import TrainingError
 from jaxalign.models.transformer import init_model
 from jaxalign.stages import pretrain
@@ -19,22 +19,13 @@ from jaxalign.train.checkpoint import Checkpointer
 from tests.helpers import rules_for, tiny
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("corpus")
-    paths = synthetic.write_pretraining(str(directory), num_people=40, seed=0)
-    texts = [json.loads(line)["text"] for line in open(paths["train"])]
-    tokenizer = train_sentencepiece(texts, str(directory / "sp.model"), vocab_size=512)
-    return paths["train"], tokenizer
-
-
 def smoke_config(workdir, corpus, **train):
     base = config_lib.defaults()
     base.update(workdir=str(workdir))
     base.model.update(vocab_size=512, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
     base.train.update(steps=6, batch_size=8, seq_len=32, log_every=1, progress=False, **train)
     base.optim.update(warmup_steps=1)
-    base.data.update(input=corpus[0], tokenizer=corpus[1].path)
+    base.data.update(input=corpus["input"], tokenizer=corpus["tokenizer"])
     base.checkpoint.update(every_steps=2, async_save=False)
     return config_lib.from_config_dict(base)
 
@@ -45,7 +36,9 @@ def test_checkpoint_saved_on_fsdp8_restores_onto_data2_tensor4(tmp_path, corpus)
     source, target = rules_for(fsdp=8), rules_for(data=2, fsdp=1, tensor=4)
     graphdef, params = init_model(cfg, source, seed=3)
     state, _ = state_lib.create_sharded(graphdef, params, optim, 10, 3, source)
-    loader = pipelines.lm_loader(corpus[0], corpus[1], seq_len=32, global_batch_size=8, seed=0)
+    loader = pipelines.lm_loader(
+        corpus["input"], SentencePieceTokenizer(corpus["tokenizer"]), seq_len=32, global_batch_size=8, seed=0
+    )
     run_config = smoke_config(tmp_path, corpus)
     with Checkpointer(str(tmp_path / "ckpt"), run_config.checkpoint, run_config) as ckpt:
         ckpt.save(5, state, loader)
