@@ -82,13 +82,20 @@ class ModelConfig:
     # Scan over stacked layers: compile time stays flat in depth; unrolled is a little faster on CPU.
     scan_layers: bool = False
     attention: Literal["xla", "flash", "auto"] = "xla"
-    # "hf:/path/to/dir" loads weights from a Hugging Face checkpoint; "" initialises at random.
+    # Where the weights start: "" at random; "hf:/path/to/dir" from a Hugging Face checkpoint; "ckpt:DIR" from a
+    # jaxalign checkpoint (DIR is a stage's checkpoint directory `W/checkpoints/<stage>` for its latest step, one
+    # step's directory, or a run directory `W` whose checkpoints hold one stage). Weights the checkpoint does not
+    # have (a reward head on a policy) start at random.
     init_from: str = ""
 
     def __post_init__(self):
         _positive(
             self, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
         )
+        if self.init_from and not self.init_from.startswith(("hf:", "ckpt:")):
+            raise ConfigError(
+                f"model.init_from={self.init_from!r} must be '' (random), 'hf:/path' or 'ckpt:/path'"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}"
@@ -134,6 +141,9 @@ class TrainConfig:
     eval_every: int = 0
     eval_batches: int = 4
     z_loss: float = 0.0
+    # Vocabulary logits are computed this many sequence positions at a time (and recomputed in the backward pass),
+    # so the full [B, T, V] float32 logits never exist at once; 0 computes them in one piece.
+    logits_chunk: int = 0
     # "abort": stop with a message naming the step; "skip": drop the update and count it.
     nan_policy: Literal["abort", "skip"] = "abort"
     # Peak FLOP/s per device for MFU; 0 measures an f32 matmul at start-up (CPU) or uses the known chip peak.
@@ -142,6 +152,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _positive(self, "train", ("steps", "batch_size", "seq_len", "grad_accum", "log_every"))
+        if self.logits_chunk < 0:
+            raise ConfigError(f"train.logits_chunk={self.logits_chunk} must be >= 0 (0: no chunking)")
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}"
@@ -255,6 +267,71 @@ class CurateConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SftConfig:
+    """Supervised fine-tuning (`job="sft"`): `data.*` chooses the records, templates and loss masks."""
+
+    # Replay against forgetting: this share of the examples of every batch is pretraining text (a Grain mixture by
+    # example count), from `replay_input` ("" = the synthetic world's pretraining split).
+    replay_fraction: float = 0.0
+    replay_input: str = ""
+    # Held-out pretraining text whose loss is reported before and after SFT (forgetting); "" = the world's
+    # pretraining eval split when the data is synthetic, else none.
+    pretrain_eval_input: str = ""
+
+    def __post_init__(self):
+        if not 0.0 <= self.replay_fraction < 1.0:
+            raise ConfigError(f"sft.replay_fraction={self.replay_fraction} must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """Bradley-Terry reward model (`job="reward"`) over `prompt`/`chosen`/`rejected` records."""
+
+    # TRL's center_rewards_coefficient: adds center_coef * (r_chosen + r_rejected)^2 (0 = off).
+    center_coef: float = 0.0
+    # A record field holding a margin the chosen reward must exceed the rejected one by ("" = none).
+    margin_field: str = ""
+
+    def __post_init__(self):
+        if self.center_coef < 0:
+            raise ConfigError(f"reward.center_coef={self.center_coef} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DpoConfig:
+    """Direct preference optimisation and its family (`job="dpo"`).
+
+    `objective`: "dpo" (pairs, with a frozen reference; `loss_type` picks the DPO variant), "simpo" (no reference,
+    length-normalised, `simpo_gamma` margin), "orpo" (no reference, odds ratio + NLL) or "kto" (unpaired
+    desirable/undesirable examples, `desirable_weight`/`undesirable_weight`).
+    """
+
+    objective: Literal["dpo", "simpo", "orpo", "kto"] = "dpo"
+    loss_type: Literal[
+        "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down"
+    ] = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    # Weight of an SFT term on the chosen completions (TRL's rpo_alpha; 0 = off).
+    rpo_alpha: float = 0.0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    # The frozen reference: "live" keeps its weights in memory and runs it every step; "precomputed" runs it once
+    # over the data and caches its log-probs next to the data (workdir/reference_logps/), so steps hold one model.
+    reference: Literal["live", "precomputed"] = "live"
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta={self.beta} must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        for key in ("rpo_alpha", "desirable_weight", "undesirable_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"dpo.{key}={getattr(self, key)} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole resolved config of one job. Sections a job does not use keep their defaults."""
 
@@ -269,6 +346,9 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     curate: CurateConfig = dataclasses.field(default_factory=CurateConfig)
+    sft: SftConfig = dataclasses.field(default_factory=SftConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    dpo: DpoConfig = dataclasses.field(default_factory=DpoConfig)
 
     def __post_init__(self):
         if not self.workdir:

@@ -27,13 +27,21 @@ def causal_lm_loss(
 
     Returns (loss_sum, weight_sum, metric_sums) with `metric_sums["nll"]` the cross-entropy part alone.
     """
-    weights_N = weights_N.astype(jnp.float32)
     logp_N, lse_N = token_logps(logits_NxV, targets_N)
-    nll = -jnp.sum(logp_N * weights_N)
+    return causal_lm_loss_from_logps(logp_N, lse_N, weights_N, z_loss)
+
+
+def causal_lm_loss_from_logps(
+    logps: jax.Array, lse: jax.Array, weights: jax.Array, z_loss: float = 0.0
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """`causal_lm_loss` from per-token target log-probs and log-partitions (any shape, e.g. [B, T] from the
+    chunked `models.logps.target_logps`)."""
+    weights = weights.astype(jnp.float32)
+    nll = -jnp.sum(logps * weights)
     loss = nll
     metrics = {"nll": nll}
     if z_loss:
-        z = z_loss * jnp.sum(jnp.square(lse_N) * weights_N)
+        z = z_loss * jnp.sum(jnp.square(lse) * weights)
         loss = loss + z
         metrics["z_loss"] = z
-    return loss, jnp.sum(weights_N), metrics
+    return loss, jnp.sum(weights), metrics

@@ -168,14 +168,16 @@ _REMAT_POLICIES = {
 class Transformer(nnx.Module):
     """Decoder-only LM. `model(tokens_BxT) -> logits_BxTxV`; `hidden` gives the final normed states."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules: Rules | None = None):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules: Rules | None = None, lm_head: bool = True):
+        """`lm_head=False` leaves out the untied output projection: the trunk of a scalar-head model
+        (`models/heads.py`), which never computes vocabulary logits."""
         self.cfg = cfg
         self.rules = rules
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
         blocks = [Block(cfg, rngs, rules) for _ in range(cfg.n_layers)]
         self.blocks = _stack(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_plus_one)
-        if not cfg.tie_embeddings:
+        if lm_head and not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
 
     def _constrain(self, x, names):

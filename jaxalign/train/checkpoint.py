@@ -143,3 +143,65 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+# --- reading another run's checkpoint (model.init_from="ckpt:...") -------------------------------------------------
+
+
+def find_step_dir(path: str) -> str:
+    """The step directory a `ckpt:` path names: a step directory itself (it holds `state/`), the latest committed
+    step of a stage's checkpoint directory, or of the one stage under a run directory's `checkpoints/`."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "state")):
+        return path
+    if not os.path.isdir(path):
+        raise CheckpointError(f"model.init_from: checkpoint path {path} does not exist")
+    stages_dir = os.path.join(path, "checkpoints")
+    if os.path.isdir(stages_dir):
+        stages = sorted(d for d in os.listdir(stages_dir) if os.path.isdir(os.path.join(stages_dir, d)))
+        if len(stages) != 1:
+            raise CheckpointError(
+                f"model.init_from: run directory {path} has checkpoints of stages {stages}; name one: "
+                f"'ckpt:{stages_dir}/<stage>'"
+            )
+        path = os.path.join(stages_dir, stages[0])
+    steps = sorted(
+        int(d)
+        for d in os.listdir(path)
+        if d.isdigit() and os.path.exists(os.path.join(path, d, "commit_success.txt"))
+    )
+    if not steps:
+        steps = sorted(
+            int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d, "state"))
+        )
+    if not steps:
+        raise CheckpointError(f"model.init_from: {path} holds no committed checkpoint step")
+    return os.path.join(path, str(steps[-1]))
+
+
+def saved_config(step_dir: str) -> dict:
+    """The resolved config a checkpoint step was saved with (JSON data, never executed)."""
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        return ckptr.restore(os.path.join(step_dir, "config"))
+
+
+def saved_params_metadata(step_dir: str) -> dict:
+    """The saved parameter tree (nested dicts of Orbax array metadata with `.shape` and `.dtype`)."""
+    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state"))
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    return tree["params"]
+
+
+def restore_params(step_dir: str, target: dict) -> dict:
+    """Restores the subset of a checkpoint's parameters named by `target` (a nested dict, like the saved params
+    tree, of `jax.ShapeDtypeStruct`s with shardings): only those arrays are read, each device its own shards."""
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(
+            os.path.join(step_dir, "state"),
+            args=ocp.args.PyTreeRestore(
+                item={"params": target},
+                restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}),
+                partial_restore=True,
+            ),
+        )
+    return restored["params"]

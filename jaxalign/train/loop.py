@@ -28,7 +28,10 @@ from jaxalign.errors import TrainingError
 from jaxalign.train import perf
 from jaxalign.train.checkpoint import Checkpointer
 
-StepFn = Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array]]]
+StepFn = Callable[..., tuple[Any, dict[str, jax.Array]]]
+# `prepare(state, host_batch, step) -> (device batch, host metrics)`: turns what the loader yields into the step's
+# batch (RL stages generate and score here); the default lays the host batch out with `to_global`.
+Prepare = Callable[[Any, Any, int], tuple[dict[str, jax.Array], dict[str, float]]]
 
 
 @dataclasses.dataclass
@@ -150,8 +153,15 @@ def train(
     tokens_per_step: int,
     flops_per_token: float,
     eval_fn: Callable[[Any], dict[str, float]] | None = None,
+    frozen: Any = None,
+    frozen_shardings: Any = None,
+    prepare: Prepare | None = None,
 ) -> Result:
-    """Runs `step_fn` from the latest checkpoint of `stage` to `config.train.steps`."""
+    """Runs `step_fn` from the latest checkpoint of `stage` to `config.train.steps`.
+
+    `frozen` (with its shardings) is a pytree the step reads but never updates, such as a reference model's
+    parameters: it is passed as the step's third argument, neither donated nor checkpointed. `prepare` (see
+    `Prepare`) builds each step's batch from the loader's output."""
     tcfg = config.train
     workdir = config.workdir
     checkpointer = (
@@ -175,10 +185,12 @@ def train(
         # metrics are small replicated scalars.
         step_jit = jax.jit(
             step_fn,
-            in_shardings=(state_shardings, batch_shardings),
+            in_shardings=(state_shardings, batch_shardings)
+            + ((frozen_shardings,) if frozen is not None else ()),
             out_shardings=(state_shardings, None),
             donate_argnums=(0,),
         )
+        frozen_args = (frozen,) if frozen is not None else ()
         peak = tcfg.peak_flops or perf.peak_flops()
         if tcfg.progress and jax.process_index() == 0:
             from tqdm import tqdm
@@ -198,8 +210,8 @@ def train(
             nonlocal pending, last_time, last_logged
             if pending is None:
                 return
-            (step, metrics), pending = pending, None
-            values = _scalars(metrics)
+            (step, metrics, host_metrics), pending = pending, None
+            values = {**host_metrics, **_scalars(metrics)}
             if not math.isfinite(values["loss"]) and tcfg.nan_policy == "abort":
                 last = checkpointer.latest_step() if checkpointer else None
                 raise TrainingError(
@@ -227,10 +239,13 @@ def train(
                 )
 
         for step in range(start + 1, tcfg.steps + 1):
-            batch = to_global(next(loader), batch_shardings)
-            state, metrics = step_jit(state, batch)
+            if prepare is None:
+                batch, host_metrics = to_global(next(loader), batch_shardings), {}
+            else:
+                batch, host_metrics = prepare(state, next(loader), step)
+            state, metrics = step_jit(state, batch, *frozen_args)
             flush()
-            pending = (step, metrics)
+            pending = (step, metrics, host_metrics)
             if progress is not None:
                 progress.update(1)
             if eval_fn is not None and tcfg.eval_every and step % tcfg.eval_every == 0:

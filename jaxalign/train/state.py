@@ -5,7 +5,9 @@ the RNG key and the update guard (rolling loss window, skipped-step count). The 
 transformation are static fields.
 
 Objectives write `loss_fn(params, batch) -> (loss_sum, (weight, metric_sums))`; `grad_step` splits the batch into
-microbatches, sums, and divides by the total weight, so accumulation gives the same update as one big batch.
+microbatches, sums, and divides by the total weight, so accumulation gives the same update as one big batch. A metric
+is a sum divided by the loss weight, or a `(sum, count)` pair divided by its own summed count (e.g. a token-level
+ratio next to a per-sequence loss).
 """
 
 from __future__ import annotations
@@ -110,8 +112,14 @@ def grad_step(loss_fn: LossFn, params: nnx.State, batch: Batch, microbatches: in
         (grads, loss_sum, weight, sums), _ = jax.lax.scan(body, zeros, split)
     weight = jnp.maximum(weight, 1e-9)
     grads = jax.tree.map(lambda g: g / weight, grads)
-    metrics = {k: v / weight for k, v in sums.items()}
-    return grads, loss_sum / weight, metrics
+    return grads, loss_sum / weight, mean_metrics(sums, weight)
+
+
+def mean_metrics(sums: dict[str, Any], weight: jax.Array) -> dict[str, jax.Array]:
+    """Metric sums -> means: a `(sum, count)` pair by its count, anything else by `weight`."""
+    return {
+        k: v[0] / jnp.maximum(v[1], 1e-9) if isinstance(v, tuple) else v / weight for k, v in sums.items()
+    }
 
 
 def _first(value_and_grad, params, split):

@@ -1,0 +1,339 @@
+"""What every stage's `run` shares, so that each stage is a short recipe of its own data, loss and step.
+
+    rules = setup(config)                              mesh, rules, the batch check, the MFU peak
+    train_glob, eval_glob = inputs(config, "sft")      `data.input`, or the synthetic world's split
+    tok = tokenizer(config)                            `data.tokenizer`, the init checkpoint's, or trained once
+    graphdef, params = init_params(config, rules)      random, `hf:` or `ckpt:` weights, placed in their shardings
+    eval_fn = evaluator(metric_fn, batches, ...)       held-out batches read once, a jitted sum of metrics
+
+Model initialisation (`model.init_from`): "" initialises at random; "hf:DIR" reads a Hugging Face checkpoint;
+"ckpt:PATH" reads another jaxalign run's checkpoint (a step, a stage's checkpoint directory, or a run directory).
+Weights are matched by path, so a reward model (`models.heads.ScalarModel`, a trunk + head) starts from a policy's
+checkpoint (its trunk) and a value model from a reward model's (trunk and head); a checkpoint saved with
+`model.scan_layers` either way fits a model with either. Only the arrays the new model needs are read, each device
+reading its own shards; weights the checkpoint lacks (a new head) start at random. The architecture must match
+(a one-line CheckpointError names the differing fields).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxalign.config import Config, ModelConfig
+from jaxalign.data import synthetic
+from jaxalign.data.tokenizer import SentencePieceTokenizer, Tokenizer, train_sentencepiece
+from jaxalign.errors import CheckpointError, ConfigError
+from jaxalign.models.heads import ScalarModel
+from jaxalign.models.transformer import Transformer, param_shardings
+from jaxalign.parallel.mesh import Rules, make_mesh
+from jaxalign.train import checkpoint, loop, perf
+
+# ModelConfig fields that do not change the parameters (how the model runs, not what it is).
+_NOT_ARCHITECTURE = {
+    "remat",
+    "scan_layers",
+    "attention",
+    "compute_dtype",
+    "init_from",
+    "max_seq_len",
+    "init_std",
+}
+
+# --- mesh ----------------------------------------------------------------------------------------------------------
+
+
+def check_batch(config: Config, rules: Rules, rows: int | None = None) -> None:
+    """The (micro)batch must split evenly over the data-parallel devices."""
+    dp = rules.data_parallel_size
+    rows = config.train.batch_size if rows is None else rows
+    micro = rows // config.train.grad_accum
+    if micro % dp:
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} (microbatch {micro} with train.grad_accum="
+            f"{config.train.grad_accum}) is not divisible by the data-parallel size {dp} "
+            f"(mesh {dict(rules.mesh.shape)})"
+        )
+
+
+def setup(config: Config) -> Rules:
+    """The mesh and its rules; checks the batch; measures the matmul peak for MFU before any loader starts."""
+    mesh = make_mesh(config.mesh)
+    rules = Rules(mesh, config.mesh.rules)
+    check_batch(config, rules)
+    if not config.train.peak_flops:
+        perf.peak_flops()
+    return rules
+
+
+def barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+
+
+def world(config: Config) -> dict[str, str]:
+    """The synthetic world's files under workdir/data (process 0 writes them once; the others wait)."""
+    directory = os.path.join(config.workdir, "data")
+    if jax.process_index() == 0:
+        synthetic.write_world(directory, config.data.synthetic_entities, config.data.synthetic_seed)
+    barrier("synthetic world")
+    return synthetic.write_world(directory, config.data.synthetic_entities, config.data.synthetic_seed)
+
+
+def inputs(config: Config, kind: str) -> tuple[str, str]:
+    """(train glob, eval glob): `data.input`/`data.eval_input`, or the world's `<kind>_train`/`<kind>_eval` files
+    (kind: pretrain, sft, preference, rl) when `data.input` is empty."""
+    if config.data.input:
+        return config.data.input, config.data.eval_input
+    paths = world(config)
+    return paths[f"{kind}_train"], config.data.eval_input or paths[f"{kind}_eval"]
+
+
+def record_texts(record: Any) -> Iterator[str]:
+    """Every string of a record (text, prompt, completion, message contents, ...), for tokenizer training."""
+    if isinstance(record, str):
+        yield record
+    elif isinstance(record, list):
+        for x in record:
+            yield from record_texts(x)
+    elif isinstance(record, dict):
+        for key, value in record.items():
+            if key not in ("id", "role", "_where", "task", "kind", "rejected_kind", "duplicate_of"):
+                yield from record_texts(value)
+
+
+def _training_texts(config: Config) -> Iterator[str]:
+    from jaxalign.data.sources import open_source
+
+    if config.data.input:
+        patterns = [config.data.input]
+    else:
+        paths = world(config)
+        patterns = [paths[n] for n in ("pretrain_train", "sft_train", "preference_train", "rl_train")]
+    for pattern in patterns:
+        source = open_source(pattern, on_error="skip")
+        for i in range(len(source)):
+            record = source[i]
+            if record:
+                yield from record_texts(record)
+
+
+def tokenizer_path(config: Config) -> str:
+    """`data.tokenizer`; else an `hf:` init's directory; else the tokenizer of a `ckpt:` init's run; else
+    workdir/tokenizer.model (trained on the training data or the whole synthetic world when missing)."""
+    if config.data.tokenizer:
+        return config.data.tokenizer
+    init_from = config.model.init_from
+    if init_from.startswith("hf:"):
+        return init_from[3:]
+    if init_from.startswith("ckpt:"):
+        step_dir = checkpoint.find_step_dir(init_from[5:])
+        source_workdir = os.path.dirname(os.path.dirname(os.path.dirname(step_dir)))
+        if os.path.exists(os.path.join(source_workdir, "tokenizer.model")):
+            return os.path.join(source_workdir, "tokenizer.model")
+        saved = checkpoint.saved_config(step_dir)
+        if saved["data"]["tokenizer"]:
+            return saved["data"]["tokenizer"]
+        raise CheckpointError(
+            f"model.init_from={init_from!r}: the checkpoint's run has no tokenizer at "
+            f"{source_workdir}/tokenizer.model; set data.tokenizer"
+        )
+    return os.path.join(config.workdir, "tokenizer.model")
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A Hugging Face directory or tokenizer.json through `tokenizers`, else a SentencePiece .model."""
+    if os.path.isdir(path) or path.endswith(".json"):
+        from jaxalign.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(path)
+    return SentencePieceTokenizer(path)
+
+
+def tokenizer(config: Config) -> Tokenizer:
+    """The run's tokenizer (see `tokenizer_path`); checks that the model's vocabulary holds it."""
+    path = tokenizer_path(config)
+    if path == os.path.join(config.workdir, "tokenizer.model") and not os.path.exists(path):
+        if jax.process_index() == 0:
+            train_sentencepiece(_training_texts(config), path, config.model.vocab_size)
+    barrier("tokenizer")
+    tok = load_tokenizer(path)
+    if tok.vocab_size > config.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size} ({path})"
+        )
+    return tok
+
+
+# --- model ---------------------------------------------------------------------------------------------------------
+
+
+def _flat(state: nnx.State) -> list[tuple[tuple, Any]]:
+    return list(nnx.to_flat_state(state))
+
+
+def init_params(
+    config: Config, rules: Rules, *, scalar: bool = False, model_cfg: ModelConfig | None = None
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, params) of a policy (`Transformer`) or, with `scalar`, a trunk + scalar head (`ScalarModel`),
+    from `model.init_from`, placed directly in the rules' shardings (full unsharded weights never exist)."""
+    cfg = model_cfg or config.model
+    cls = ScalarModel if scalar else Transformer
+    create = lambda: nnx.split(cls(cfg, nnx.Rngs(config.seed), rules))
+    graphdef, abstract = jax.eval_shape(create)
+    shardings = param_shardings(abstract, rules)
+    if cfg.init_from.startswith("hf:") and not scalar:
+        from jaxalign.models import hf
+
+        return hf.load_params(cfg, rules)
+    loaded: dict[tuple, jax.Array] = {}
+    if cfg.init_from.startswith("hf:"):
+        from jaxalign.models import hf
+
+        _, trunk = hf.load_params(cfg, rules)
+        loaded = {("trunk", *path): var.get_value() for path, var in _flat(trunk) if path != ("lm_head",)}
+    elif cfg.init_from.startswith("ckpt:"):
+        loaded = _from_checkpoint(cfg, cfg.init_from[5:], abstract, rules)
+    flat = _flat(abstract)
+    missing = [path for path, _ in flat if path not in loaded]
+    if missing:
+        wanted = set(missing)
+        fresh_shardings = [var.get_value() for path, var in _flat(shardings) if path in wanted]
+        # Only the missing leaves are outputs, so XLA drops the rest of the random initialisation.
+        fresh = jax.jit(
+            lambda: [var.get_value() for path, var in _flat(create()[1]) if path in wanted],
+            out_shardings=fresh_shardings,
+        )()
+        loaded.update(zip(missing, fresh, strict=True))
+    return graphdef, nnx.from_flat_state([(path, var.replace(loaded[path])) for path, var in flat])
+
+
+def _check_architecture(cfg: ModelConfig, saved: dict, where: str) -> None:
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, config {v!r}"
+        for k, v in json.loads(json.dumps(cfg.__dict__)).items()
+        if k not in _NOT_ARCHITECTURE and k in saved and saved[k] != v
+    ]
+    if diffs:
+        raise CheckpointError(f"model.init_from: {where} has another architecture: " + "; ".join(diffs))
+
+
+def _from_checkpoint(
+    cfg: ModelConfig, path: str, abstract: nnx.State, rules: Rules
+) -> dict[tuple, jax.Array]:
+    """Target path -> array for every target parameter the checkpoint has (module doc)."""
+    step_dir = checkpoint.find_step_dir(path)
+    _check_architecture(cfg, checkpoint.saved_config(step_dir)["model"], step_dir)
+    meta = checkpoint.saved_params_metadata(step_dir)
+    source_scalar = "trunk" in meta
+    trunk_meta = meta["trunk"] if source_scalar else meta
+    source_stacked = not any(k.isdigit() for k in trunk_meta.get("blocks", {}))
+
+    def get(tree: dict, keys: tuple[str, ...]):
+        for k in keys:
+            if not isinstance(tree, dict) or k not in tree:
+                return None
+            tree = tree[k]
+        return tree
+
+    # For every target leaf: the source keys of its pieces (several when per-layer leaves are stacked), or None.
+    plan: list[tuple[tuple, Any, list[tuple[str, ...]], str]] = []
+    target_stacked = cfg.scan_layers
+    for tpath, var in _flat(abstract):
+        spath = tuple(str(k) for k in tpath)
+        if spath[0] == "trunk" and not source_scalar:
+            spath = spath[1:]
+        elif spath[0] != "trunk" and source_scalar:
+            spath = ("trunk", *spath) if spath[0] not in ("head", "head_bias") else spath
+        how = "same"
+        if "blocks" in spath and source_stacked != target_stacked:
+            b = spath.index("blocks")
+            if target_stacked:  # per-layer source leaves -> one stacked leaf
+                keys = [(*spath[: b + 1], str(i), *spath[b + 1 :]) for i in range(cfg.n_layers)]
+                how = "stack"
+            else:  # a stacked source leaf -> this layer's slice
+                keys = [(*spath[: b + 1], *spath[b + 2 :])]
+                how = f"index:{spath[b + 1]}"
+        else:
+            keys = [spath]
+        if all(get(meta, (*k, "value")) is not None for k in keys):
+            plan.append((tpath, var, keys, how))
+
+    target: dict = {}
+    for _, var, keys, how in plan:
+        axes = var.get_metadata()["axes"]
+        if how == "stack":
+            shape, names = var.shape[1:], axes[1:]
+        elif how.startswith("index"):
+            shape, names = (cfg.n_layers, *var.shape), ("layers", *axes)
+        else:
+            shape, names = var.shape, axes
+        for k in keys:
+            saved_shape = tuple(get(meta, (*k, "value")).shape)
+            if saved_shape != tuple(shape):
+                raise CheckpointError(
+                    f"model.init_from: {step_dir}: parameter {'/'.join(k)} has shape {saved_shape}, the model "
+                    f"needs {tuple(shape)}"
+                )
+            node = target
+            for part in k:
+                node = node.setdefault(part, {})
+            node["value"] = jax.ShapeDtypeStruct(shape, np.float32, sharding=rules.sharding(names, shape))
+    restored = checkpoint.restore_params(step_dir, target)
+    out: dict[tuple, jax.Array] = {}
+    for tpath, var, keys, how in plan:
+        pieces = [get(restored, (*k, "value")) for k in keys]
+        if how == "stack":
+            sharding = rules.sharding(var.get_metadata()["axes"], var.shape)
+            out[tpath] = jax.jit(lambda *xs: jax.numpy.stack(xs), out_shardings=sharding)(*pieces)
+        elif how.startswith("index"):
+            i = int(how.split(":")[1])
+            sharding = rules.sharding(var.get_metadata()["axes"], var.shape)
+            out[tpath] = jax.jit(lambda x, i=i: x[i], out_shardings=sharding)(pieces[0])
+        else:
+            out[tpath] = pieces[0]
+    return out
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------------
+
+MetricFn = Callable[[nnx.State, dict[str, jax.Array]], dict[str, tuple[jax.Array, jax.Array]]]
+
+
+def read_batches(make_loader: Callable[[], Any], count: int) -> list[dict[str, np.ndarray]]:
+    """`count` host batches of a fresh loader, read once (held-out batches are the same at every evaluation)."""
+    loader = make_loader()
+    try:
+        return [next(loader) for _ in range(count)]
+    finally:
+        loader.close()
+
+
+def evaluator(
+    metric_fn: MetricFn, batches: list[dict[str, np.ndarray]], params_shardings: Any, batch_shardings: Any
+) -> Callable[[Any], dict[str, float]]:
+    """`eval_fn(state) -> {name: sum / count}` over `batches`; `metric_fn(params, batch)` returns
+    {name: (sum, count)} for one batch (jitted once)."""
+    metric_jit = jax.jit(metric_fn, in_shardings=(params_shardings, batch_shardings))
+
+    def eval_fn(state) -> dict[str, float]:
+        totals: dict[str, list[float]] = {}
+        for batch in batches:
+            for name, (s, c) in metric_jit(state.params, loop.to_global(batch, batch_shardings)).items():
+                t = totals.setdefault(name, [0.0, 0.0])
+                t[0] += float(s)
+                t[1] += float(c)
+        return {name: s / max(c, 1e-9) for name, (s, c) in totals.items()}
+
+    return eval_fn
