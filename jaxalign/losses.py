@@ -45,3 +45,34 @@ def causal_lm_loss_from_logps(
         loss = loss + z
         metrics["z_loss"] = z
     return loss, jnp.sum(weights), metrics
+
+
+def sft_loss(logps_BxT: jax.Array, mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Supervised fine-tuning: NLL summed over loss tokens; weight = the loss-token count of the (micro)batch, so
+    accumulation and data parallelism give the gradient of one big batch (TRL's `num_items_in_batch`)."""
+    mask_BxT = mask_BxT.astype(jnp.float32)
+    return -jnp.sum(logps_BxT * mask_BxT), jnp.sum(mask_BxT), {}
+
+
+def bradley_terry_loss(
+    rewards_chosen_B: jax.Array,
+    rewards_rejected_B: jax.Array,
+    *,
+    margin_B: jax.Array | None = None,
+    center_coef: float = 0.0,
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Reward modelling (TRL RewardTrainer): `-logsigmoid(r_c - r_r - margin)` per pair plus
+    `center_coef * (r_c + r_r)^2`; weight = the number of pairs."""
+    diff_B = rewards_chosen_B - rewards_rejected_B
+    if margin_B is not None:
+        diff_B = diff_B - margin_B
+    loss_B = -jax.nn.log_sigmoid(diff_B)
+    if center_coef:
+        loss_B = loss_B + center_coef * jnp.square(rewards_chosen_B + rewards_rejected_B)
+    metrics = {
+        "accuracy": jnp.sum((rewards_chosen_B > rewards_rejected_B).astype(jnp.float32)),
+        "margin": jnp.sum(rewards_chosen_B - rewards_rejected_B),
+        "rewards/chosen": jnp.sum(rewards_chosen_B),
+        "rewards/rejected": jnp.sum(rewards_rejected_B),
+    }
+    return jnp.sum(loss_B), jnp.asarray(rewards_chosen_B.shape[0], jnp.float32), metrics

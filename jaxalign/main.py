@@ -24,6 +24,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 # job name -> module with `run(config: Config)`.
 JOBS = {
     "pretrain": "jaxalign.stages.pretrain",
+    "sft": "jaxalign.stages.sft",
+    "reward": "jaxalign.stages.reward",
+    "dpo": "jaxalign.stages.dpo",
     "curate": "jaxalign.data.curate",
 }
 

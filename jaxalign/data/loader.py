@@ -63,6 +63,8 @@ class Layout:
     packing: bool = True
     # Independent record streams the global batch is made of (see `assemble`).
     shards: int = 1
+    # Further sources mixed in by example count: ((files, weight), ...) (see `assemble`'s `mixture`).
+    mixture: tuple = ()
 
 
 class Loader:
@@ -96,6 +98,23 @@ class Loader:
         state = json.loads(state)
         saved = state["layout"]
         current = json.loads(json.dumps(dataclasses.asdict(self.layout)))
+        # A field newer than the checkpoint compares as its default.
+        defaults = json.loads(
+            json.dumps(
+                dataclasses.asdict(
+                    Layout(
+                        files=(),
+                        seed=0,
+                        global_batch_size=1,
+                        seq_len=1,
+                        process_count=1,
+                        num_workers=0,
+                        shuffle=False,
+                    )
+                )
+            )
+        )
+        saved = {**{k: v for k, v in defaults.items() if k not in ("files", "seed")}, **saved}
         diffs = [
             f"{k}: checkpoint has {saved.get(k)!r}, this run has {v!r}"
             for k, v in current.items()
@@ -214,8 +233,14 @@ def assemble(
     process_index: int | None,
     process_count: int | None,
     shards: int = 0,
+    mixture: Sequence[tuple[str, Callable[[dict[str, Any], str], tuple[list[dict], int]], float]] = (),
 ) -> Loader:
-    """The shared pipeline: shuffle, repeat, shard, encode (in workers), tally, then `batch(examples, rows)`."""
+    """The shared pipeline: shuffle, repeat, shard, encode (in workers), tally, then `batch(examples, rows)`.
+
+    `mixture` adds sources `(pattern, encode, weight)` whose examples are mixed with the main source's before
+    batching (Grain's deterministic mixture by example count; the main source keeps 1 - sum of the weights). Every
+    source is shuffled, repeated and dealt into the same shards on its own, so a mixture is as checkpointable and
+    process-count independent as one source."""
     process_index, process_count = _processes(process_index, process_count)
     rows = _check_common(global_batch_size, process_count, on_error, overlong, num_workers)
     shards = shards or process_count
@@ -224,22 +249,41 @@ def assemble(
             f"data.shards={shards} must be a multiple of the {process_count} processes and divide "
             f"train.batch_size={global_batch_size}"
         )
-    source = open_source(pattern, on_error=on_error)
-    ds = grain.MapDataset.source(_Guarded(source))
-    if shuffle:
-        ds = ds.shuffle(seed=seed)  # a new permutation every epoch
-    ds = ds.repeat(num_epochs)
-    if num_epochs is not None:
-        ds = ds[: len(ds) // shards * shards]
+    weights = [w for _, _, w in mixture]
+    if mixture and (min(weights) <= 0 or sum(weights) >= 1):
+        raise ConfigError(
+            f"mixture weights {weights} must be > 0 and sum to less than 1 (the main source's share)"
+        )
+    if mixture and num_epochs is not None:
+        raise ConfigError("a mixture of sources needs infinite epochs (num_epochs=None)")
+    sources = [open_source(pattern, on_error=on_error)] + [
+        open_source(p, on_error=on_error) for p, _, _ in mixture
+    ]
+    encoders = [encode] + [e for _, e, _ in mixture]
+    proportions = [1.0 - sum(weights), *weights]
+    datasets = []
+    for i, source in enumerate(sources):
+        ds = grain.MapDataset.source(_Guarded(source))
+        if shuffle:
+            ds = ds.shuffle(seed=seed + i)  # a new permutation every epoch
+        ds = ds.repeat(num_epochs)
+        if num_epochs is not None:
+            ds = ds[: len(ds) // shards * shards]
+        datasets.append(ds)
     counts = collections.Counter()
     # The records are split into `shards` streams, each packed into global_batch_size / shards rows of every batch;
     # this process runs its contiguous range of streams. A fixed `shards` gives the same global batches whatever the
     # number of processes.
     per_process = shards // process_count
-    streams = [
-        _stream(ds[shard::shards], encode, batch, rows // per_process, num_workers, on_error, counts)
-        for shard in range(process_index * per_process, (process_index + 1) * per_process)
-    ]
+    streams = []
+    for shard in range(process_index * per_process, (process_index + 1) * per_process):
+        parts = [
+            _examples(ds[shard::shards], enc, num_workers, on_error, counts)
+            for ds, enc in zip(datasets, encoders, strict=True)
+        ]
+        examples = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, proportions)
+        streams.append(batch(examples, rows // per_process))
+    source = sources[0]
     it = streams[0] if len(streams) == 1 else grain.experimental.ZipIterDataset(streams).map(_concat_rows)
     layout = Layout(
         files=tuple(source.files),
@@ -253,6 +297,7 @@ def assemble(
         process_index=process_index,
         packing=packing,
         shards=shards,
+        mixture=tuple((tuple(src.files), w) for src, w in zip(sources[1:], weights, strict=True)),
     )
     return Loader(it, layout, counts)
 
@@ -268,16 +313,14 @@ def _concat_rows(parts: tuple[dict[str, Any], ...]) -> dict[str, Any]:
     return out
 
 
-def _stream(
+def _examples(
     ds: grain.MapDataset,
     encode: Callable[[dict[str, Any], str], tuple[list[dict], int]],
-    batch: Callable[[grain.IterDataset, int], grain.IterDataset],
-    rows: int,
     num_workers: int,
     on_error: str,
     counts: collections.Counter,
 ) -> grain.IterDataset:
-    """One shard's records -> encoded examples (in worker processes when asked) -> batches of `rows` rows."""
+    """One shard's records -> encoded examples (in worker processes when asked)."""
     # Records travel in chunks: per-element costs (Grain's bookkeeping, inter-process queues) are paid per chunk.
     ds = ds.batch(_RECORDS_PER_CHUNK, batch_fn=list)
     # No reader threads: tokenizing holds the GIL, so threads only add contention (3-4x slower on 2 cores);
@@ -292,8 +335,7 @@ def _stream(
             it, grain.experimental.DatasetOptions(min_shm_size=1 << 30)
         )
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=8))
-    it = grain.experimental.FlatMapIterDataset(it, _Tally(on_error, counts))
-    return batch(it, rows)
+    return grain.experimental.FlatMapIterDataset(it, _Tally(on_error, counts))
 
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:

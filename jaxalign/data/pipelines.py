@@ -31,7 +31,7 @@ The shared machinery (sharding over processes, workers, packing, the checkpointa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -211,8 +211,13 @@ def sft_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     shards: int = 0,
+    replay: tuple[str, float] | None = None,
+    text_field: str = "text",
 ) -> Loader:
     """SFT batches with the LM keys (module doc); `weights` are the loss mask of each target token.
+
+    `replay=(pattern, fraction)` mixes pretraining documents (`text_field`, encoded as `lm_loader` does, every
+    target trained on) into the examples: `fraction` of the examples, by count, before packing.
 
     `messages` records train on assistant turns (`assistant_only_loss`, else every token); `prompt`/`completion`
     records train on the completion (`completion_only_loss`, else every token). Examples over `seq_len + 1` tokens
@@ -222,10 +227,14 @@ def sft_loader(
     encode = _SftEncode(
         tokenizer, seq_len, chat_template, overlong, completion_only_loss, assistant_only_loss
     )
+    mixture = ()
+    if replay is not None and replay[1] > 0:
+        mixture = ((replay[0], _LmEncode(tokenizer, seq_len, text_field, 64, overlong), replay[1]),)
     return assemble(
         pattern,
         encode,
         packed(seq_len, packing),
+        mixture=mixture,
         kind="sft",
         seq_len=seq_len,
         packing=packing,
@@ -291,6 +300,13 @@ class _PreferenceEncode:
     template: str
     truncation_mode: str
     overlong: str
+    # A numeric record field copied to the row as `margin` (reward models), or "".
+    margin_field: str = ""
+    # Cached reference log-probs by record location ("file:line" -> (chosen, rejected)): copied to the row as
+    # `ref_chosen_logps`/`ref_rejected_logps`.
+    reference: Any = None
+    # Keep the record's "file:line" in the row as `where` (a string; for the reference pass).
+    with_where: bool = False
 
     def _completion(self, record: dict[str, Any], field: str, where: str) -> tuple[list[int], list[int]]:
         """(ids, mask) of a completion as it follows the prompt."""
@@ -350,6 +366,22 @@ class _PreferenceEncode:
             if not any(mask):
                 raise DataError(f"{where}: {side!r} has no trained token left after truncation")
             out.update(self._row(prompt_ids, ids, mask, side))
+        if self.margin_field:
+            margin = record.get(self.margin_field)
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+                raise DataError(f"{where}: field {self.margin_field!r} must be a number, got {margin!r}")
+            out["margin"] = np.float32(margin)
+        if self.reference is not None:
+            if where not in self.reference:
+                raise DataError(
+                    f"{where}: no cached reference log-probs for this record (the data changed since they were "
+                    "computed: delete the reference_logps directory of the workdir to recompute them)"
+                )
+            out["ref_chosen_logps"], out["ref_rejected_logps"] = (
+                np.float32(x) for x in self.reference[where]
+            )
+        if self.with_where:
+            out["where"] = where
         return [out], int(truncated)
 
 
@@ -371,8 +403,13 @@ def preference_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     shards: int = 0,
+    margin_field: str = "",
+    reference: Any = None,
 ) -> Loader:
     """Preference batches (`chosen_*`, `rejected_*`, module doc), one pair per row of `seq_len` targets.
+
+    `margin_field` adds `margin` [B] from that record field; `reference` (file:line -> (chosen, rejected) reference
+    log-probs, see `preference_encoder`) adds `ref_chosen_logps`/`ref_rejected_logps` [B].
 
     A prompt over `max_prompt_length` tokens keeps its end (`truncation_mode="keep_end"`, as TRL) or its start; a
     completion that does not fit after the prompt keeps its start. With `overlong="reject"` either is a bad record.
@@ -385,7 +422,14 @@ def preference_loader(
             "(the completion needs room)"
         )
     encode = _PreferenceEncode(
-        tokenizer, seq_len, max_prompt_length, chat_template, truncation_mode, overlong
+        tokenizer,
+        seq_len,
+        max_prompt_length,
+        chat_template,
+        truncation_mode,
+        overlong,
+        margin_field,
+        reference,
     )
     return assemble(
         pattern,
@@ -404,6 +448,24 @@ def preference_loader(
         process_index=process_index,
         process_count=process_count,
         shards=shards,
+    )
+
+
+def preference_encoder(
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    max_prompt_length: int,
+    truncation_mode: str = "keep_end",
+    chat_template: str = "chatml",
+    overlong: str = "truncate",
+) -> Callable[[dict[str, Any], str], tuple[list[dict], int]]:
+    """The preference rows of one record, `encode(record, "file:line") -> ([row], truncated)`, with the row's
+    `where`: for a pass over every record outside a loader (the DPO reference pass)."""
+    _check_prompt_options(max_prompt_length, truncation_mode)
+    chat.check_template(tokenizer, chat_template)
+    return _PreferenceEncode(
+        tokenizer, seq_len, max_prompt_length, chat_template, truncation_mode, overlong, with_where=True
     )
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -31,6 +32,7 @@ from jaxalign.data import synthetic
 from jaxalign.data.tokenizer import SentencePieceTokenizer, Tokenizer, train_sentencepiece
 from jaxalign.errors import CheckpointError, ConfigError
 from jaxalign.models.heads import ScalarModel
+from jaxalign.models.logps import target_logps
 from jaxalign.models.transformer import Transformer, param_shardings
 from jaxalign.parallel.mesh import Rules, make_mesh
 from jaxalign.train import checkpoint, loop, perf
@@ -321,19 +323,82 @@ def read_batches(make_loader: Callable[[], Any], count: int) -> list[dict[str, n
 
 
 def evaluator(
-    metric_fn: MetricFn, batches: list[dict[str, np.ndarray]], params_shardings: Any, batch_shardings: Any
+    metric_fn: MetricFn,
+    batches: list[dict[str, np.ndarray]],
+    params_shardings: Any,
+    batch_shardings: Any,
+    frozen: Any = None,
+    frozen_shardings: Any = None,
 ) -> Callable[[Any], dict[str, float]]:
-    """`eval_fn(state) -> {name: sum / count}` over `batches`; `metric_fn(params, batch)` returns
-    {name: (sum, count)} for one batch (jitted once)."""
-    metric_jit = jax.jit(metric_fn, in_shardings=(params_shardings, batch_shardings))
+    """`eval_fn(state) -> {name: sum / count}` over `batches`; `metric_fn(params, batch[, frozen])` returns
+    {name: (sum, count)} for one batch (jitted once; `frozen`, e.g. a reference model, is its third argument)."""
+    extra = () if frozen is None else (frozen,)
+    metric_jit = jax.jit(
+        metric_fn,
+        in_shardings=(params_shardings, batch_shardings) + (() if frozen is None else (frozen_shardings,)),
+    )
 
     def eval_fn(state) -> dict[str, float]:
         totals: dict[str, list[float]] = {}
         for batch in batches:
-            for name, (s, c) in metric_jit(state.params, loop.to_global(batch, batch_shardings)).items():
+            for name, (s, c) in metric_jit(
+                state.params, loop.to_global(batch, batch_shardings), *extra
+            ).items():
                 t = totals.setdefault(name, [0.0, 0.0])
                 t[0] += float(s)
                 t[1] += float(c)
         return {name: s / max(c, 1e-9) for name, (s, c) in totals.items()}
 
     return eval_fn
+
+
+LM_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
+
+
+def token_metrics(
+    params: nnx.State,
+    batch: dict[str, jax.Array],
+    graphdef: nnx.GraphDef,
+    logits_chunk: int = 0,
+    exact_match: bool = False,
+) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """Held-out metrics of an LM-style batch: {"loss": (summed NLL of weighted targets, their count)} and, with
+    `exact_match`, {"exact_match": (rows whose every weighted target is the argmax, rows with any)}: with one example
+    per row, the share of examples greedy decoding reproduces exactly (teacher forcing: if every target token is the
+    argmax given the reference prefix, greedy decoding emits the reference)."""
+    model = nnx.merge(graphdef, params)
+    h_NxD = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    weights_BxT = batch["weights"].astype(jnp.float32)
+    logps_BxT, _ = target_logps(model, h_NxD, batch["targets"], chunk=logits_chunk)
+    out = {"loss": (-jnp.sum(logps_BxT * weights_BxT), jnp.sum(weights_BxT))}
+    if exact_match:
+        B, T = batch["targets"].shape
+        argmax_BxT = jnp.argmax(model.logits(h_NxD), axis=-1).reshape(B, T)
+        wrong_B = jnp.sum((argmax_BxT != batch["targets"]) * (weights_BxT > 0), axis=1)
+        has_B = jnp.any(weights_BxT > 0, axis=1)
+        out["exact_match"] = (jnp.sum((wrong_B == 0) & has_B), jnp.sum(has_B))
+    return out
+
+
+def lm_evaluator(
+    config: Config,
+    rules: Rules,
+    make_loader: Callable[[], Any],
+    graphdef: nnx.GraphDef,
+    params_shardings: Any,
+    *,
+    exact_match: bool = False,
+    prefix: str = "",
+) -> Callable[[Any], dict[str, float]]:
+    """`token_metrics` over `train.eval_batches` held-out batches of `make_loader()` (read once); metric names get
+    `prefix`."""
+    import functools
+
+    shardings = {k: rules.sharding(("batch", "length")) for k in LM_KEYS}
+    metric = functools.partial(
+        token_metrics, graphdef=graphdef, logits_chunk=config.train.logits_chunk, exact_match=exact_match
+    )
+    eval_fn = evaluator(
+        metric, read_batches(make_loader, config.train.eval_batches), params_shardings, shardings
+    )
+    return lambda state: {prefix + k: v for k, v in eval_fn(state).items()}

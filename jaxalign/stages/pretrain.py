@@ -21,7 +21,7 @@ from jaxalign.stages import common
 from jaxalign.train import loop
 from jaxalign.train import state as state_lib
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
+BATCH_KEYS = common.LM_KEYS
 
 
 def loss_fn(
@@ -58,32 +58,6 @@ def train_step(
     return state, {"loss": mean_loss, **metrics, **update_metrics}
 
 
-def lm_metrics(params: nnx.State, batch: dict[str, jax.Array], graphdef: nnx.GraphDef, logits_chunk: int = 0):
-    """{"loss": (summed token NLL, token count)} of a held-out LM batch."""
-    loss, (weight, _) = loss_fn(params, batch, graphdef, 0.0, logits_chunk)
-    return {"loss": (loss, weight)}
-
-
-def lm_evaluator(config: Config, rules, tokenizer, eval_glob: str, graphdef, params_shardings):
-    """Held-out LM loss (`eval_fn(state) -> {"loss": ...}`) over `train.eval_batches` batches of `eval_glob`."""
-    tcfg = config.train
-    make = lambda: pipelines.lm_loader(
-        eval_glob,
-        tokenizer,
-        seq_len=tcfg.seq_len,
-        global_batch_size=tcfg.batch_size,
-        seed=0,
-        shuffle=False,
-        on_error=config.data.on_error,
-        overlong=config.data.overlong,
-        text_field=config.data.text_field,
-        shards=config.data.shards,
-    )
-    shardings = {k: rules.sharding(("batch", "length")) for k in BATCH_KEYS}
-    metric = functools.partial(lm_metrics, graphdef=graphdef, logits_chunk=tcfg.logits_chunk)
-    return common.evaluator(metric, common.read_batches(make, tcfg.eval_batches), params_shardings, shardings)
-
-
 def run(config: Config) -> loop.Result:
     tcfg = config.train
     rules = common.setup(config)
@@ -91,9 +65,7 @@ def run(config: Config) -> loop.Result:
     # Data.
     train_glob, eval_glob = common.inputs(config, "pretrain")
     tokenizer = common.tokenizer(config)
-    loader = pipelines.lm_loader(
-        train_glob,
-        tokenizer,
+    loader_kwargs = dict(
         seq_len=tcfg.seq_len,
         global_batch_size=tcfg.batch_size,
         seed=config.seed,
@@ -104,6 +76,7 @@ def run(config: Config) -> loop.Result:
         text_field=config.data.text_field,
         shards=config.data.shards,
     )
+    loader = pipelines.lm_loader(train_glob, tokenizer, **loader_kwargs)
     batch_shardings = {k: rules.sharding(("batch", "length")) for k in BATCH_KEYS}
 
     # Model and train state, initialised directly into their shardings.
@@ -122,7 +95,10 @@ def run(config: Config) -> loop.Result:
     )
     eval_fn = None
     if eval_glob and tcfg.eval_every:
-        eval_fn = lm_evaluator(config, rules, tokenizer, eval_glob, graphdef, state_shardings.params)
+        make_eval_loader = lambda: pipelines.lm_loader(
+            eval_glob, tokenizer, **{**loader_kwargs, "seed": 0, "shuffle": False, "num_workers": 0}
+        )
+        eval_fn = common.lm_evaluator(config, rules, make_eval_loader, graphdef, state_shardings.params)
 
     return loop.train(
         stage="pretrain",

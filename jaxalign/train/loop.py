@@ -156,12 +156,14 @@ def train(
     frozen: Any = None,
     frozen_shardings: Any = None,
     prepare: Prepare | None = None,
+    eval_at_start: bool = False,
 ) -> Result:
     """Runs `step_fn` from the latest checkpoint of `stage` to `config.train.steps`.
 
     `frozen` (with its shardings) is a pytree the step reads but never updates, such as a reference model's
     parameters: it is passed as the step's third argument, neither donated nor checkpointed. `prepare` (see
-    `Prepare`) builds each step's batch from the loader's output."""
+    `Prepare`) builds each step's batch from the loader's output. `eval_at_start` also evaluates the initial
+    state of a fresh run (logged at step 0), so a stage's effect on held-out metrics is measured, not assumed."""
     tcfg = config.train
     workdir = config.workdir
     checkpointer = (
@@ -238,6 +240,8 @@ def train(
                     loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{values['mfu']:.2f}"
                 )
 
+        if eval_fn is not None and eval_at_start and start == 0:
+            log.write(0, {f"eval/{k}": v for k, v in eval_fn(state).items()})
         for step in range(start + 1, tcfg.steps + 1):
             if prepare is None:
                 batch, host_metrics = to_global(next(loader), batch_shardings), {}
