@@ -164,7 +164,11 @@ def precompute_reference(
 ) -> dict[str, tuple[float, float]]:
     """Runs the reference once over every record of `pattern`; returns {"file:line": (chosen, rejected)} and caches
     it under workdir/reference_logps/ (one JSONL file per process, read back by every process)."""
-    directory = _cache_dir(config)
+    import hashlib
+
+    # One cache per input pattern (the train and eval splits each have theirs).
+    key = hashlib.sha256(pattern.encode()).hexdigest()[:16]
+    directory = os.path.join(_cache_dir(config), key)
     pid, count = jax.process_index(), jax.process_count()
     done = os.path.join(directory, "done.json")
     source = open_source(pattern, on_error=config.data.on_error)

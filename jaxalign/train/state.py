@@ -5,9 +5,8 @@ the RNG key and the update guard (rolling loss window, skipped-step count). The 
 transformation are static fields.
 
 Objectives write `loss_fn(params, batch) -> (loss_sum, (weight, metric_sums))`; `grad_step` splits the batch into
-microbatches, sums, and divides by the total weight, so accumulation gives the same update as one big batch. A metric
-is a sum divided by the loss weight, or a `(sum, count)` pair divided by its own summed count (e.g. a token-level
-ratio next to a per-sequence loss).
+microbatches, sums, and divides by the total weight, so accumulation gives the same update as one big batch. Metrics
+follow the convention of `jaxalign.losses` (sums by the weight, `Mean(sum, count)`, `Min`, `Max`).
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxalign import losses
 from jaxalign.config import OptimConfig
 from jaxalign.models.transformer import param_shardings
 from jaxalign.parallel.mesh import Rules, replicated
@@ -90,7 +90,8 @@ def state_shardings(state: TrainState, rules: Rules) -> Any:
 def grad_step(loss_fn: LossFn, params: nnx.State, batch: Batch, microbatches: int):
     """Mean gradient, mean loss and mean metrics over `batch`, accumulated over `microbatches` splits.
 
-    Returns (grads, loss, metrics) where each is the weight-normalised mean over the whole batch.
+    Returns (grads, loss, metrics) where each is the weight-normalised mean over the whole batch; metrics follow
+    `losses.finalize_metrics` (sums by the weight, `Mean` by its own count, `Min`/`Max` as extrema).
     """
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     if microbatches == 1:
@@ -103,23 +104,18 @@ def grad_step(loss_fn: LossFn, params: nnx.State, batch: Batch, microbatches: in
 
         def body(carry, micro):
             (loss, (w, s)), g = value_and_grad(params, micro)
-            return jax.tree.map(jnp.add, carry, (g, loss, w, s)), None
+            c_g, c_loss, c_w, c_s = carry
+            return (jax.tree.map(jnp.add, c_g, g), c_loss + loss, c_w + w, losses.merge_metrics(c_s, s)), None
 
-        zeros = jax.tree.map(
-            lambda a: jnp.zeros(a.shape, a.dtype),
-            jax.eval_shape(lambda: _first(value_and_grad, params, split)),
+        g0, l0, w0, s0 = jax.eval_shape(lambda: _first(value_and_grad, params, split))
+        zeros = lambda t: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), t)
+        s_init = losses.metrics_identity(zeros(s0))
+        (grads, loss_sum, weight, sums), _ = jax.lax.scan(
+            body, (zeros(g0), zeros(l0), zeros(w0), s_init), split
         )
-        (grads, loss_sum, weight, sums), _ = jax.lax.scan(body, zeros, split)
     weight = jnp.maximum(weight, 1e-9)
     grads = jax.tree.map(lambda g: g / weight, grads)
-    return grads, loss_sum / weight, mean_metrics(sums, weight)
-
-
-def mean_metrics(sums: dict[str, Any], weight: jax.Array) -> dict[str, jax.Array]:
-    """Metric sums -> means: a `(sum, count)` pair by its count, anything else by `weight`."""
-    return {
-        k: v[0] / jnp.maximum(v[1], 1e-9) if isinstance(v, tuple) else v / weight for k, v in sums.items()
-    }
+    return grads, loss_sum / weight, losses.finalize_metrics(sums, weight)
 
 
 def _first(value_and_grad, params, split):
