@@ -299,14 +299,14 @@ class RewardConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DpoConfig:
-    """Direct preference optimisation and its family (`job="dpo"`).
+    """Direct preference optimisation and its family (`job="dpo"`), and KTO (`job="kto"`).
 
     `objective`: "dpo" (pairs, with a frozen reference; `loss_type` picks the DPO variant), "simpo" (no reference,
-    length-normalised, `simpo_gamma` margin), "orpo" (no reference, odds ratio + NLL) or "kto" (unpaired
-    desirable/undesirable examples, `desirable_weight`/`undesirable_weight`).
+    length-normalised, `simpo_gamma` margin) or "orpo" (no reference, odds ratio + NLL). KTO (unpaired
+    desirable/undesirable examples) reads `beta`, `desirable_weight` and `undesirable_weight`.
     """
 
-    objective: Literal["dpo", "simpo", "orpo", "kto"] = "dpo"
+    objective: Literal["dpo", "simpo", "orpo"] = "dpo"
     loss_type: Literal[
         "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down"
     ] = "sigmoid"

@@ -27,6 +27,7 @@ JOBS = {
     "sft": "jaxalign.stages.sft",
     "reward": "jaxalign.stages.reward",
     "dpo": "jaxalign.stages.dpo",
+    "kto": "jaxalign.stages.kto",
     "curate": "jaxalign.data.curate",
 }
 

@@ -469,6 +469,152 @@ def preference_encoder(
     )
 
 
+# --- unpaired preference (KTO) ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _KtoEncode(_PreferenceEncode):
+    """Unpaired examples: `prompt`/`completion`/`label` (TRL's unpaired preference type) as one example, or a paired
+    `prompt`/`chosen`/`rejected` record as two (chosen desirable, rejected not: TRL's `unpair_preference_dataset`).
+    An example keeps its prompt and completion apart, so the batch can pair prompts with other completions."""
+
+    def __call__(self, record: dict[str, Any], where: str) -> tuple[list[dict], int]:
+        if record.get("prompt") is None:
+            present = sorted(k for k in record if k != "_where")
+            raise DataError(f"{where}: missing field 'prompt' (has {present})")
+        if "completion" in record:
+            label = record.get("label")
+            if not isinstance(label, bool):
+                raise DataError(f"{where}: field 'label' must be true or false, got {label!r}")
+            sides = [("completion", label)]
+        elif "chosen" in record and "rejected" in record:
+            if record["chosen"] == record["rejected"]:
+                raise DataError(f"{where}: 'chosen' and 'rejected' are identical")
+            sides = [("chosen", True), ("rejected", False)]
+        else:
+            present = sorted(k for k in record if k != "_where")
+            raise DataError(
+                f"{where}: expected 'completion' and 'label', or 'chosen' and 'rejected' (has {present})"
+            )
+        prompt_ids = _prompt_ids(self.tokenizer, self.template, record, where)
+        prompt_ids, truncated = _cut_prompt(
+            prompt_ids, self.max_prompt_length, self.truncation_mode, self.overlong, where
+        )
+        out = []
+        for field, label in sides:
+            ids, mask = self._completion(record, field, where)
+            ids, mask, cut = _cut_to(
+                ids, mask, self.seq_len + 1 - len(prompt_ids), self.overlong, where, repr(field)
+            )
+            truncated |= cut
+            if not any(mask):
+                raise DataError(f"{where}: {field!r} has no trained token left after truncation")
+            out.append(
+                {
+                    "prompt": np.asarray(prompt_ids, np.int32),
+                    "completion": np.asarray(ids, np.int32),
+                    "mask": np.asarray(mask, np.int32),
+                    "label": label,
+                    "record": where,
+                }
+            )
+        return out, int(truncated)
+
+
+@dataclasses.dataclass(frozen=True)
+class _KtoBatch:
+    """B examples -> the rows `inputs`, `targets`, `weights`, `positions`, `segment_ids` [B, T], `desirable` [B], and
+    the same five `kl_*` rows pairing prompt i with the completion of the nearest earlier row (cyclically) of another
+    record: TRL's rotation by one (`completions[-1:] + completions[:-1]`), skipping the other half of a pair."""
+
+    seq_len: int
+    pad_id: int
+
+    def _row(self, prompt: np.ndarray, completion: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        completion, mask = (
+            completion[: self.seq_len + 1 - len(prompt)],
+            mask[: self.seq_len + 1 - len(prompt)],
+        )
+        seq = np.concatenate([prompt, completion])
+        weight = np.concatenate([np.zeros(len(prompt), np.float32), mask.astype(np.float32)])
+        n = len(seq) - 1
+        T = self.seq_len
+        row = {
+            "inputs": np.full(T, self.pad_id, np.int32),
+            "targets": np.full(T, self.pad_id, np.int32),
+            "weights": np.zeros(T, np.float32),
+            "positions": np.zeros(T, np.int32),
+            "segment_ids": np.zeros(T, np.int32),
+        }
+        row["inputs"][:n], row["targets"][:n], row["weights"][:n] = seq[:-1], seq[1:], weight[1:]
+        row["positions"][:n], row["segment_ids"][:n] = np.arange(n), 1
+        return row
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+        B = len(examples)
+        rows = [self._row(e["prompt"], e["completion"], e["mask"]) for e in examples]
+        kl_rows = []
+        for i, e in enumerate(examples):
+            j = next(
+                ((i - d) % B for d in range(1, B) if examples[(i - d) % B]["record"] != e["record"]),
+                (i - 1) % B,
+            )
+            kl_rows.append(self._row(e["prompt"], examples[j]["completion"], examples[j]["mask"]))
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        batch.update({f"kl_{k}": np.stack([r[k] for r in kl_rows]) for k in kl_rows[0]})
+        batch["desirable"] = np.asarray([e["label"] for e in examples], np.float32)
+        return batch
+
+
+def kto_loader(
+    pattern: str,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int,
+    max_prompt_length: int,
+    truncation_mode: str = "keep_end",
+    chat_template: str = "chatml",
+    shuffle: bool = True,
+    num_workers: int = 0,
+    on_error: str = "error",
+    overlong: str = "truncate",
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    shards: int = 0,
+) -> Loader:
+    """KTO batches (`_KtoBatch`): unpaired examples, one per row, with their mismatched KL rows. Paired records are
+    unpaired (module doc of `_KtoEncode`)."""
+    _check_prompt_options(max_prompt_length, truncation_mode)
+    chat.check_template(tokenizer, chat_template)
+    if max_prompt_length >= seq_len:
+        raise ConfigError(
+            f"data.max_prompt_length={max_prompt_length} must be smaller than train.seq_len={seq_len} "
+            "(the completion needs room)"
+        )
+    encode = _KtoEncode(tokenizer, seq_len, max_prompt_length, chat_template, truncation_mode, overlong)
+    return assemble(
+        pattern,
+        encode,
+        stacked(_KtoBatch(seq_len, tokenizer.pad_id)),
+        kind="kto",
+        seq_len=seq_len,
+        packing=False,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        on_error=on_error,
+        overlong=overlong,
+        num_epochs=num_epochs,
+        process_index=process_index,
+        process_count=process_count,
+        shards=shards,
+    )
+
+
 def concatenated(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A preference batch as LM keys over [2B, T]: rows [0, B) are the chosen, rows [B, 2B) the rejected."""
     keys = ("inputs", "targets", "weights", "positions", "segment_ids")

@@ -1,4 +1,4 @@
-"""Preference optimisation: DPO (every TRL loss type), SimPO and ORPO on pairs, KTO on unpaired examples.
+"""Preference optimisation on pairs: DPO (every TRL loss type), SimPO and ORPO (KTO is `stages/kto.py`).
 
 Batches come from `data.pipelines.preference_loader` (legend there): `chosen_*` and `rejected_*` rows [B, T] that
 share the prompt. Per-sequence log-probs are sums over completion tokens (`weights`), computed for the 2B rows in one
@@ -30,7 +30,7 @@ from jaxalign import losses
 from jaxalign.config import Config, DpoConfig, OptimConfig
 from jaxalign.data import pipelines
 from jaxalign.data.sources import open_source
-from jaxalign.errors import ConfigError, DataError
+from jaxalign.errors import DataError
 from jaxalign.models.logps import target_logps
 from jaxalign.models.transformer import flops_per_token
 from jaxalign.stages import common
@@ -285,8 +285,6 @@ def pair_metrics(params, batch, ref_params=None, *, graphdef, cfg: DpoConfig, lo
 
 def run(config: Config) -> loop.Result:
     tcfg, dcfg, cfg = config.train, config.data, config.dpo
-    if cfg.objective == "kto":
-        raise ConfigError("dpo.objective='kto' is not available yet; use 'dpo', 'simpo' or 'orpo'")
     rules = common.setup(config)
     train_glob, eval_glob = common.inputs(config, "preference")
     tokenizer = common.tokenizer(config)
