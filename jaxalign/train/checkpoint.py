@@ -10,6 +10,7 @@ Only committed steps are listed by Orbax (a save interrupted mid-way leaves a te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -185,9 +186,23 @@ def saved_config(step_dir: str) -> dict:
         return ckptr.restore(os.path.join(step_dir, "config"))
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Reading one item of a step directly makes Orbax warn that the step's metadata file is one level up."""
+    from absl import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
 def saved_params_metadata(step_dir: str) -> dict:
     """The saved parameter tree (nested dicts of Orbax array metadata with `.shape` and `.dtype`)."""
-    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state"))
+    with _quiet():
+        meta = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state"))
     tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
     return tree["params"]
 
@@ -195,7 +210,7 @@ def saved_params_metadata(step_dir: str) -> dict:
 def restore_params(step_dir: str, target: dict) -> dict:
     """Restores the subset of a checkpoint's parameters named by `target` (a nested dict, like the saved params
     tree, of `jax.ShapeDtypeStruct`s with shardings): only those arrays are read, each device its own shards."""
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with _quiet(), ocp.PyTreeCheckpointer() as ckptr:
         restored = ckptr.restore(
             os.path.join(step_dir, "state"),
             args=ocp.args.PyTreeRestore(
