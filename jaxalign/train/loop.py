@@ -64,20 +64,22 @@ class MetricsLog:
             return
         with open(self.path, encoding="utf-8") as f:
             lines = f.readlines()
-        kept = [
-            line
-            for line in lines
-            if not (
-                line.strip()
-                and (r := json.loads(line)).get("stage") == self.stage
-                and r.get("step", 0) > resume_step
-            )
-        ]
+        kept = [line for line in lines if not self._redone(line, resume_step)]
         if len(kept) != len(lines):
             tmp = self.path + ".tmp"
             with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(kept)
             os.replace(tmp, self.path)
+
+    def _redone(self, line: str, resume_step: int) -> bool:
+        """True for this stage's lines after the restored step, and for a line torn by a kill mid-write."""
+        if not line.strip():
+            return True
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            return True
+        return record.get("stage") == self.stage and record.get("step", 0) > resume_step
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.primary:
@@ -193,7 +195,8 @@ def train(
             donate_argnums=(0,),
         )
         frozen_args = (frozen,) if frozen is not None else ()
-        peak = tcfg.peak_flops or perf.peak_flops()
+        # MFU is per device: the run's FLOP/s over the peak of all its devices (train.peak_flops is per device).
+        peak = tcfg.peak_flops * jax.device_count() if tcfg.peak_flops else perf.peak_flops()
         if tcfg.progress and jax.process_index() == 0:
             from tqdm import tqdm
 
@@ -214,10 +217,12 @@ def train(
                 return
             (step, metrics, host_metrics), pending = pending, None
             values = {**host_metrics, **_scalars(metrics)}
-            if not math.isfinite(values["loss"]) and tcfg.nan_policy == "abort":
+            nonfinite = not math.isfinite(values["loss"]) or values.get("nonfinite", 0)
+            if nonfinite and tcfg.nan_policy == "abort":
                 last = checkpointer.latest_step() if checkpointer else None
+                what = f"loss {values['loss']}" if not math.isfinite(values["loss"]) else "gradients (finite loss)"
                 raise TrainingError(
-                    f"{stage}: non-finite loss {values['loss']} at step {step} (update not applied); last good "
+                    f"{stage}: non-finite {what} at step {step} (update not applied); last good "
                     f"checkpoint: {'step ' + str(last) if last is not None else 'none'}. Set train.nan_policy='skip' "
                     "to skip such steps."
                 )

@@ -148,7 +148,10 @@ def apply_gradients(
     )
     metrics = {
         "grad_norm": optax.tree.norm(grads),
-        "lr": state.schedule(state.step),
+        # The learning rate this step's update was computed with: optax's count advances only when an update is
+        # applied (a skipped step keeps the optimizer state).
+        "lr": state.schedule(state.step - state.guard["skipped"]),
+        "nonfinite": (~finite).astype(jnp.int32),
         "skipped": skip.astype(jnp.int32),
         "skipped_total": guard["skipped"],
     }

@@ -112,3 +112,20 @@ def test_loss_spike_is_skipped_only_when_enabled(setup):
         assert int(metrics["skipped"]) == int(enabled)
         state, metrics = apply(state, grads, jnp.asarray(2.0, jnp.float32))
         assert int(metrics["skipped"]) == 0
+
+
+def test_logged_lr_is_the_one_the_applied_update_used(setup):
+    """After a skipped step optax's count has not advanced: the logged lr is schedule(applied updates), and the
+    first Adam update moves each weight by that lr (|g / sqrt(g^2)| = 1, no decay, no clipping)."""
+    _, graphdef, params = setup
+    cfg = OptimConfig(lr=1e-2, warmup_steps=0, min_lr_ratio=0.1, weight_decay=0.0, clip_norm=0.0, eps=1e-12)
+    state = state_lib.create(graphdef, params, cfg, total_steps=2, seed=0)
+    grads = jax.tree.map(jnp.ones_like, params)
+    state, metrics = state_lib.apply_gradients(state, grads, jnp.asarray(jnp.nan), cfg)
+    assert int(metrics["skipped"]) == 1 and int(metrics["nonfinite"]) == 1
+    before = state.params["embed"][...]
+    state, metrics = state_lib.apply_gradients(state, grads, jnp.asarray(1.0), cfg)
+    assert int(metrics["nonfinite"]) == 0
+    applied = float(jnp.max(jnp.abs(state.params["embed"][...] - before)))
+    assert float(metrics["lr"]) == pytest.approx(1e-2) == pytest.approx(applied, rel=1e-4)
+    assert float(state.schedule(1)) < 0.6e-2  # what the step count alone would have logged
