@@ -32,8 +32,12 @@ def loss_fn(params: nnx.State, batch: dict[str, jax.Array], graphdef: nnx.GraphD
     """(loss_sum, (loss-token count, metric_sums)) of one (micro)batch."""
     model = nnx.merge(graphdef, params)
     h_NxD = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
-    logps_BxT, _ = target_logps(model, h_NxD, batch["targets"], chunk=logits_chunk)
-    loss, weight, metrics = losses.sft_loss(logps_BxT, batch["weights"])
+    logps_BxT, _, entropy_BxT, top1_BxT = target_logps(
+        model, h_NxD, batch["targets"], chunk=logits_chunk, stats=True
+    )
+    loss, weight, metrics = losses.sft_loss(
+        logps_BxT, batch["weights"], entropy_BxT=entropy_BxT, is_top1_BxT=top1_BxT
+    )
     return loss, (weight, metrics)
 
 

@@ -220,7 +220,11 @@ def train(
             nonfinite = not math.isfinite(values["loss"]) or values.get("nonfinite", 0)
             if nonfinite and tcfg.nan_policy == "abort":
                 last = checkpointer.latest_step() if checkpointer else None
-                what = f"loss {values['loss']}" if not math.isfinite(values["loss"]) else "gradients (finite loss)"
+                what = (
+                    f"loss {values['loss']}"
+                    if not math.isfinite(values["loss"])
+                    else "gradients (finite loss)"
+                )
                 raise TrainingError(
                     f"{stage}: non-finite {what} at step {step} (update not applied); last good "
                     f"checkpoint: {'step ' + str(last) if last is not None else 'none'}. Set train.nan_policy='skip' "
