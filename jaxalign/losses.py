@@ -49,10 +49,6 @@ class Max(NamedTuple):
     value: jax.Array
 
 
-def _is_metric(x) -> bool:
-    return isinstance(x, Mean | Min | Max)
-
-
 def merge_metrics(a: Metrics, b: Metrics) -> Metrics:
     """Combines the metric sums of two microbatches: sums add, `Min`/`Max` take the extremum."""
 
@@ -182,19 +178,8 @@ def bradley_terry_loss(
 # Preference optimisation: DPO family, CPO / SimPO, ORPO, KTO
 # ----------------------------------------------------------------------------------------------------------------
 
-DPO_LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sigmoid_norm",
+DPO_LOSS_TYPES = tuple(
+    "sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard apo_zero apo_down discopop sigmoid_norm".split()
 )
 _USES_LABEL_SMOOTHING = ("robust", "exo_pair")
 _USES_LENGTHS = ("ipo", "sigmoid_norm")
@@ -365,31 +350,19 @@ def simpo_loss(
     chosen_lengths_B: jax.Array,
     rejected_lengths_B: jax.Array,
     *,
-    beta: float = 2.0,
+    beta: float = 0.1,
     simpo_gamma: float = 0.5,
-    label_smoothing: float = 0.0,
     cpo_alpha: float = 0.0,
-    chosen_nll_B: jax.Array | None = None,
-    chosen_nll_tokens_B: jax.Array | None = None,
-    nll_tokens_per_pair: jax.Array | float | None = None,
+    **cpo_kwargs,
 ) -> LossOut:
     """SimPO as TRL 1.16 runs it (CPOTrainer, `loss_type="simpo"`): `-logsigmoid(beta * (mean logp_c - mean logp_r)
-    - simpo_gamma)`, no reference; `cpo_alpha > 0` adds the chosen NLL (CPO-SimPO). beta defaults to the SimPO
-    paper's 2.0 (TRL's CPOConfig default is 0.1: pass it explicitly to match a TRL config)."""
+    - simpo_gamma)`, reference-free; `cpo_alpha > 0` adds the chosen NLL (CPO-SimPO; TRL's CPOConfig defaults it to
+    1.0, pure SimPO is 0). Defaults are TRL's (the SimPO paper uses beta 2.0-2.5). `cpo_kwargs`: `cpo_loss`'s
+    `label_smoothing` and NLL inputs."""
     return cpo_loss(
-        chosen_logps_B,
-        rejected_logps_B,
-        chosen_lengths_B,
-        rejected_lengths_B,
-        loss_type="simpo",
-        beta=beta,
-        simpo_gamma=simpo_gamma,
-        label_smoothing=label_smoothing,
-        cpo_alpha=cpo_alpha,
-        chosen_nll_B=chosen_nll_B,
-        chosen_nll_tokens_B=chosen_nll_tokens_B,
-        nll_tokens_per_pair=nll_tokens_per_pair,
-    )
+        chosen_logps_B, rejected_logps_B, chosen_lengths_B, rejected_lengths_B, loss_type="simpo", beta=beta,
+        simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha, **cpo_kwargs,
+    )  # fmt: skip
 
 
 def _log1mexp(x: jax.Array) -> jax.Array:
