@@ -11,7 +11,9 @@ same name. A metric value is one of:
 - an array `s`: a sum whose mean is `s / weight`;
 - `Mean(sum, count)`: a sum with its own denominator (e.g. a token-level ratio under a per-sequence loss);
 - `Min(value)` / `Max(value)`: an extremum over rows (TRL's `clip_ratio/low_min`, `min_reward`, ...).
-`merge_metrics`, `metrics_identity` and `finalize_metrics` combine microbatches and divide.
+`merge_metrics` (from `metrics_identity`, e.g. as a scan carry) combines microbatches and `finalize_metrics` divides;
+a plain `tree.map(add)` from zeros would get `Min`/`Max` wrong. Batch-level constants (KTO's `kto_kl`, the NLL's
+`nll_tokens_per_pair` of CPO/ORPO) are computed once over the full batch and passed to every microbatch.
 
 Sequence log-probs (`chosen_logps_B`, ...) are float32 sums of per-token log-probs over completion tokens; lengths
 are completion-token counts; masks are 0/1 (float or bool).
@@ -241,18 +243,18 @@ def dpo_loss(
     elif loss_type == "hinge":
         per_pair_B = jax.nn.relu(1 - beta * delta_B)
     elif loss_type in _USES_LENGTHS:
-        norm_delta_B = chosen_lr_B / jnp.maximum(_f32(chosen_lengths_B), 1.0) - rejected_lr_B / jnp.maximum(
-            _f32(rejected_lengths_B), 1.0
-        )
+        # TRL 1.16 divides by the completion length clamped at 1.
+        chosen_len_B = jnp.maximum(_f32(chosen_lengths_B), 1.0)
+        rejected_len_B = jnp.maximum(_f32(rejected_lengths_B), 1.0)
+        norm_delta_B = chosen_lr_B / chosen_len_B - rejected_lr_B / rejected_len_B
         if loss_type == "ipo":  # Eq. 17 of the IPO paper with tau = beta
             per_pair_B = jnp.square(norm_delta_B - 1 / (2 * beta))
         else:
             per_pair_B = -logsig(beta * norm_delta_B)
     elif loss_type == "exo_pair":  # KL(softmax over {chosen, rejected} || [1 - eps, eps])
         z_B = beta * delta_B
-        per_pair_B = jax.nn.sigmoid(z_B) * (logsig(z_B) - jnp.log1p(-ls)) + jax.nn.sigmoid(-z_B) * (
-            logsig(-z_B) - jnp.log(ls)
-        )
+        p_chosen_B, p_rejected_B = jax.nn.sigmoid(z_B), jax.nn.sigmoid(-z_B)
+        per_pair_B = p_chosen_B * (logsig(z_B) - jnp.log1p(-ls)) + p_rejected_B * (logsig(-z_B) - jnp.log(ls))
     elif loss_type == "nca_pair":
         per_pair_B = (
             -logsig(beta * chosen_lr_B)
@@ -448,8 +450,26 @@ def kto_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reinforcement learning: GRPO family, PPO pieces, KL estimators
+# Reinforcement learning: KL estimators, GRPO family (DAPO, Dr. GRPO, GSPO), PPO pieces
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def kl_k1(logps_BxT: jax.Array, ref_logps_BxT: jax.Array) -> jax.Array:
+    """Schulman's k1 = log(pi / pi_ref) per token: unbiased for KL(pi || pi_ref) on tokens sampled from pi."""
+    return logps_BxT - ref_logps_BxT
+
+
+def kl_k2(logps_BxT: jax.Array, ref_logps_BxT: jax.Array) -> jax.Array:
+    """Schulman's k2 = 0.5 * log(pi / pi_ref)^2 per token: >= 0, low variance, biased."""
+    return 0.5 * jnp.square(logps_BxT - ref_logps_BxT)
+
+
+def kl_k3(logps_BxT: jax.Array, ref_logps_BxT: jax.Array) -> jax.Array:
+    """Schulman's k3 = r - 1 - log r with r = pi_ref / pi, per token: >= 0 and unbiased for KL(pi || pi_ref)
+    (GRPO's per-token KL)."""
+    d = ref_logps_BxT - logps_BxT
+    return jnp.exp(d) - d - 1
+
 
 GRPO_SCALES = ("group", "batch", "none")
 
@@ -483,9 +503,8 @@ def grpo_reward_metrics(rewards_PxG: jax.Array, *, scale: str = "group") -> dict
     return {
         "reward": jnp.mean(rewards_PxG),
         "reward_std": jnp.std(rewards_PxG, ddof=1),
-        "frac_reward_zero_std": jnp.mean(
-            (jnp.abs(std_P) <= 1e-8).astype(jnp.float32)
-        ),  # torch.isclose(std, 0)
+        # TRL counts a std as zero with torch.isclose(std, 0): |std| <= 1e-8.
+        "frac_reward_zero_std": jnp.mean((jnp.abs(std_P) <= 1e-8).astype(jnp.float32)),
     }
 
 
@@ -538,8 +557,7 @@ def grpo_loss(
     per_token = -jnp.minimum(w * A, jnp.clip(w, 1 - eps_low, 1 + eps_high) * A)
     metrics: Metrics = {}
     if beta:
-        d_BxT = ref_logps_BxT - logps_BxT
-        kl_BxT = jnp.exp(d_BxT) - d_BxT - 1
+        kl_BxT = kl_k3(logps_BxT, ref_logps_BxT)
         per_token = per_token + beta * kl_BxT
         metrics["kl"] = Mean(jnp.sum(jax.lax.stop_gradient(kl_BxT) * mask_BxT), jnp.sum(mask_BxT))
     per_token_BxT = jnp.broadcast_to(per_token, mask_BxT.shape) * mask_BxT
@@ -558,9 +576,8 @@ def grpo_loss(
     high = ((w > 1 + eps_high) & (A > 0)).astype(jnp.float32)
     region = jnp.maximum(low, high)
     if importance_sampling_level == "token":
-        seq_low_B = (
-            jnp.sum(low * mask_BxT, axis=1) / tokens_B
-        )  # NaN for an empty row, skipped as TRL's nanmin
+        # An empty row gives NaN, skipped below as TRL's nanmin / nanmax skip it.
+        seq_low_B = jnp.sum(low * mask_BxT, axis=1) / tokens_B
         seq_high_B = jnp.sum(high * mask_BxT, axis=1) / tokens_B
 
         def ratio(x):
@@ -577,23 +594,6 @@ def grpo_loss(
     metrics["clip_ratio/low_min"] = Min(jnp.min(jnp.where(jnp.isnan(seq_low_B), jnp.inf, seq_low_B)))
     metrics["clip_ratio/high_max"] = Max(jnp.max(jnp.where(jnp.isnan(seq_high_B), -jnp.inf, seq_high_B)))
     return loss_sum, weight, metrics
-
-
-def kl_k1(logps_BxT: jax.Array, ref_logps_BxT: jax.Array) -> jax.Array:
-    """Schulman's k1 = log(pi / pi_ref) per token: unbiased for KL(pi || pi_ref) on tokens sampled from pi."""
-    return logps_BxT - ref_logps_BxT
-
-
-def kl_k2(logps_BxT: jax.Array, ref_logps_BxT: jax.Array) -> jax.Array:
-    """Schulman's k2 = 0.5 * log(pi / pi_ref)^2 per token: >= 0, low variance, biased."""
-    return 0.5 * jnp.square(logps_BxT - ref_logps_BxT)
-
-
-def kl_k3(logps_BxT: jax.Array, ref_logps_BxT: jax.Array) -> jax.Array:
-    """Schulman's k3 = r - 1 - log r with r = pi_ref / pi, per token: >= 0 and unbiased for KL(pi || pi_ref)
-    (GRPO's per-token KL)."""
-    d = ref_logps_BxT - logps_BxT
-    return jnp.exp(d) - d - 1
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
