@@ -26,7 +26,8 @@ RTOL, ATOL = 1e-5, 1e-6
 fast_jit = functools.partial(
     jax.jit, compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 )
-# TRL metrics that need the logits (or the whole trainer state), so the stage computes them, not the loss.
+# TRL metrics the stage computes, not the loss: those that need the logits, and KTO's `rewards/margins` (the
+# difference of the finalized `rewards/chosen` and `rewards/rejected`, checked as such below).
 STAGE_METRICS = {"entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected", "rewards/margins"}
 
 
