@@ -21,10 +21,15 @@ from jaxalign.errors import ConfigError
 
 FIXTURES = epath.Path(__file__).parent / "fixtures"
 RTOL, ATOL = 1e-5, 1e-6
-# These tiny programs spend seconds in XLA's CPU optimisation passes and microseconds running: compile them with
-# the backend optimisations off (the same float32 arithmetic; halves the compile time).
+# These tiny programs spend seconds in XLA's CPU compiler and microseconds running: compile them with the backend
+# optimisations and fusion emitters off (the same float32 arithmetic; about a third of the compile CPU time).
 fast_jit = functools.partial(
-    jax.jit, compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    jax.jit,
+    compiler_options={
+        "xla_backend_optimization_level": 0,
+        "xla_llvm_disable_expensive_passes": True,
+        "xla_cpu_use_fusion_emitters": False,
+    },
 )
 # TRL metrics the stage computes, not the loss: those that need the logits, and KTO's `rewards/margins` (the
 # difference of the finalized `rewards/chosen` and `rewards/rejected`, checked as such below).
@@ -445,14 +450,17 @@ def _gae_loop(rewards, values, mask, gamma, lam):
     return adv, (adv + values) * mask
 
 
-@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (0.99, 1.0)])
-def test_gae_equals_python_loop(gamma, lam):
+GAE_PARAMS = [(1.0, 0.95), (0.9, 0.8), (0.99, 1.0)]
+
+
+def test_gae_equals_python_loop():
     rng, mask, _ = _rng_batch(6, rows=4, length=9)
     rewards, values = rng.normal(0, 1, (4, 9)), rng.normal(0, 1, (4, 9))
-    adv, ret = losses.gae(a(rewards), a(values), mask, gamma=gamma, lam=lam)
-    exp_adv, exp_ret = _gae_loop(np.float32(rewards), np.float32(values), np.asarray(mask), gamma, lam)
-    close(adv, exp_adv)
-    close(ret, exp_ret)
+    run = fast_jit(lambda r, v, m: [losses.gae(r, v, m, gamma=g, lam=lam) for g, lam in GAE_PARAMS])
+    for (gamma, lam), (adv, ret) in zip(GAE_PARAMS, run(a(rewards), a(values), mask), strict=True):
+        exp_adv, exp_ret = _gae_loop(np.float32(rewards), np.float32(values), np.asarray(mask), gamma, lam)
+        close(adv, exp_adv, f"gamma={gamma} lam={lam}")
+        close(ret, exp_ret, f"gamma={gamma} lam={lam}")
 
 
 def test_masked_whiten_matches_numpy():
@@ -460,76 +468,109 @@ def test_masked_whiten_matches_numpy():
     x = rng.normal(3, 2, (4, 9))
     valid = np.float32(x)[np.asarray(mask) > 0].astype(np.float64)
     expected = (np.float32(x) - valid.mean()) / np.sqrt(valid.var(ddof=1) + 1e-8)
-    close(losses.masked_whiten(a(x), mask) * mask, expected * np.asarray(mask))
-    close(
-        losses.masked_whiten(a(x), mask, shift_mean=False) * mask,
-        (expected + valid.mean()) * np.asarray(mask),
+    run = fast_jit(
+        lambda x, m: (losses.masked_whiten(x, m) * m, losses.masked_whiten(x, m, shift_mean=False) * m)
     )
+    whitened, unshifted = run(a(x), mask)
+    close(whitened, expected * np.asarray(mask))
+    close(unshifted, (expected + valid.mean()) * np.asarray(mask))
 
 
 def test_ppo_losses_hand_values():
-    # ratio e^0.5 > 1.2 with A = 1: clipped (loss -1.2, clipfrac 1); ratio e^-0.5 with A = 1: unclipped.
-    lp, old, adv, mask = a([[0.5, -0.5, 3.0]]), a([[0.0, 0.0, 0.0]]), a([[1.0, 1.0, 5.0]]), a([[1, 1, 0]])
-    loss, m = finalize(losses.ppo_policy_loss(lp, old, adv, mask))
+    @fast_jit
+    def run():
+        # ratio e^0.5 > 1.2 with A = 1: clipped (loss -1.2, clipfrac 1); ratio e^-0.5 with A = 1: unclipped.
+        lp, old, adv, mask = a([[0.5, -0.5, 3.0]]), a([[0.0, 0.0, 0.0]]), a([[1.0, 1.0, 5.0]]), a([[1, 1, 0]])
+        policy = finalize(losses.ppo_policy_loss(lp, old, adv, mask))
+        # V = 2, V_old = 0, R = 1: clipped V = 0.2 -> 0.5 * max(1, 0.64), not clipped; R = 3: max(1, 7.84), clipped.
+        value = finalize(
+            losses.ppo_value_loss(a([[2.0, 2.0]]), a([[0.0, 0.0]]), a([[1.0, 3.0]]), a([[1, 1]]))
+        )
+        return policy, value
+
+    (loss, m), (v_loss, v_m) = run()
     close(loss, (-1.2 - np.exp(-0.5)) / 2)
     close(m["pg_clipfrac"], 0.5)
     close(m["approxkl"], 0.5 * 0.25)
-    # V = 2, V_old = 0, R = 1: clipped V = 0.2 -> 0.5 * max(1, 0.64) = 0.5, not clipped; R = 3: max(1, 7.84).
-    loss, m = finalize(losses.ppo_value_loss(a([[2.0, 2.0]]), a([[0.0, 0.0]]), a([[1.0, 3.0]]), a([[1, 1]])))
-    close(loss, 0.5 * (1.0 + 2.8**2) / 2)
-    close(m["vf_clipfrac"], 0.5)
+    close(v_loss, 0.5 * (1.0 + 2.8**2) / 2)
+    close(v_m["vf_clipfrac"], 0.5)
 
 
 def test_kl_estimators_against_exact_kl():
     rng = np.random.default_rng(8)
-    p = jax.nn.log_softmax(a(rng.normal(0, 1.5, 7)))
-    q = jax.nn.log_softmax(a(rng.normal(0, 1.5, 7)))
-    weights = jnp.exp(p)  # expectation over tokens sampled from the policy, enumerated exactly
-    exact = jnp.sum(weights * (p - q))
-    assert exact > 0.05
-    close(jnp.sum(weights * losses.kl_k1(p, q)), exact)
-    close(jnp.sum(weights * losses.kl_k3(p, q)), exact)
-    k2 = jnp.sum(weights * losses.kl_k2(p, q))
-    assert k2 >= 0 and np.all(np.asarray(losses.kl_k2(p, q)) >= 0)
-    close(k2, 0.5 * jnp.sum(weights * jnp.square(p - q)))
-    assert np.all(np.asarray(losses.kl_k3(p, q)) >= 0)
-    for k in (losses.kl_k1, losses.kl_k2, losses.kl_k3):
-        assert np.all(np.asarray(k(p, p)) == 0.0)
+
+    @fast_jit
+    def run(p_logits, q_logits):
+        p, q = jax.nn.log_softmax(p_logits), jax.nn.log_softmax(q_logits)
+        weights = jnp.exp(p)  # expectation over tokens sampled from the policy, enumerated exactly
+        ks = (losses.kl_k1, losses.kl_k2, losses.kl_k3)
+        return {
+            "exact": jnp.sum(weights * (p - q)),
+            "expected": [jnp.sum(weights * k(p, q)) for k in ks],
+            "per_token": [k(p, q) for k in ks],
+            "at_equal": [k(p, p) for k in ks],
+            "half_sq": 0.5 * jnp.sum(weights * jnp.square(p - q)),
+        }
+
+    out = run(a(rng.normal(0, 1.5, 7)), a(rng.normal(0, 1.5, 7)))
+    assert out["exact"] > 0.05
+    k1, k2, k3 = out["expected"]
+    close(k1, out["exact"], "E[k1] = KL")
+    close(k3, out["exact"], "E[k3] = KL")
+    close(k2, out["half_sq"], "E[k2] = E[(log ratio)^2] / 2")
+    assert np.all(np.asarray(out["per_token"][1]) >= 0) and np.all(np.asarray(out["per_token"][2]) >= 0)
+    for k in out["at_equal"]:
+        assert np.all(np.asarray(k) == 0.0)
 
 
-@pytest.mark.parametrize(
-    "loss_type,expected",
-    [
-        # Equal policy and reference log-ratios: delta = 0 and both rewards are 0.
-        ("sigmoid", np.log(2)),
-        ("hinge", 1.0),
-        ("ipo", (1 / (2 * 0.1)) ** 2),
-        ("robust", np.log(2)),  # (-(1-e) + e) log(1/2) / (1 - 2e) = log 2
-        ("exo_pair", 0.5 * (np.log(0.5) - np.log1p(-0.1)) + 0.5 * (np.log(0.5) - np.log(0.1))),
-        ("nca_pair", 2 * np.log(2)),
-        ("bco_pair", 2 * np.log(2)),
-        ("sppo_hard", 2 * (0.5 / 0.1) ** 2),
-        ("apo_zero", 1.0),
-        ("apo_down", 1.0),
-        ("discopop", 0.5 * np.log(2) + 0.5),
-        ("sigmoid_norm", np.log(2)),
-    ],
-)
-def test_dpo_closed_form_at_equal_logps(loss_type, expected):
-    logps = a([-3.0, -7.5])
-    ls = 0.1 if loss_type in ("robust", "exo_pair") else 0.0
-    out = losses.dpo_loss(
-        logps, logps + 1, logps, logps + 1, beta=0.1, loss_type=loss_type, label_smoothing=ls,
-        chosen_lengths_B=a([3, 4]), rejected_lengths_B=a([5, 6]),
-    )  # fmt: skip
-    loss, metrics = finalize(out)
-    close(loss, expected, loss_type)
-    close(metrics["rewards/margins"], 0.0)
+# Equal policy and reference log-ratios (beta = 0.1): delta = 0 and both rewards are 0.
+DPO_AT_EQUAL_LOGPS = {
+    "sigmoid": np.log(2),
+    "hinge": 1.0,
+    "ipo": (1 / (2 * 0.1)) ** 2,
+    "robust": np.log(2),  # (-(1-e) + e) log(1/2) / (1 - 2e) = log 2
+    "exo_pair": 0.5 * (np.log(0.5) - np.log1p(-0.1)) + 0.5 * (np.log(0.5) - np.log(0.1)),
+    "nca_pair": 2 * np.log(2),
+    "bco_pair": 2 * np.log(2),
+    "sppo_hard": 2 * (0.5 / 0.1) ** 2,
+    "apo_zero": 1.0,
+    "apo_down": 1.0,
+    "discopop": 0.5 * np.log(2) + 0.5,
+    "sigmoid_norm": np.log(2),
+}
+
+
+def test_dpo_closed_form_at_equal_logps():
+    assert DPO_AT_EQUAL_LOGPS.keys() == set(losses.DPO_LOSS_TYPES)
+
+    @fast_jit
+    def run(logps):
+        return {
+            t: finalize(
+                losses.dpo_loss(
+                    logps,
+                    logps + 1,
+                    logps,
+                    logps + 1,
+                    beta=0.1,
+                    loss_type=t,
+                    label_smoothing=0.1 if t in ("robust", "exo_pair") else 0.0,
+                    chosen_lengths_B=a([3, 4]),
+                    rejected_lengths_B=a([5, 6]),
+                )  # fmt: skip
+            )
+            for t in DPO_AT_EQUAL_LOGPS
+        }
+
+    for loss_type, (loss, metrics) in run(a([-3.0, -7.5])).items():
+        close(loss, DPO_AT_EQUAL_LOGPS[loss_type], loss_type)
+        close(metrics["rewards/margins"], 0.0, loss_type)
 
 
 def test_simpo_closed_form():
     # Mean log-probs -1 and -2 (sums over 3 and 2 tokens): -logsigmoid(2 * (1 - 0.5 / 2)) = -logsigmoid(1.5).
-    loss, m = finalize(losses.simpo_loss(a([-3.0]), a([-4.0]), a([3]), a([2]), beta=2.0, simpo_gamma=0.5))
+    run = fast_jit(lambda c, r: finalize(losses.simpo_loss(c, r, a([3]), a([2]), beta=2.0, simpo_gamma=0.5)))
+    loss, m = run(a([-3.0]), a([-4.0]))
     close(loss, np.log1p(np.exp(-1.5)))
     close(m["logps/chosen"], -1.0)
 
