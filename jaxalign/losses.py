@@ -423,7 +423,8 @@ def kto_loss(
     """TRL 1.16 KTOTrainer on unpaired examples (`desirable_B` true for desirable ones): desirable rows lose
     `w_d * (1 - sigmoid(beta * (r - kl)))`, undesirable ones `w_u * (1 - sigmoid(beta * (kl - r)))` with
     `r = logp - ref_logp` and `kl = kto_kl(...)` (`apo_zero_unpaired` ignores kl). Weight = examples.
-    `rewards/*` and `logps/*` are means over the desirable (chosen) or undesirable (rejected) rows; TRL's
+    `rewards/*` and `logps/*` are means over the desirable (chosen) or undesirable (rejected) rows (0 for a batch
+    without such rows, where TRL logs nothing); TRL's
     `rewards/margins` is `rewards/chosen - rewards/rejected` of the finalized values; `kl` is the reference point."""
     _choice("loss_type", loss_type, KTO_LOSS_TYPES)
     des_B = jnp.asarray(desirable_B).astype(bool)
