@@ -11,7 +11,9 @@ same name. A metric value is one of:
 - an array `s`: a sum whose mean is `s / weight`;
 - `Mean(sum, count)`: a sum with its own denominator (e.g. a token-level ratio under a per-sequence loss);
 - `Min(value)` / `Max(value)`: an extremum over rows (TRL's `clip_ratio/low_min`, `min_reward`, ...).
-`merge_metrics`, `metrics_identity` and `finalize_metrics` combine microbatches and divide.
+`merge_metrics` (from `metrics_identity`, e.g. as a scan carry) combines microbatches and `finalize_metrics` divides;
+a plain `tree.map(add)` from zeros would get `Min`/`Max` wrong. Batch-level constants (KTO's `kto_kl`, the NLL's
+`nll_tokens_per_pair` of CPO/ORPO) are computed once over the full batch and passed to every microbatch.
 
 Sequence log-probs (`chosen_logps_B`, ...) are float32 sums of per-token log-probs over completion tokens; lengths
 are completion-token counts; masks are 0/1 (float or bool).
@@ -47,10 +49,6 @@ class Max(NamedTuple):
     """A metric reduced with `max` over microbatches (never divided)."""
 
     value: jax.Array
-
-
-def _is_metric(x) -> bool:
-    return isinstance(x, Mean | Min | Max)
 
 
 def merge_metrics(a: Metrics, b: Metrics) -> Metrics:
@@ -190,19 +188,8 @@ def bradley_terry_loss(
 # Preference optimisation: DPO family, CPO / SimPO, ORPO, KTO
 # ----------------------------------------------------------------------------------------------------------------
 
-DPO_LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sigmoid_norm",
+DPO_LOSS_TYPES = tuple(
+    "sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard apo_zero apo_down discopop sigmoid_norm".split()
 )
 _USES_LABEL_SMOOTHING = ("robust", "exo_pair")
 _USES_LENGTHS = ("ipo", "sigmoid_norm")
@@ -264,18 +251,18 @@ def dpo_loss(
     elif loss_type == "hinge":
         per_pair_B = jax.nn.relu(1 - beta * delta_B)
     elif loss_type in _USES_LENGTHS:
-        norm_delta_B = chosen_lr_B / jnp.maximum(_f32(chosen_lengths_B), 1.0) - rejected_lr_B / jnp.maximum(
-            _f32(rejected_lengths_B), 1.0
-        )
+        # TRL 1.16 divides by the completion length clamped at 1.
+        chosen_len_B = jnp.maximum(_f32(chosen_lengths_B), 1.0)
+        rejected_len_B = jnp.maximum(_f32(rejected_lengths_B), 1.0)
+        norm_delta_B = chosen_lr_B / chosen_len_B - rejected_lr_B / rejected_len_B
         if loss_type == "ipo":  # Eq. 17 of the IPO paper with tau = beta
             per_pair_B = jnp.square(norm_delta_B - 1 / (2 * beta))
         else:
             per_pair_B = -logsig(beta * norm_delta_B)
     elif loss_type == "exo_pair":  # KL(softmax over {chosen, rejected} || [1 - eps, eps])
         z_B = beta * delta_B
-        per_pair_B = jax.nn.sigmoid(z_B) * (logsig(z_B) - jnp.log1p(-ls)) + jax.nn.sigmoid(-z_B) * (
-            logsig(-z_B) - jnp.log(ls)
-        )
+        p_chosen_B, p_rejected_B = jax.nn.sigmoid(z_B), jax.nn.sigmoid(-z_B)
+        per_pair_B = p_chosen_B * (logsig(z_B) - jnp.log1p(-ls)) + p_rejected_B * (logsig(-z_B) - jnp.log(ls))
     elif loss_type == "nca_pair":
         per_pair_B = (
             -logsig(beta * chosen_lr_B)
@@ -373,31 +360,19 @@ def simpo_loss(
     chosen_lengths_B: jax.Array,
     rejected_lengths_B: jax.Array,
     *,
-    beta: float = 2.0,
+    beta: float = 0.1,
     simpo_gamma: float = 0.5,
-    label_smoothing: float = 0.0,
     cpo_alpha: float = 0.0,
-    chosen_nll_B: jax.Array | None = None,
-    chosen_nll_tokens_B: jax.Array | None = None,
-    nll_tokens_per_pair: jax.Array | float | None = None,
+    **cpo_kwargs,
 ) -> LossOut:
     """SimPO as TRL 1.16 runs it (CPOTrainer, `loss_type="simpo"`): `-logsigmoid(beta * (mean logp_c - mean logp_r)
-    - simpo_gamma)`, no reference; `cpo_alpha > 0` adds the chosen NLL (CPO-SimPO). beta defaults to the SimPO
-    paper's 2.0 (TRL's CPOConfig default is 0.1: pass it explicitly to match a TRL config)."""
+    - simpo_gamma)`, reference-free; `cpo_alpha > 0` adds the chosen NLL (CPO-SimPO; TRL's CPOConfig defaults it to
+    1.0, pure SimPO is 0). Defaults are TRL's (the SimPO paper uses beta 2.0-2.5). `cpo_kwargs`: `cpo_loss`'s
+    `label_smoothing` and NLL inputs."""
     return cpo_loss(
-        chosen_logps_B,
-        rejected_logps_B,
-        chosen_lengths_B,
-        rejected_lengths_B,
-        loss_type="simpo",
-        beta=beta,
-        simpo_gamma=simpo_gamma,
-        label_smoothing=label_smoothing,
-        cpo_alpha=cpo_alpha,
-        chosen_nll_B=chosen_nll_B,
-        chosen_nll_tokens_B=chosen_nll_tokens_B,
-        nll_tokens_per_pair=nll_tokens_per_pair,
-    )
+        chosen_logps_B, rejected_logps_B, chosen_lengths_B, rejected_lengths_B, loss_type="simpo", beta=beta,
+        simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha, **cpo_kwargs,
+    )  # fmt: skip
 
 
 def _log1mexp(x: jax.Array) -> jax.Array:
@@ -456,7 +431,8 @@ def kto_loss(
     """TRL 1.16 KTOTrainer on unpaired examples (`desirable_B` true for desirable ones): desirable rows lose
     `w_d * (1 - sigmoid(beta * (r - kl)))`, undesirable ones `w_u * (1 - sigmoid(beta * (kl - r)))` with
     `r = logp - ref_logp` and `kl = kto_kl(...)` (`apo_zero_unpaired` ignores kl). Weight = examples.
-    `rewards/*` and `logps/*` are means over the desirable (chosen) or undesirable (rejected) rows; TRL's
+    `rewards/*` and `logps/*` are means over the desirable (chosen) or undesirable (rejected) rows (0 for a batch
+    without such rows, where TRL logs nothing); TRL's
     `rewards/margins` is `rewards/chosen - rewards/rejected` of the finalized values; `kl` is the reference point."""
     _choice("loss_type", loss_type, KTO_LOSS_TYPES)
     des_B = jnp.asarray(desirable_B).astype(bool)
@@ -483,8 +459,26 @@ def kto_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reinforcement learning: GRPO family, PPO pieces, KL estimators
+# Reinforcement learning: KL estimators, GRPO family (DAPO, Dr. GRPO, GSPO), PPO pieces
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def kl_k1(logps_BxT: jax.Array, ref_logps_BxT: jax.Array) -> jax.Array:
+    """Schulman's k1 = log(pi / pi_ref) per token: unbiased for KL(pi || pi_ref) on tokens sampled from pi."""
+    return logps_BxT - ref_logps_BxT
+
+
+def kl_k2(logps_BxT: jax.Array, ref_logps_BxT: jax.Array) -> jax.Array:
+    """Schulman's k2 = 0.5 * log(pi / pi_ref)^2 per token: >= 0, low variance, biased."""
+    return 0.5 * jnp.square(logps_BxT - ref_logps_BxT)
+
+
+def kl_k3(logps_BxT: jax.Array, ref_logps_BxT: jax.Array) -> jax.Array:
+    """Schulman's k3 = r - 1 - log r with r = pi_ref / pi, per token: >= 0 and unbiased for KL(pi || pi_ref)
+    (GRPO's per-token KL)."""
+    d = ref_logps_BxT - logps_BxT
+    return jnp.exp(d) - d - 1
+
 
 GRPO_SCALES = ("group", "batch", "none")
 
@@ -518,9 +512,8 @@ def grpo_reward_metrics(rewards_PxG: jax.Array, *, scale: str = "group") -> dict
     return {
         "reward": jnp.mean(rewards_PxG),
         "reward_std": jnp.std(rewards_PxG, ddof=1),
-        "frac_reward_zero_std": jnp.mean(
-            (jnp.abs(std_P) <= 1e-8).astype(jnp.float32)
-        ),  # torch.isclose(std, 0)
+        # TRL counts a std as zero with torch.isclose(std, 0): |std| <= 1e-8.
+        "frac_reward_zero_std": jnp.mean((jnp.abs(std_P) <= 1e-8).astype(jnp.float32)),
     }
 
 
@@ -573,8 +566,7 @@ def grpo_loss(
     per_token = -jnp.minimum(w * A, jnp.clip(w, 1 - eps_low, 1 + eps_high) * A)
     metrics: Metrics = {}
     if beta:
-        d_BxT = ref_logps_BxT - logps_BxT
-        kl_BxT = jnp.exp(d_BxT) - d_BxT - 1
+        kl_BxT = kl_k3(logps_BxT, ref_logps_BxT)
         per_token = per_token + beta * kl_BxT
         metrics["kl"] = Mean(jnp.sum(jax.lax.stop_gradient(kl_BxT) * mask_BxT), jnp.sum(mask_BxT))
     per_token_BxT = jnp.broadcast_to(per_token, mask_BxT.shape) * mask_BxT
@@ -593,9 +585,8 @@ def grpo_loss(
     high = ((w > 1 + eps_high) & (A > 0)).astype(jnp.float32)
     region = jnp.maximum(low, high)
     if importance_sampling_level == "token":
-        seq_low_B = (
-            jnp.sum(low * mask_BxT, axis=1) / tokens_B
-        )  # NaN for an empty row, skipped as TRL's nanmin
+        # An empty row gives NaN, skipped below as TRL's nanmin / nanmax skip it.
+        seq_low_B = jnp.sum(low * mask_BxT, axis=1) / tokens_B
         seq_high_B = jnp.sum(high * mask_BxT, axis=1) / tokens_B
 
         def ratio(x):
@@ -612,23 +603,6 @@ def grpo_loss(
     metrics["clip_ratio/low_min"] = Min(jnp.min(jnp.where(jnp.isnan(seq_low_B), jnp.inf, seq_low_B)))
     metrics["clip_ratio/high_max"] = Max(jnp.max(jnp.where(jnp.isnan(seq_high_B), -jnp.inf, seq_high_B)))
     return loss_sum, weight, metrics
-
-
-def kl_k1(logps_BxT: jax.Array, ref_logps_BxT: jax.Array) -> jax.Array:
-    """Schulman's k1 = log(pi / pi_ref) per token: unbiased for KL(pi || pi_ref) on tokens sampled from pi."""
-    return logps_BxT - ref_logps_BxT
-
-
-def kl_k2(logps_BxT: jax.Array, ref_logps_BxT: jax.Array) -> jax.Array:
-    """Schulman's k2 = 0.5 * log(pi / pi_ref)^2 per token: >= 0, low variance, biased."""
-    return 0.5 * jnp.square(logps_BxT - ref_logps_BxT)
-
-
-def kl_k3(logps_BxT: jax.Array, ref_logps_BxT: jax.Array) -> jax.Array:
-    """Schulman's k3 = r - 1 - log r with r = pi_ref / pi, per token: >= 0 and unbiased for KL(pi || pi_ref)
-    (GRPO's per-token KL)."""
-    d = ref_logps_BxT - logps_BxT
-    return jnp.exp(d) - d - 1
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
