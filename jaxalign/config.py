@@ -332,6 +332,65 @@ class DpoConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StageRun:
+    """What differs between the stages of one pipeline run (`job="pipeline"`); a 0 (or -1 where 0 is meaningful)
+    keeps the value of the top-level `train`/`optim`/`checkpoint` sections."""
+
+    steps: int = 0
+    batch_size: int = 0
+    seq_len: int = 0
+    lr: float = 0.0
+    warmup_steps: int = -1
+    eval_every: int = -1
+    every_steps: int = 0
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "seq_len", "every_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(
+                    f"pipeline.<stage>.{key}={getattr(self, key)} must be >= 0 (0 keeps the default)"
+                )
+        if self.lr < 0:
+            raise ConfigError(f"pipeline.<stage>.lr={self.lr} must be >= 0 (0 keeps optim.lr)")
+
+
+PIPELINE_STAGES = ("curate", "pretrain", "sft", "reward", "dpo", "kto", "ppo", "grpo", "eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """The end-to-end job (`job="pipeline"`, jaxalign/pipeline.py): which stages run, in order, in one workdir, each
+    reading the previous stage's checkpoint; and each stage's own steps, batch, length and learning rate."""
+
+    # Comma-separated, a subsequence of: curate, pretrain, sft, reward, dpo, kto, ppo, grpo, eval.
+    stages: str = "curate,pretrain,sft,reward,dpo"
+    pretrain: StageRun = dataclasses.field(default_factory=StageRun)
+    sft: StageRun = dataclasses.field(default_factory=StageRun)
+    reward: StageRun = dataclasses.field(default_factory=StageRun)
+    dpo: StageRun = dataclasses.field(default_factory=StageRun)
+    kto: StageRun = dataclasses.field(default_factory=StageRun)
+    ppo: StageRun = dataclasses.field(default_factory=StageRun)
+    grpo: StageRun = dataclasses.field(default_factory=StageRun)
+
+    def __post_init__(self):
+        names = [n.strip() for n in self.stages.split(",") if n.strip()]
+        unknown = [n for n in names if n not in PIPELINE_STAGES]
+        if unknown or not names:
+            raise ConfigError(
+                f"pipeline.stages={self.stages!r}: unknown stage(s) {unknown}; known: {list(PIPELINE_STAGES)}"
+            )
+        order = [PIPELINE_STAGES.index(n) for n in names]
+        if order != sorted(set(order)):
+            raise ConfigError(
+                f"pipeline.stages={self.stages!r} must list each stage once, in the order {list(PIPELINE_STAGES)}"
+            )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in self.stages.split(",") if n.strip())
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole resolved config of one job. Sections a job does not use keep their defaults."""
 
@@ -349,6 +408,7 @@ class Config:
     sft: SftConfig = dataclasses.field(default_factory=SftConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     dpo: DpoConfig = dataclasses.field(default_factory=DpoConfig)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
 
     def __post_init__(self):
         if not self.workdir:

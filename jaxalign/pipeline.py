@@ -1,0 +1,179 @@
+"""The end-to-end job: raw text to an aligned model in one workdir (`job="pipeline"`, configs/quickstart.py).
+
+    curate -> pretrain -> sft -> reward -> dpo | kto -> ppo -> grpo -> eval        (`pipeline.stages` selects)
+
+Every stage is the stage's own `run(config)` on a config derived from this one: the shared sections (model shape,
+mesh, data, checkpoint, seed) as they are, `pipeline.<stage>` setting that stage's steps, batch, length and learning
+rate, and `model.init_from` pointing at the checkpoint of the stage before it in the same workdir:
+
+    pretrain   model.init_from as configured (random by default)
+    sft        the pretrained policy            reward     the SFT policy's trunk (+ a fresh head)
+    dpo, kto   the SFT policy (also their reference)
+    grpo, ppo  the latest preference-tuned policy (dpo or kto if they ran, else sft)
+
+Curation runs on the synthetic world's raw web-like corpus (workdir/curate/) and the pretraining data is the world's
+pretraining split plus the curated documents; its precision and recall against the world's planted duplicates go to
+workdir/eval.json ("curate"). A stage that finished is marked in workdir/pipeline/<stage>.done and skipped when the
+command is re-run; an interrupted stage resumes from its latest checkpoint; a stage preempted by SIGTERM stops the
+pipeline (the re-run continues it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from typing import Any
+
+import jax
+
+from jaxalign import config as config_lib
+from jaxalign.config import Config, StageRun
+from jaxalign.stages import common
+
+MODULES = {
+    "pretrain": "jaxalign.stages.pretrain",
+    "sft": "jaxalign.stages.sft",
+    "reward": "jaxalign.stages.reward",
+    "dpo": "jaxalign.stages.dpo",
+    "kto": "jaxalign.stages.kto",
+    "ppo": "jaxalign.stages.ppo",
+    "grpo": "jaxalign.stages.grpo",
+}
+POLICY_ORDER = ("grpo", "ppo", "kto", "dpo", "sft", "pretrain")
+DUPLICATE_KINDS = ("exact_duplicate", "variant_duplicate", "near_duplicate")
+
+
+def _marker(workdir: str, stage: str) -> str:
+    return os.path.join(workdir, "pipeline", f"{stage}.done")
+
+
+def _finished(workdir: str, stage: str) -> bool:
+    return os.path.exists(_marker(workdir, stage))
+
+
+def _mark(workdir: str, stage: str, info: dict[str, Any]) -> None:
+    if jax.process_index() != 0:
+        return
+    os.makedirs(os.path.join(workdir, "pipeline"), exist_ok=True)
+    tmp = _marker(workdir, stage) + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(info, f)
+    os.replace(tmp, _marker(workdir, stage))
+
+
+def _checkpoint(workdir: str, stage: str) -> str:
+    return os.path.join(workdir, "checkpoints", stage)
+
+
+def _init_from(config: Config, stage: str, ran: list[str]) -> str:
+    """Where `stage` starts: the checkpoint of the policy stage before it (module doc)."""
+    before = ran[: ran.index(stage)] if stage in ran else ran
+    if stage == "pretrain":
+        return config.model.init_from
+    if stage in ("sft",):
+        candidates = ("pretrain",)
+    elif stage in ("reward", "dpo", "kto"):
+        candidates = ("sft", "pretrain")
+    else:  # grpo, ppo
+        candidates = ("dpo", "kto", "sft", "pretrain")
+    for c in candidates:
+        if c in before or os.path.isdir(_checkpoint(config.workdir, c)):
+            return f"ckpt:{_checkpoint(config.workdir, c)}"
+    return config.model.init_from
+
+
+def stage_config(config: Config, stage: str, ran: list[str]) -> Config:
+    """The config `stage` runs with (module doc)."""
+    run: StageRun = getattr(config.pipeline, stage)
+    train = {
+        k: v for k, v in (("steps", run.steps), ("batch_size", run.batch_size), ("seq_len", run.seq_len)) if v
+    }
+    if run.eval_every >= 0:
+        train["eval_every"] = run.eval_every
+    optim = {"lr": run.lr} if run.lr else {}
+    if run.warmup_steps >= 0:
+        optim["warmup_steps"] = run.warmup_steps
+    checkpoint = {"every_steps": run.every_steps} if run.every_steps else {}
+    model = {"init_from": _init_from(config, stage, ran)}
+    data = {}
+    if stage == "pretrain" and not config.data.input and "curate" in ran:
+        paths = common.world(config)
+        curated = os.path.join(config.workdir, "curate", "curated", "*.jsonl")
+        data = {"input": f"{paths['pretrain_train']},{curated}", "eval_input": paths["pretrain_eval"]}
+    return config_lib.replace(
+        config, job=stage, train=train, optim=optim, checkpoint=checkpoint, model=model, data=data
+    )
+
+
+def curate(config: Config) -> dict[str, float]:
+    """Curates the world's raw corpus into workdir/curate/; returns duplicate precision and recall against the
+    world's planted duplicates."""
+    from jaxalign.data import curate as curate_lib
+
+    raw = common.world(config)["raw"]
+    sub = config_lib.replace(
+        config, job="curate", workdir=os.path.join(config.workdir, "curate"), data={"input": raw}
+    )
+    if jax.process_index() == 0:
+        curate_lib.run(sub)
+    common.barrier("curate")
+    return duplicate_scores(raw, os.path.join(sub.workdir, "removed.jsonl"))
+
+
+def duplicate_scores(raw_path: str, removed_path: str) -> dict[str, float]:
+    """Precision and recall of the records removed as duplicates against the planted ones (`kind`)."""
+    with open(raw_path, encoding="utf-8") as f:
+        planted = {r["id"] for r in map(json.loads, f) if r["kind"] in DUPLICATE_KINDS}
+    with open(removed_path, encoding="utf-8") as f:
+        removed = {r["id"] for r in map(json.loads, f) if r["reason"].split(":")[0].endswith("duplicate")}
+    hits = len(planted & removed)
+    return {
+        "dup_precision": hits / max(len(removed), 1),
+        "dup_recall": hits / max(len(planted), 1),
+        "planted_duplicates": len(planted),
+        "removed_as_duplicates": len(removed),
+    }
+
+
+def _write_eval(workdir: str, key: str, values: dict[str, Any]) -> None:
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, "eval.json")
+    data = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    data[key] = values
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def run(config: Config) -> None:
+    stages = list(config.pipeline.names)
+    for stage in stages:
+        if _finished(config.workdir, stage):
+            print(f"pipeline: {stage} finished before; skipped", flush=True)
+            continue
+        print(f"pipeline: {stage}", flush=True)
+        if stage == "curate":
+            scores = curate(config)
+            _write_eval(config.workdir, "curate", scores)
+            _mark(config.workdir, stage, scores)
+            continue
+        if stage == "eval":
+            from jaxalign.eval import evaluate
+
+            sub = dataclasses.replace(config, job="eval")
+            evaluate.run_pipeline(sub, stages)
+            _mark(config.workdir, stage, {})
+            continue
+        sub = stage_config(config, stage, stages)
+        result = importlib.import_module(MODULES[stage]).run(sub)
+        if getattr(result, "preempted", False):
+            print(f"pipeline: {stage} preempted at step {result.last_step}; re-run the command to continue")
+            return
+        _mark(config.workdir, stage, {"last_step": result.last_step})
+    print(f"pipeline: done ({', '.join(stages)}) in {config.workdir}", flush=True)
