@@ -27,7 +27,7 @@ _EXPLICIT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 @dataclasses.dataclass(frozen=True)
 class Cluster:
-    """What was detected: `name` is "explicit" or JAX's ClusterEnv name ("slurm", "ompi", "gke", "gce", "k8s")."""
+    """What was detected: "explicit" or JAX's ClusterEnv name ("ompi", "slurm", "gketpu", "gcetpu", "k8s")."""
 
     name: str
     num_processes: int
@@ -61,7 +61,8 @@ def detect() -> Cluster | None:
         if env.opt_in_only_method or not env.is_env_present():
             continue
         n = env.get_process_count()
-        return Cluster(env.name or env.__name__, n, env) if n > 1 else None
+        name = env.name or env.__name__.removesuffix("Cluster").lower()  # K8sCluster has no name
+        return Cluster(name, n, env) if n > 1 else None
     return None
 
 
