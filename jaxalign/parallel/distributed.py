@@ -9,16 +9,23 @@ runtime when either
     process count and id (and, under SLURM / Open MPI on GPUs, the local device) itself,
 and the run has more than one process. A single-process run (no cluster, a one-task SLURM allocation, a one-host TPU
 VM) is left untouched: no runtime, no collectives setting.
+
+`multislice_devices` lays a mesh out over several TPU slices (data axis across slices), which `jax.make_mesh`
+refuses to do.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import jax
+import numpy as np
 from jax._src import clusters
 from jax._src import distributed as jax_distributed
+from jax.experimental import mesh_utils
 
 from jaxalign.errors import ConfigError
 
@@ -92,3 +99,27 @@ def maybe_initialize() -> Cluster | None:
         flush=True,
     )
     return cluster
+
+
+def num_slices(devices: Sequence[Any]) -> int:
+    """How many TPU slices (ICI domains joined over the data-center network) `devices` span; 1 off TPU."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def multislice_devices(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+    """Devices arranged as a (data, fsdp, tensor, stage) mesh of `shape` over several slices.
+
+    `jax.make_mesh` refuses multi-slice device sets. Here the data axis is split across slices and every other axis
+    stays inside a slice, so FSDP all-gathers and tensor-parallel collectives run on the fast inter-chip links and
+    only the data-parallel gradient reduction crosses the data-center network (JAX's `create_hybrid_device_mesh`).
+    """
+    slices = num_slices(devices)
+    data, *inner = shape
+    if data % slices:
+        raise ConfigError(
+            f"mesh.data={data} must be a multiple of the {slices} slices the devices span: only the data axis may "
+            f"cross slices (mesh {tuple(shape)})"
+        )
+    return mesh_utils.create_hybrid_device_mesh(
+        (data // slices, *inner), (slices,) + (1,) * len(inner), list(devices)
+    )

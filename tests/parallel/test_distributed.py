@@ -1,11 +1,15 @@
-"""Cluster detection goes through JAX's own ClusterEnv classes; single-process environments are left alone.
+"""Cluster detection goes through JAX's own ClusterEnv classes; single-process environments are left alone;
+a multi-slice mesh keeps every axis but `data` inside a slice.
 
 The multi-process start itself (explicit variables and a simulated SLURM job) is tested end to end in
 tests/train/test_multiprocess.py.
 """
 
+import dataclasses
 import os
 
+import jax
+import numpy as np
 import pytest
 
 from jaxalign.errors import ConfigError
@@ -83,3 +87,29 @@ def test_bad_explicit_variables_are_one_line_errors(clean_env, env, message):
     with pytest.raises(ConfigError) as e:
         distributed.detect()
     assert message in str(e.value)
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceDevice:
+    """A device of a multi-slice TPU set as mesh building sees it (CPU devices have no `slice_index`)."""
+
+    id: int
+    slice_index: int
+    platform: str = "cpu"
+    device_kind: str = "cpu"
+
+
+def test_multislice_mesh_keeps_everything_but_data_inside_a_slice():
+    # 4 slices of 8 devices, listed interleaved as a runtime may enumerate them.
+    devices = [SliceDevice(i, i % 4) for i in range(32)]
+    assert distributed.num_slices(devices) == 4
+    grid = distributed.multislice_devices((8, 2, 2, 1), devices)
+    assert grid.shape == (8, 2, 2, 1)
+    slice_of = np.vectorize(lambda d: d.slice_index)(grid)
+    # Every data index lies within one slice, and the data axis walks over all of them.
+    assert all(len(set(slice_of[d].ravel())) == 1 for d in range(8))
+    assert sorted(slice_of[:, 0, 0, 0]) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert sorted(d.id for d in grid.ravel()) == list(range(32))
+    with pytest.raises(ConfigError, match="mesh.data=2 must be a multiple of the 4 slices"):
+        distributed.multislice_devices((2, 16, 1, 1), devices)
+    assert distributed.num_slices(jax.devices()) == 1
