@@ -17,7 +17,7 @@ inputs, nothing allocated) and prints XLA's `memory_analysis()` of it: arguments
 temporary bytes per device. XLA:CPU plans buffers differently from TPU/GPU compilers, so use it to check the
 estimate on small models, not to size an accelerator.
 
-Legend: n tokens per device per microbatch, D d_model, H / K query / key-value heads, Dh head dim, F MLP width,
+Legend: D d_model, H / K query / key-value heads, Dh head dim, F MLP width,
 V vocabulary, L layers, T sequence length, c bytes of the compute dtype, tp tensor-parallel size.
 """
 
@@ -115,16 +115,20 @@ def resolve_attention(implementation: str, platform: str) -> str:
     return implementation
 
 
-def activation_bytes(cfg: ModelConfig, tokens: int, seq_len: int, tp: int, attention: str) -> int:
-    """Estimated activation bytes per device of one microbatch's forward + backward.
+def activation_bytes(
+    cfg: ModelConfig, rows: int, seq_len: int, tp: int, attention: str, logits_chunk: int = 0
+) -> int:
+    """Estimated activation bytes per device of one microbatch (`rows` sequences of `seq_len` on this device)
+    through forward + backward.
 
     Per token and layer the backward keeps (remat "none"): the block input, both norm outputs and the residual
     after attention (4 D), q, k, v and the attention output ((2H + 2K) Dh / tp), gate, up and their product
     (3 F / tp), all in the compute dtype, plus for XLA attention the softmax probabilities (H T / tp, float32 and
     a compute-dtype copy) or for flash attention the log-sum-exp (H / tp, float32). "dots" keeps only matmul
     outputs (2 D + (H + 2K) Dh / tp + 2 F / tp) and "full" only the block input (D); both then recompute one
-    layer at a time, so one layer's "none" set is added once. Also counted: the gathered weights of one layer in
-    the compute dtype, and the float32 logits with their gradient (2 x 4 n V / tp).
+    layer at a time, so one layer's "none" set is added once. Also counted: the final hidden states (D), the
+    gathered weights of one layer in the compute dtype, and the float32 logits with their gradient
+    (2 x 4 V / tp per token, for `rows x logits_chunk` tokens at a time when `train.logits_chunk` is set).
     """
     c = _DTYPE_BYTES[cfg.compute_dtype]
     D, H, K, Dh, F, V, L = (
@@ -146,10 +150,11 @@ def activation_bytes(cfg: ModelConfig, tokens: int, seq_len: int, tp: int, atten
         "dots": c * (2 * D + (H + 2 * K) * Dh / tp + 2 * F / tp),
         "full": c * D,
     }[cfg.remat]
-    per_token = L * saved + (full_layer if cfg.remat != "none" else 0.0)
+    per_token = L * saved + (full_layer if cfg.remat != "none" else 0.0) + c * D
     layer_weights = (D * (H + 2 * K) * Dh + H * Dh * D + 3 * D * F) / tp * c
-    logits = 2 * 4 * V / tp
-    return int(tokens * (per_token + logits + c * D) + layer_weights)
+    logit_tokens = rows * (logits_chunk if 0 < logits_chunk < seq_len else seq_len)
+    logits = logit_tokens * 2 * 4 * V / tp
+    return int(rows * seq_len * per_token + logits + layer_weights)
 
 
 def estimate(config: Config, num_devices: int | None = None, platform: str = "tpu") -> Estimate:
@@ -163,9 +168,11 @@ def estimate(config: Config, num_devices: int | None = None, platform: str = "tp
     rest = per_device_bytes(state, shardings) - params
     tcfg = config.train
     micro = tcfg.batch_size // tcfg.grad_accum
-    tokens = math.ceil(micro / rules.data_parallel_size) * tcfg.seq_len
+    rows = math.ceil(micro / rules.data_parallel_size)
     attention = resolve_attention(config.model.attention, platform)
-    acts = activation_bytes(config.model, tokens, tcfg.seq_len, mesh.shape["tensor"], attention)
+    acts = activation_bytes(
+        config.model, rows, tcfg.seq_len, mesh.shape["tensor"], attention, tcfg.logits_chunk
+    )
     return Estimate(
         mesh=dict(mesh.shape),
         params=params,
@@ -182,11 +189,11 @@ def compiled_memory(config: Config, devices: list[jax.Device] | None = None) -> 
     if config.job != "pretrain":
         raise ConfigError(f"--compile supports job='pretrain' only, got job={config.job!r}")
     # The tool is an entry point like main, so it may use the stage's step.
-    from jaxalign.stages import pretrain
+    from jaxalign.stages import common, pretrain
 
     mesh: Mesh = make_mesh(config.mesh, devices)
     rules = Rules(mesh, config.mesh.rules)
-    pretrain.check_batch(config, rules)
+    common.check_batch(config, rules)
     state, shardings = abstract_state(config, rules)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
     batch_sharding = rules.sharding(("batch", "length"))
@@ -197,7 +204,12 @@ def compiled_memory(config: Config, devices: list[jax.Device] | None = None) -> 
     }
     step = jax.jit(
         lambda s, b: pretrain.train_step(
-            s, b, optim=config.optim, z_loss=config.train.z_loss, microbatches=config.train.grad_accum
+            s,
+            b,
+            optim=config.optim,
+            z_loss=config.train.z_loss,
+            microbatches=config.train.grad_accum,
+            logits_chunk=config.train.logits_chunk,
         ),
         in_shardings=(shardings, {k: batch_sharding for k in batch}),
         out_shardings=(shardings, None),

@@ -47,6 +47,16 @@ SMALL = {
         model__vocab_size=4096,
         train__seq_len=512,
     ),
+    # The same with the logits computed 64 positions at a time.
+    "scan-remat-tp-chunked": dict(
+        mesh__fsdp=4,
+        mesh__tensor=2,
+        model__remat="full",
+        model__scan_layers=True,
+        model__vocab_size=4096,
+        train__seq_len=512,
+        train__logits_chunk=64,
+    ),
 }
 
 
@@ -63,6 +73,13 @@ def test_estimate_against_the_compiled_step(name):
     ratio = est.total / measured["peak"]
     print(f"{name}: predicted {est.total:,} B, compiled peak {measured['peak']:,} B, ratio {ratio:.2f}")
     assert 1 / FACTOR <= ratio <= FACTOR
+
+
+def test_chunked_logits_only_shrink_the_logits_term():
+    whole, chunked = (memory.estimate(load("llama3_8b", train__logits_chunk=c)) for c in (0, 1024))
+    V = 128256
+    # One 8192-token row per device: float32 logits and their gradient for 8192 positions, then for 1024.
+    assert whole.activations - chunked.activations == 2 * 4 * V * (8192 - 1024)
 
 
 def test_more_remat_and_more_tensor_parallelism_need_less_activation_memory():
