@@ -111,6 +111,7 @@ def test_two_processes_match_one_and_resume(corpus, single, tmp_path, cluster):
 @pytest.mark.parametrize(
     "sig, target",
     [(signal.SIGTERM, "every process"), (signal.SIGTERM, "one process"), (signal.SIGINT, "every process")],
+    ids=["sigterm-to-all", "sigterm-to-one", "sigint-to-all"],
 )
 def test_signal_stops_every_process_at_the_same_step_with_a_checkpoint(corpus, tmp_path, sig, target):
     workdir, out, err = tmp_path / "run", tmp_path / "stdout", tmp_path / "stderr"
