@@ -96,26 +96,45 @@ class MetricsLog:
 
 
 class Preemption:
-    """Turns SIGTERM/SIGINT into a request to save and stop at the next step boundary.
+    """Turns SIGTERM/SIGINT into a stop, with a saved checkpoint, at a step boundary.
 
-    Multi-process runs install no handler of their own: JAX's distributed runtime catches SIGTERM and Orbax's
-    preemption sync point makes every process stop (and save) at the same step; a local flag would let processes
-    disagree and deadlock in the next collective.
+    One process: a Python handler sets a flag that `should_stop` reads after every step.
+    Several processes must stop at the same step, or the ones still running wait forever in the next collective.
+    There JAX's distributed runtime (the preemption sync manager that `jax.distributed.initialize` starts) catches
+    SIGTERM itself and tells every process through the coordination service, so a SIGTERM delivered to any one
+    process (or to all) is enough; Orbax's `reached_preemption(step)` then returns True on every process at the
+    same step (one past the furthest step any process had reached). No Python SIGTERM handler is installed (it
+    would replace JAX's), and SIGINT (Ctrl-C) is re-sent to this process as SIGTERM to take the same path.
+    `should_stop` must be called after every step on every process, as the sync protocol requires.
     """
 
     def __init__(self):
         self.requested = False
         self._previous = {}
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+        self.multiprocess = jax.process_count() > 1
+        # Orbax's preemption sync point (JAX's `reached_preemption_sync_point`, False if the service is disabled);
+        # imported here to keep this class self-contained.
+        from orbax.checkpoint.multihost import reached_preemption
+
+        self._reached_sync_point = reached_preemption
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread; the caller owns signals then
+        if self.multiprocess:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._to_sigterm)
+        else:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
+    @staticmethod
+    def _to_sigterm(signum, frame) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
     def should_stop(self, step: int, checkpointer: Checkpointer | None) -> bool:
-        if jax.process_count() > 1 and checkpointer is not None:
-            return bool(checkpointer.manager.reached_preemption(step))
+        if self.multiprocess:
+            return bool(self._reached_sync_point(step))
         return self.requested
 
     def restore(self) -> None:

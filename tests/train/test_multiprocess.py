@@ -1,13 +1,18 @@
 """Two processes x 2 fake devices (JAX distributed runtime, gloo collectives) train like one process with 4 devices,
-save from both processes and resume."""
+save from both processes and resume; started with explicit JAX variables or a simulated SLURM job step (JAX's own
+SLURM detection). SIGTERM to every process or to one of them stops both at the same step with a committed
+checkpoint and exit 0."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
 
 from tests.train.test_resume import ROOT, committed_steps, losses
 
@@ -32,24 +37,38 @@ def args(workdir, corpus):
     ]
 
 
-def launch(workdir, corpus, **extra_env):
-    cmd = [
+def launch_command(workdir, corpus, cluster="explicit", *overrides):
+    return [
         sys.executable,
         "launch/local.py",
         "--processes",
         "2",
         "--devices-per-process",
         "2",
+        f"--cluster={cluster}",
         "--",
         *args(workdir, corpus),
+        *overrides,
     ]
+
+
+def launch_env(**extra_env):
     env = dict(os.environ, **extra_env)
     env.pop("XLA_FLAGS", None)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    return env
 
 
-def test_two_processes_match_one_and_resume(corpus, tmp_path):
-    single = tmp_path / "single"
+def launch(workdir, corpus, cluster="explicit", **extra_env):
+    cmd = launch_command(workdir, corpus, cluster)
+    return subprocess.run(
+        cmd, cwd=ROOT, env=launch_env(**extra_env), capture_output=True, text=True, timeout=400
+    )
+
+
+@pytest.fixture(scope="module")
+def single(corpus, tmp_path_factory):
+    """The reference: one process with 4 devices."""
+    single = tmp_path_factory.mktemp("single")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "jaxalign.main", *args(single, corpus)],
@@ -60,10 +79,17 @@ def test_two_processes_match_one_and_resume(corpus, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "distributed:" not in proc.stdout  # a single-process run is left alone
+    return single
 
+
+@pytest.mark.parametrize("cluster", ["explicit", "slurm"])
+def test_two_processes_match_one_and_resume(corpus, single, tmp_path, cluster):
     multi = tmp_path / "multi"
-    proc = launch(multi, corpus, JAXALIGN_FAULT_KILL_AFTER_SAVE="4")
+    proc = launch(multi, corpus, cluster, JAXALIGN_FAULT_KILL_AFTER_SAVE="4")
     assert proc.returncode == 128 + signal.SIGKILL, proc.stderr[-3000:]
+    for pid in range(2):
+        assert f"[p{pid}] distributed: {cluster} cluster, process {pid} of 2" in proc.stdout
     assert committed_steps(multi) == [4]
     # Both processes wrote their own data-iterator state into the committed checkpoint.
     data_dir = multi / "checkpoints" / "pretrain" / "4" / "data"
@@ -71,7 +97,7 @@ def test_two_processes_match_one_and_resume(corpus, tmp_path):
         "process_0-of-2.json",
         "process_1-of-2.json",
     ]
-    proc = launch(multi, corpus)
+    proc = launch(multi, corpus, cluster)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step 4" in proc.stdout
 
@@ -80,3 +106,38 @@ def test_two_processes_match_one_and_resume(corpus, tmp_path):
     np.testing.assert_allclose([b[s] for s in range(1, 9)], [a[s] for s in range(1, 9)], rtol=1e-5)
     config = json.loads((multi / "config.json").read_text())
     assert config["data"]["shards"] == 2
+
+
+@pytest.mark.parametrize(
+    "sig, target",
+    [(signal.SIGTERM, "every process"), (signal.SIGTERM, "one process"), (signal.SIGINT, "every process")],
+    ids=["sigterm-to-all", "sigterm-to-one", "sigint-to-all"],
+)
+def test_signal_stops_every_process_at_the_same_step_with_a_checkpoint(corpus, tmp_path, sig, target):
+    workdir, out, err = tmp_path / "run", tmp_path / "stdout", tmp_path / "stderr"
+    # Long enough that the run is still going when the signal arrives; no periodic save before step 100.
+    cmd = launch_command(
+        workdir, corpus, "explicit", "--config.train.steps=400", "--config.checkpoint.every_steps=100"
+    )
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=stdout, stderr=stderr, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.05)
+    if target == "every process":
+        proc.send_signal(sig)  # the launcher forwards it to both
+    else:
+        children = [int(p) for p in re.findall(r"\[launch\] process \d: pid (\d+)", out.read_text())]
+        os.kill(children[1], sig)  # the coordination service tells process 0
+    proc.wait(timeout=300)
+    stdout = out.read_text()
+    assert proc.returncode == 0, err.read_text()[-3000:]
+    saved = re.findall(r"\[p(\d)\] pretrain: preempted; saved step (\d+)", stdout)
+    assert sorted(p for p, _ in saved) == ["0", "1"] and len({s for _, s in saved}) == 1, stdout[-3000:]
+    step = int(saved[0][1])
+    assert 3 <= step < 100
+    assert committed_steps(workdir) == [step]
+    assert max(losses(workdir)) == step
+    data_dir = workdir / "checkpoints" / "pretrain" / str(step) / "data"
+    assert len([p for p in data_dir.iterdir() if p.suffix == ".json"]) == 2
