@@ -48,6 +48,12 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(cfg, len(devices))
     shape = tuple(sizes[a] for a in AXES)
+    from jaxalign.parallel import distributed
+
+    if distributed.num_slices(devices) > 1:
+        # Several TPU slices: only the data axis crosses slices (jax.make_mesh refuses multi-slice device sets).
+        grid = distributed.multislice_devices(shape, devices)
+        return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
     if devices == list(jax.devices()):
         return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES))
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
