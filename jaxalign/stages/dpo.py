@@ -288,10 +288,7 @@ def run(config: Config) -> loop.Result:
     rules = common.setup(config)
     train_glob, eval_glob = common.inputs(config, "preference")
     tokenizer = common.tokenizer(config)
-    graphdef, params = common.init_params(config, rules)
-    state, state_shardings = state_lib.create_sharded(
-        graphdef, params, config.optim, tcfg.steps, config.seed, rules
-    )
+    graphdef, state, state_shardings, fresh = common.train_state(config, rules, "dpo")
     batch_shardings = {k: rules.sharding(("batch", "length")) for k in BATCH_KEYS}
 
     # The frozen reference: the initial policy (a copy: the state's buffers are donated to the step).
@@ -299,7 +296,14 @@ def run(config: Config) -> loop.Result:
     reference = None
     if cfg.objective == "dpo":
         ref_shardings = state_shardings.params
-        ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ref_shardings)(state.params)
+        # The initial policy: a copy of a fresh state's params (its buffers are donated to the step), or read again
+        # from model.init_from when the state will be restored from a checkpoint.
+        if fresh:
+            ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ref_shardings)(
+                state.params
+            )
+        else:
+            ref_params = common.init_params(config, rules)[1]
         if cfg.reference == "precomputed":
             patterns = [train_glob] + ([eval_glob] if eval_glob else [])
             reference = {}

@@ -105,12 +105,14 @@ def run(config: Config) -> loop.Result:
     rules = common.setup(config)
     train_glob, eval_glob = common.inputs(config, "preference")
     tokenizer = common.tokenizer(config)
-    graphdef, params = common.init_params(config, rules)
-    state, state_shardings = state_lib.create_sharded(
-        graphdef, params, config.optim, tcfg.steps, config.seed, rules
-    )
+    graphdef, state, state_shardings, fresh = common.train_state(config, rules, "kto")
     ref_shardings = state_shardings.params
-    ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ref_shardings)(state.params)
+    # The initial policy: a copy of a fresh state's params (its buffers are donated to the step), or read again
+    # from model.init_from when the state will be restored from a checkpoint.
+    if fresh:
+        ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ref_shardings)(state.params)
+    else:
+        ref_params = common.init_params(config, rules)[1]
     kwargs = dict(
         seq_len=tcfg.seq_len,
         global_batch_size=tcfg.batch_size,

@@ -80,10 +80,7 @@ def run(config: Config) -> loop.Result:
     batch_shardings = {k: rules.sharding(("batch", "length")) for k in BATCH_KEYS}
 
     # Model and train state, initialised directly into their shardings.
-    graphdef, params = common.init_params(config, rules)
-    state, state_shardings = state_lib.create_sharded(
-        graphdef, params, config.optim, tcfg.steps, config.seed, rules
-    )
+    graphdef, state, state_shardings, _ = common.train_state(config, rules, "pretrain")
 
     # The step.
     step_fn = functools.partial(

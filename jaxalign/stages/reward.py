@@ -119,10 +119,7 @@ def run(config: Config) -> loop.Result:
     if config.reward.margin_field:
         batch_shardings["margin"] = rules.sharding(("batch",))
 
-    graphdef, params = common.init_params(config, rules, scalar=True)
-    state, state_shardings = state_lib.create_sharded(
-        graphdef, params, config.optim, tcfg.steps, config.seed, rules
-    )
+    graphdef, state, state_shardings, _ = common.train_state(config, rules, "reward", scalar=True)
     step_fn = functools.partial(
         train_step, optim=config.optim, center_coef=config.reward.center_coef, microbatches=tcfg.grad_accum
     )

@@ -105,10 +105,7 @@ def run(config: Config) -> loop.Result:
     batch_shardings = {k: rules.sharding(("batch", "length")) for k in common.LM_KEYS}
 
     # Model and train state.
-    graphdef, params = common.init_params(config, rules)
-    state, state_shardings = state_lib.create_sharded(
-        graphdef, params, config.optim, tcfg.steps, config.seed, rules
-    )
+    graphdef, state, state_shardings, _ = common.train_state(config, rules, "sft")
     step_fn = functools.partial(
         train_step, optim=config.optim, microbatches=tcfg.grad_accum, logits_chunk=tcfg.logits_chunk
     )

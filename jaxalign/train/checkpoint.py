@@ -149,6 +149,16 @@ class Checkpointer:
 # --- reading another run's checkpoint (model.init_from="ckpt:...") -------------------------------------------------
 
 
+def has_committed_step(directory: str) -> bool:
+    """True when `directory` (a stage's checkpoint directory) holds a committed step to resume from."""
+    if not os.path.isdir(directory):
+        return False
+    return any(
+        d.isdigit() and os.path.exists(os.path.join(directory, d, "commit_success.txt"))
+        for d in os.listdir(directory)
+    )
+
+
 def find_step_dir(path: str) -> str:
     """The step directory a `ckpt:` path names: a step directory itself (it holds `state/`), the latest committed
     step of a stage's checkpoint directory, or of the one stage under a run directory's `checkpoints/`."""
