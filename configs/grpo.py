@@ -36,7 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         attention="auto",
     )
     c.mesh.update(data=1, fsdp=-1, tensor=1, stage=1)
-    c.train.update(steps=100, batch_size=32, log_every=5, eval_every=25, eval_batches=4)
+    # train.seq_len is unused: a row is data.max_prompt_length + grpo.max_completion_length tokens.
+    c.train.update(steps=100, batch_size=32, seq_len=80, log_every=5, eval_every=25, eval_batches=4)
     c.optim.update(lr=1e-5, warmup_steps=5, min_lr_ratio=0.1, weight_decay=0.0, clip_norm=1.0)
     c.data.update(chat_template="chatml", max_prompt_length=48)
     c.grpo.update(
@@ -54,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.update(
             vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=256
         )
-        c.train.update(steps=10, batch_size=8, log_every=1, eval_every=5, eval_batches=1)
+        c.train.update(steps=10, batch_size=8, seq_len=64, log_every=1, eval_every=5, eval_batches=1)
         c.optim.update(lr=1e-3, warmup_steps=2)
         c.data.update(synthetic_entities=100, max_prompt_length=48)
         c.grpo.update(max_completion_length=16, beta=0.04)
