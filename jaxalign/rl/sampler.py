@@ -27,8 +27,9 @@ A row's real tokens have RoPE positions 0 .. len-1 and segment id 1; pad slots h
 attended to. Generated token t of a row is fed at slot P + t with position len + t. With G > 1 the P prompts are
 prefilled once and their cache and last logits are repeated G times, prompt-major: rows p*G .. p*G+G-1.
 
-Randomness: the token of row r at step t is drawn with `fold_in(fold_in(rng, t), r)`, so it depends only on
-(rng, t, r): the same whatever the sharding or how the prefill was shared.
+Randomness: step t samples every row with one key, `fold_in(rng, t)`. With JAX's partitionable threefry (the
+default, `jax_threefry_partitionable=True`) the noise of row r depends only on (rng, t, r) and the vocabulary size,
+so samples are the same whatever the sharding, the batch size, or whether the prefill was shared.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from flax import nnx
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.models.transformer import CACHE_AXES, KVCache, Transformer
 
-__all__ = ["SampleOutput", "completion_logps", "generate", "process_logits", "sample"]
+__all__ = ["SampleOutput", "completion_logps", "generate", "process_logits", "sample", "sample_tokens"]
 
 
 class SampleOutput(NamedTuple):
@@ -94,15 +95,16 @@ def process_logits(
     return logits
 
 
-def _choose(logits_BxV, key, temperature, top_k, top_p):
-    """(token_B, logp_B) sampled (or argmax when greedy) from `process_logits`; row r uses fold_in(key, r)."""
+def sample_tokens(
+    logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """One token per row from `process_logits(logits_BxV, ...)` (argmax when `temperature == 0`); returns
+    (token_B int32, logp_B float32: its log-prob under that distribution)."""
     processed_BxV = process_logits(logits_BxV, temperature, top_k, top_p)
     if temperature == 0:
         token_B = jnp.argmax(processed_BxV, axis=-1).astype(jnp.int32)
     else:
-        rows_B = jnp.arange(processed_BxV.shape[0], dtype=jnp.uint32)
-        keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, rows_B)
-        token_B = jax.vmap(jax.random.categorical)(keys_B, processed_BxV).astype(jnp.int32)
+        token_B = jax.random.categorical(key, processed_BxV, axis=-1).astype(jnp.int32)
     logp_BxV = jax.nn.log_softmax(processed_BxV, axis=-1)
     return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
 
@@ -205,7 +207,7 @@ def decode(
     def is_eos(token_B):
         return jnp.any(token_B[:, None] == eos_E[None], axis=1) if eos_ids else jnp.zeros(token_B.shape, bool)
 
-    token_B, logp_B = _choose(logits_BxV, jax.random.fold_in(rng, 0), temperature, top_k, top_p)
+    token_B, logp_B = sample_tokens(logits_BxV, jax.random.fold_in(rng, 0), temperature, top_k, top_p)
     tokens_BxC = jnp.full((B, C), pad_id, jnp.int32).at[:, 0].set(token_B)
     logps_BxC = jnp.zeros((B, C), jnp.float32).at[:, 0].set(logp_B)
     mask_BxC = jnp.zeros((B, C), jnp.int32).at[:, 0].set(1)
@@ -219,7 +221,9 @@ def decode(
         slot = P + t - 1  # where the previous token goes
         valid_BxS = prompt_valid_BxS | ((slots_S >= P) & (slots_S <= slot))[None]
         h_BxD, cache = model.decode_step(token_B, lengths_B + t - 1, cache, slot, valid_BxS)
-        token_B, logp_B = _choose(model.logits(h_BxD), jax.random.fold_in(rng, t), temperature, top_k, top_p)
+        token_B, logp_B = sample_tokens(
+            model.logits(h_BxD), jax.random.fold_in(rng, t), temperature, top_k, top_p
+        )
         live_B = ~done_B
         token_B = jnp.where(live_B, token_B, pad_id)
         column = lambda x: x[:, None]

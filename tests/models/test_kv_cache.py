@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign.models.transformer import KVCache, Transformer
-from tests.helpers import tiny
+from jaxalign.models.transformer import KVCache
+from tests.helpers import random_model
 
 TOL = 1e-5
 
@@ -32,23 +32,6 @@ VARIANTS = {
         scan_layers=True,
     ),
 }
-
-
-def random_model(seed: int = 0, **overrides) -> tuple[nnx.GraphDef, nnx.State]:
-    """A tiny model with every parameter drawn at random in numpy (norm scales around 1): no compiled init."""
-    cfg = tiny(vocab_size=128, d_model=32, head_dim=8, **overrides)
-    graphdef, abstract = jax.eval_shape(lambda: nnx.split(Transformer(cfg, nnx.Rngs(seed))))
-    rng = np.random.default_rng(seed)
-    flat = [
-        (
-            path,
-            var.replace(
-                jnp.asarray((path[-1] == "scale") + 0.2 * rng.standard_normal(var.shape), jnp.float32)
-            ),
-        )
-        for path, var in nnx.to_flat_state(abstract)
-    ]
-    return graphdef, nnx.from_flat_state(flat)
 
 
 def left_padded(rng: np.random.Generator, lengths, width: int, extra: int, vocab: int):
