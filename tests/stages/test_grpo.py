@@ -1,6 +1,7 @@
 """GRPO: reward functions on hand cases, the jitted step against `losses.grpo_loss`, accumulation and mesh
 invariance, whole groups under micro-batching and sharding, and bad input (one line or a counted skip)."""
 
+import dataclasses
 import functools
 import json
 
@@ -320,6 +321,11 @@ def test_rollout_skips_the_groups_of_a_failing_reward_and_counts_them(tmp_path, 
     assert metrics["reward_skipped_groups"] == 1
     assert not host["completion_mask"][:4].any() and host["completion_mask"][4:].any()
     assert not host["advantages"].any()  # the other group's rewards are all 1: zero advantage
+    assert metrics["frac_reward_zero_std"] == 1.0
+    # DAPO's dynamic filtering drops that zero-variance group from the loss too (same sampler program, new option).
+    rollout.cfg = dataclasses.replace(rollout.cfg, filter_zero_std=True)
+    batch, metrics = rollout(state, prompts, step=1)
+    assert not np.asarray(batch["completion_mask"]).any() and metrics["reward_skipped_groups"] == 1
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------
