@@ -342,7 +342,7 @@ class GrpoConfig:
     num_generations: int = 4
     max_completion_length: int = 32
     temperature: float = 1.0
-    # 0 keeps every token; 1.0 keeps every token.
+    # top_k=0 and top_p=1.0 keep every token.
     top_k: int = 0
     top_p: float = 1.0
     num_iterations: int = 1
