@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -332,6 +333,82 @@ class DpoConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GrpoConfig:
+    """Group relative policy optimisation (`job="grpo"`) with verifiable rewards: per step, `train.batch_size /
+    num_generations` prompts, `num_generations` sampled completions each (so `train.batch_size` counts completions,
+    as TRL's generation batch), rewards, group advantages and `num_iterations` clipped updates (TRL 1.16 semantics:
+    `loss_type` dapo, grpo, bnpo or dr_grpo; `importance_sampling_level="sequence"` is GSPO)."""
+
+    num_generations: int = 4
+    max_completion_length: int = 32
+    temperature: float = 1.0
+    # top_k=0 and top_p=1.0 keep every token.
+    top_k: int = 0
+    top_p: float = 1.0
+    num_iterations: int = 1
+    epsilon: float = 0.2
+    # The upper clip (DAPO's clip-higher); 0 means the same as `epsilon`.
+    epsilon_high: float = 0.0
+    # Weight of the k3 KL to the reference (the initial policy); 0 holds no reference model.
+    beta: float = 0.0
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    # Advantage scale: per-group std ("group"), std over the whole batch ("batch"), or none (Dr. GRPO).
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    # Reward functions (jaxalign.rl.rewards: "answer", "format", "reward_model") and their weights (() = all 1).
+    reward_funcs: tuple[str, ...] = ("answer", "format")
+    reward_weights: tuple[float, ...] = ()
+    # The trained reward model for the "reward_model" reward function: a `checkpoints/reward` directory.
+    reward_model: str = ""
+    # DAPO dynamic sampling, as a filter: groups whose rewards are all equal (zero advantage) are left out of the
+    # loss and its normaliser (counted in `frac_reward_zero_std` either way).
+    filter_zero_std: bool = False
+    # DAPO soft overlong punishment: completions longer than max_completion_length - overlong_buffer tokens lose up
+    # to overlong_penalty reward, linearly (0 = off).
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+
+    def __post_init__(self):
+        from jaxalign.rl import rewards
+
+        if self.num_generations < 2:
+            raise ConfigError(
+                f"grpo.num_generations={self.num_generations} must be >= 2 (advantages compare samples of a group)"
+            )
+        _positive(self, "grpo", ("max_completion_length", "num_iterations"))
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ConfigError(f"grpo.temperature={self.temperature} must be > 0 (GRPO samples)")
+        if self.top_k < 0:
+            raise ConfigError(f"grpo.top_k={self.top_k} must be >= 0 (0 keeps every token)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"grpo.top_p={self.top_p} must be in (0, 1]")
+        if not 0 < self.epsilon < 1:
+            raise ConfigError(f"grpo.epsilon={self.epsilon} must be in (0, 1)")
+        if self.epsilon_high < 0:
+            raise ConfigError(f"grpo.epsilon_high={self.epsilon_high} must be >= 0 (0: same as grpo.epsilon)")
+        if self.beta < 0:
+            raise ConfigError(f"grpo.beta={self.beta} must be >= 0")
+        rewards.check_names(self.reward_funcs)
+        if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(
+                f"grpo.reward_weights={self.reward_weights} needs one weight per grpo.reward_funcs="
+                f"{self.reward_funcs} (or none: all 1.0)"
+            )
+        if ("reward_model" in self.reward_funcs) != bool(self.reward_model):
+            raise ConfigError(
+                f"grpo.reward_model={self.reward_model!r} and grpo.reward_funcs={self.reward_funcs}: the "
+                "'reward_model' reward function needs grpo.reward_model (a checkpoints/reward directory), and only it"
+            )
+        if not 0 <= self.overlong_buffer < self.max_completion_length:
+            raise ConfigError(
+                f"grpo.overlong_buffer={self.overlong_buffer} must be in [0, grpo.max_completion_length="
+                f"{self.max_completion_length})"
+            )
+        if self.overlong_penalty < 0:
+            raise ConfigError(f"grpo.overlong_penalty={self.overlong_penalty} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class StageRun:
     """What differs between the stages of one pipeline run (`job="pipeline"`); a 0 (or -1 where 0 is meaningful)
     keeps the value of the top-level `train`/`optim`/`checkpoint` sections."""
@@ -408,6 +485,7 @@ class Config:
     sft: SftConfig = dataclasses.field(default_factory=SftConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     dpo: DpoConfig = dataclasses.field(default_factory=DpoConfig)
+    grpo: GrpoConfig = dataclasses.field(default_factory=GrpoConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
 
     def __post_init__(self):

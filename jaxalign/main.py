@@ -28,6 +28,7 @@ JOBS = {
     "reward": "jaxalign.stages.reward",
     "dpo": "jaxalign.stages.dpo",
     "kto": "jaxalign.stages.kto",
+    "grpo": "jaxalign.stages.grpo",
     "curate": "jaxalign.data.curate",
     "pipeline": "jaxalign.pipeline",
 }

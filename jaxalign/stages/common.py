@@ -221,29 +221,30 @@ def init_params(
     return graphdef, nnx.from_flat_state([(path, var.replace(loaded[path])) for path, var in flat])
 
 
-def train_state(config: Config, rules: Rules, stage: str, *, scalar: bool = False):
+def train_state(
+    config: Config, rules: Rules, stage: str, *, scalar: bool = False, total_steps: int | None = None
+):
     """(graphdef, state, state shardings, fresh) of `stage`'s train state.
 
     When the stage has a committed checkpoint to resume from, `state` is abstract (its leaves are
     `jax.ShapeDtypeStruct`s, from `jax.eval_shape`) and no initial weights are read, `hf:` and `ckpt:` inits
     included: the loop restores the checkpoint onto it, after checking the checkpoint's config, so a resumed run never
-    holds a second full state. Otherwise `state` is initialised from `model.init_from` (`fresh` is True)."""
+    holds a second full state. Otherwise `state` is initialised from `model.init_from` (`fresh` is True).
+    `total_steps` (the schedule's length in optimizer updates) defaults to `train.steps`."""
     from jaxalign.train import state as state_lib
 
-    tcfg = config.train
+    steps = config.train.steps if total_steps is None else total_steps
     stage_dir = os.path.join(config.workdir, "checkpoints", stage)
     if config.checkpoint.enabled and checkpoint.has_committed_step(stage_dir):
         cls = ScalarModel if scalar else Transformer
         graphdef, abstract = jax.eval_shape(
             lambda: nnx.split(cls(config.model, nnx.Rngs(config.seed), rules))
         )
-        make = lambda p: state_lib.create(graphdef, p, config.optim, tcfg.steps, config.seed)
+        make = lambda p: state_lib.create(graphdef, p, config.optim, steps, config.seed)
         state = jax.eval_shape(make, abstract)
         return graphdef, state, state_lib.state_shardings(state, rules), False
     graphdef, params = init_params(config, rules, scalar=scalar)
-    state, shardings = state_lib.create_sharded(
-        graphdef, params, config.optim, tcfg.steps, config.seed, rules
-    )
+    state, shardings = state_lib.create_sharded(graphdef, params, config.optim, steps, config.seed, rules)
     return graphdef, state, shardings, True
 
 
