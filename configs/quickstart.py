@@ -1,7 +1,7 @@
 """The main job: raw text to an aligned model on the embedded synthetic world, end to end.
 
     python -m jaxalign.main --config=configs/quickstart.py --config.workdir=runs/quickstart
-      curate -> pretrain -> SFT -> reward model -> DPO on the reference 8M-parameter model, ~12 minutes on a 2-core
+      curate -> pretrain -> SFT -> reward model -> DPO -> GRPO on the reference 8M-parameter model, ~12 minutes on a 2-core
       CPU. Re-running the command skips finished stages and resumes an interrupted one.
     python -m jaxalign.main --config=configs/quickstart.py:smoke --config.workdir=runs/quickstart_smoke
       every stage on a tiny model, ~2 minutes on a 2-core CPU.
@@ -33,11 +33,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.update(lr=1e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0)
     c.data.update(synthetic_entities=400, chat_template="chatml", max_prompt_length=64)
     c.checkpoint.update(every_steps=100, keep=2)
-    c.pipeline.stages = "curate,pretrain,sft,reward,dpo"
+    c.pipeline.stages = "curate,pretrain,sft,reward,dpo,grpo"
     c.pipeline.pretrain.update(steps=300, lr=1e-3)
     c.pipeline.sft.update(steps=150, lr=3e-4, eval_every=50)
     c.pipeline.reward.update(steps=100, seq_len=128, lr=1e-4, eval_every=50)
     c.pipeline.dpo.update(steps=100, seq_len=128, lr=5e-5, eval_every=50)
+    # GRPO: train.batch_size counts completions (grpo.num_generations per prompt).
+    c.grpo.update(num_generations=4, max_completion_length=24, reward_funcs=("answer", "format"))
+    c.pipeline.grpo.update(steps=60, batch_size=16, seq_len=80, lr=1e-5, eval_every=30)
     if arg == "smoke":
         c.model.update(
             vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=256
@@ -49,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.pipeline.sft.update(steps=20, lr=1e-3, eval_every=10)
         c.pipeline.reward.update(steps=10, seq_len=96, lr=1e-3, eval_every=10)
         c.pipeline.dpo.update(steps=10, seq_len=96, lr=1e-4, eval_every=10)
+        c.pipeline.grpo.update(steps=4, batch_size=8, seq_len=64, lr=1e-4, eval_every=4)
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; accepted: 'smoke'")
     return c
