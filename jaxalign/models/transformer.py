@@ -11,6 +11,11 @@ Dense layers act on flattened (N, D) activations: on XLA:CPU the backward of a m
 
 Every parameter carries logical axis names in its `axes` metadata; `param_shardings` maps them to the mesh through
 `Rules`. Activations are constrained at block boundaries only; XLA propagates the rest.
+
+Generation (rl/sampler.py) uses the same modules and parameters through two more methods: `prefill` (the training
+forward, also returning every layer's keys and values as a `KVCache` of (L, B, S, K, Dh), S cache slots, GQA-aware:
+K kv heads, never repeated to H) and `decode_step` (one token per row against the cache; `decode_attention`). The
+training path (`hidden`, `logits`, `__call__`) traces to the same jaxpr as before these were added.
 """
 
 from __future__ import annotations
@@ -239,7 +244,8 @@ _REMAT_POLICIES = {
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM. `model(tokens_BxT) -> logits_BxTxV`; `hidden` gives the final normed states."""
+    """Decoder-only LM. `model(tokens_BxT) -> logits_BxTxV`; `hidden` gives the final normed states; `prefill` and
+    `decode_step` are the KV-cache generation path."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules: Rules | None = None):
         self.cfg = cfg
