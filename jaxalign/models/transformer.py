@@ -11,6 +11,11 @@ Dense layers act on flattened (N, D) activations: on XLA:CPU the backward of a m
 
 Every parameter carries logical axis names in its `axes` metadata; `param_shardings` maps them to the mesh through
 `Rules`. Activations are constrained at block boundaries only; XLA propagates the rest.
+
+Generation (rl/sampler.py) uses the same modules and parameters through two more methods: `prefill` (the training
+forward, also returning every layer's keys and values as a `KVCache` of (L, B, S, K, Dh), S cache slots, GQA-aware:
+K kv heads, never repeated to H) and `decode_step` (one token per row against the cache; `decode_attention`). The
+training path (`hidden`, `logits`, `__call__`) traces to the same jaxpr as before these were added.
 """
 
 from __future__ import annotations
@@ -108,18 +113,30 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(Dh, cfg.norm_eps, cfg.norm_plus_one)
             self.k_norm = RMSNorm(Dh, cfg.norm_eps, cfg.norm_plus_one)
 
-    def _qkv(self, x_NxD, cos, sin, shape_BxT):
-        """Projected, normed and rotated q (B, T, H, Dh), k and v (B, T, K, Dh)."""
+    def _qkv(self, x_NxD, cos, sin, shape_BxT, fused=False):
+        """Projected, normed and rotated q (B, T, H, Dh), k and v (B, T, K, Dh). `fused` does the three
+        projections as one matmul against the concatenated kernels (decoding: fewer, wider matmuls; inside a decode
+        loop XLA hoists the loop-invariant concatenation out of it)."""
         cfg = self.cfg
         B, T = shape_BxT
         dtype = x_NxD.dtype
-        q_NxHDh = x_NxD @ self.wq[...].astype(dtype)
-        k_NxKDh = x_NxD @ self.wk[...].astype(dtype)
-        v_NxKDh = x_NxD @ self.wv[...].astype(dtype)
-        if cfg.qkv_bias:
-            q_NxHDh += self.bq[...].astype(dtype)
-            k_NxKDh += self.bk[...].astype(dtype)
-            v_NxKDh += self.bv[...].astype(dtype)
+        if fused:
+            HDh = cfg.n_heads * cfg.head_dim
+            w = jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1).astype(dtype)
+            qkv_NxQKV = x_NxD @ w
+            if cfg.qkv_bias:
+                qkv_NxQKV += jnp.concatenate([self.bq[...], self.bk[...], self.bv[...]]).astype(dtype)
+            q_NxHDh, k_NxKDh, v_NxKDh = jnp.split(
+                qkv_NxQKV, [HDh, HDh + cfg.n_kv_heads * cfg.head_dim], axis=1
+            )
+        else:
+            q_NxHDh = x_NxD @ self.wq[...].astype(dtype)
+            k_NxKDh = x_NxD @ self.wk[...].astype(dtype)
+            v_NxKDh = x_NxD @ self.wv[...].astype(dtype)
+            if cfg.qkv_bias:
+                q_NxHDh += self.bq[...].astype(dtype)
+                k_NxKDh += self.bk[...].astype(dtype)
+                v_NxKDh += self.bv[...].astype(dtype)
         q = q_NxHDh.reshape(B, T, cfg.n_heads, cfg.head_dim)
         k = k_NxKDh.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
         v = v_NxKDh.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
@@ -154,7 +171,7 @@ class Attention(nnx.Module):
         XLA update the cache in place: a read of the old cache alongside the write makes it copy the cache.
         Returns (out_BxD, k_BxSxKxDh, v_BxSxKxDh)."""
         B = x_BxD.shape[0]
-        q, k, v = self._qkv(x_BxD, cos, sin, (B, 1))
+        q, k, v = self._qkv(x_BxD, cos, sin, (B, 1), fused=True)
         k_BxSxKxDh = jax.lax.dynamic_update_slice(k_BxSxKxDh, k.astype(k_BxSxKxDh.dtype), (0, slot, 0, 0))
         v_BxSxKxDh = jax.lax.dynamic_update_slice(v_BxSxKxDh, v.astype(v_BxSxKxDh.dtype), (0, slot, 0, 0))
         o_Bx1xHxDh = decode_attention(q, k_BxSxKxDh, v_BxSxKxDh, valid_BxS)
@@ -169,11 +186,17 @@ class MLP(nnx.Module):
         self.w_up = _param(rngs, (D, F), ("embed", "mlp"), std)
         self.w_down = _param(rngs, (F, D), ("mlp", "embed"), std / math.sqrt(2 * cfg.n_layers))
 
-    def __call__(self, x_NxD):
+    def __call__(self, x_NxD, fused=False):
+        """`fused` does the gate and up projections as one matmul (decoding; see `Attention._qkv`)."""
         dtype = x_NxD.dtype
-        gate_NxF = x_NxD @ self.w_gate[...].astype(dtype)
         act = jax.nn.silu if self.activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
-        h_NxF = act(gate_NxF) * (x_NxD @ self.w_up[...].astype(dtype))
+        if fused:
+            F = self.w_gate.shape[1]
+            gate_up_Nx2F = x_NxD @ jnp.concatenate([self.w_gate[...], self.w_up[...]], axis=1).astype(dtype)
+            h_NxF = act(gate_up_Nx2F[:, :F]) * gate_up_Nx2F[:, F:]
+        else:
+            gate_NxF = x_NxD @ self.w_gate[...].astype(dtype)
+            h_NxF = act(gate_NxF) * (x_NxD @ self.w_up[...].astype(dtype))
         return h_NxF @ self.w_down[...].astype(dtype)
 
 
@@ -199,7 +222,7 @@ class Block(nnx.Module):
             self.attn_norm(x_BxD), cos, sin, k_BxSxKxDh, v_BxSxKxDh, slot, valid_BxS
         )
         x_BxD = x_BxD + a_BxD
-        return x_BxD + self.mlp(self.mlp_norm(x_BxD)), k_BxSxKxDh, v_BxSxKxDh
+        return x_BxD + self.mlp(self.mlp_norm(x_BxD), fused=True), k_BxSxKxDh, v_BxSxKxDh
 
 
 def _stack(blocks: list[Block]) -> Block:
@@ -221,7 +244,8 @@ _REMAT_POLICIES = {
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM. `model(tokens_BxT) -> logits_BxTxV`; `hidden` gives the final normed states."""
+    """Decoder-only LM. `model(tokens_BxT) -> logits_BxTxV`; `hidden` gives the final normed states; `prefill` and
+    `decode_step` are the KV-cache generation path."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules: Rules | None = None, lm_head: bool = True):
         """`lm_head=False` leaves out the untied output projection: the trunk of a scalar-head model

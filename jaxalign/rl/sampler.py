@@ -47,7 +47,14 @@ from flax import nnx
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.models.transformer import CACHE_AXES, KVCache, Transformer
 
-__all__ = ["SampleOutput", "completion_logps", "generate", "process_logits", "sample", "sample_tokens"]
+__all__ = [
+    "SampleOutput",
+    "completion_logps",
+    "generate",
+    "process_logits",
+    "sample",
+    "sample_tokens",
+]
 
 
 class SampleOutput(NamedTuple):

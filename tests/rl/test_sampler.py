@@ -69,22 +69,26 @@ def test_greedy_generation_matches_transformers(name, tmp_path):
 # --- log-probs --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "temperature,top_k,top_p",
-    [(0.7, 10, 0.85), (1.3, 0, 1.0), (0.0, 0, 1.0)],
-    ids=["t0.7_k10_p0.85", "t1.3", "greedy"],
-)
-def test_sampler_logps_equal_completion_logps(model, temperature, top_k, top_p):
-    out = generate(
-        model, temperature=temperature, top_k=top_k, top_p=top_p, rng=3, num_generations=2, eos_id=[17, 29]
-    )
+# Sampling with G = 2 and two EOS ids (masked positions included); greedy with the arguments the EOS tests use
+# (compiled once for the module).
+LOGP_CASES = {
+    "t0.7_k10_p0.85": dict(temperature=0.7, top_k=10, top_p=0.85, rng=3, num_generations=2, eos_id=[17, 29]),
+    "t1.3": dict(temperature=1.3, rng=3, num_generations=2, eos_id=[17, 29]),
+    "greedy": dict(temperature=0.0),
+}
+
+
+@pytest.mark.parametrize("case", list(LOGP_CASES))
+def test_sampler_logps_equal_completion_logps(model, case):
+    kwargs = LOGP_CASES[case]
+    out = generate(model, **kwargs)
     graphdef, params = nnx.split(model)
-    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    kw = {k: kwargs.get(k, default) for k, default in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0))}
     expected = jax.jit(functools.partial(sampler.completion_logps, graphdef, **kw))(
         params, out.prompt_ids, out.prompt_mask, out.tokens, out.mask
     )
     err = np.abs(np.asarray(expected) - out.logps).max()
-    print(f"T={temperature} k={top_k} p={top_p}: max |sampler - completion_logps| = {err:.2e}")
+    print(f"{case}: max |sampler - completion_logps| = {err:.2e}")
     assert err <= 2e-5
     assert (out.logps[out.mask == 1] < 0).all() and (out.logps[out.mask == 0] == 0).all()
 
