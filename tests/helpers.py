@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxalign.config import MeshConfig, ModelConfig
+from jaxalign.models.transformer import Transformer, param_shardings
 from jaxalign.parallel.mesh import Rules, make_mesh
 
 # Every dimension divides 8 devices, so any test mesh shards every axis.
@@ -46,3 +49,20 @@ def lm_batch(rng: np.random.Generator, batch: int, length: int, vocab: int, pack
                 positions[b, -pad:] = 0
     weights = (segment_ids > 0).astype(np.float32)
     return dict(inputs=inputs, targets=targets, segment_ids=segment_ids, positions=positions, weights=weights)
+
+
+def random_model(seed: int = 0, rules: Rules | None = None, **overrides) -> tuple[nnx.GraphDef, nnx.State]:
+    """A tiny model (vocab 128, d_model 32, head_dim 8 unless overridden) with every parameter drawn at random in
+    numpy, norm scales around 1 and biases non-zero (no compiled init: seconds faster on a loaded CPU). With
+    `rules`, the parameters are placed in their shardings."""
+    cfg = tiny(**{"vocab_size": 128, "d_model": 32, "head_dim": 8, **overrides})
+    graphdef, abstract = jax.eval_shape(lambda: nnx.split(Transformer(cfg, nnx.Rngs(seed), rules)))
+    rng = np.random.default_rng(seed)
+    flat = [
+        (path, var.replace((path[-1] == "scale") + 0.2 * rng.standard_normal(var.shape).astype(np.float32)))
+        for path, var in nnx.to_flat_state(abstract)
+    ]
+    params = nnx.from_flat_state(flat)
+    if rules is not None:
+        return graphdef, jax.device_put(params, param_shardings(abstract, rules))
+    return graphdef, jax.tree.map(jnp.asarray, params)

@@ -58,6 +58,33 @@ def xla_attention(
     return o_BxKxGTxD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
+def decode_attention(
+    q_Bx1xHxD: jax.Array,
+    k_BxSxKxD: jax.Array,
+    v_BxSxKxD: jax.Array,
+    valid_BxS: jax.Array,
+    *,
+    sm_scale: float | None = None,
+) -> jax.Array:
+    """One query per row (decoding) over a KV cache, attending to the slots where `valid_BxS`. Softmax in float32.
+    Returns `o_Bx1xHxD`.
+
+    A broadcast-multiply-reduce rather than a dot: with only H // K queries per kv head, a batched dot would first
+    transpose the whole cache to head-major order at every step, while these reductions read it once in place."""
+    B, T, H, D = q_Bx1xHxD.shape
+    K = k_BxSxKxD.shape[2]
+    if T != 1:
+        raise ValueError(f"decode_attention takes one query per row, got {T}")
+    G = H // K
+    scale = D**-0.5 if sm_scale is None else sm_scale
+    q_Bx1xKxGxD = q_Bx1xHxD.reshape(B, 1, K, G, D).astype(jnp.float32)
+    s_BxSxKxG = jnp.sum(q_Bx1xKxGxD * k_BxSxKxD[:, :, :, None, :].astype(jnp.float32), axis=-1) * scale
+    s_BxSxKxG = jnp.where(valid_BxS[:, :, None, None], s_BxSxKxG, jnp.finfo(jnp.float32).min)
+    p_BxSxKxG = jax.nn.softmax(s_BxSxKxG, axis=1)
+    o_BxKxGxD = jnp.sum(p_BxSxKxG[..., None] * v_BxSxKxD[:, :, :, None, :].astype(jnp.float32), axis=1)
+    return o_BxKxGxD.reshape(B, 1, H, D).astype(q_Bx1xHxD.dtype)
+
+
 def _flash(q, k, v, causal, segment_ids, sm_scale, rules):
     """The Pallas kernel, inside `shard_map` over batch and heads when the mesh has more than one device."""
     from jaxalign.kernels.flash_attention import flash_attention

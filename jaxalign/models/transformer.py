@@ -17,16 +17,28 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign.config import ModelConfig
-from jaxalign.models.attention import attention
+from jaxalign.models.attention import attention, decode_attention
 from jaxalign.parallel.mesh import Rules
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Logical axes of a KV cache array (L, B, S, K, Dh): it shards like the activations (batch) and the kv heads.
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, (L, B, S, K, Dh) each, in the compute dtype. Slot s of row b holds the
+    token written there by `Transformer.prefill` (s < prompt width) or the `decode_step` that used slot s."""
+
+    k: jax.Array
+    v: jax.Array
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
@@ -96,7 +108,8 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(Dh, cfg.norm_eps, cfg.norm_plus_one)
             self.k_norm = RMSNorm(Dh, cfg.norm_eps, cfg.norm_plus_one)
 
-    def __call__(self, x_NxD, cos, sin, segment_ids_BxT, shape_BxT):
+    def _qkv(self, x_NxD, cos, sin, shape_BxT):
+        """Projected, normed and rotated q (B, T, H, Dh), k and v (B, T, K, Dh)."""
         cfg = self.cfg
         B, T = shape_BxT
         dtype = x_NxD.dtype
@@ -112,11 +125,40 @@ class Attention(nnx.Module):
         v = v_NxKDh.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _out(self, o_BxTxHxDh):
+        B, T = o_BxTxHxDh.shape[:2]
+        return o_BxTxHxDh.reshape(B * T, -1) @ self.wo[...].astype(o_BxTxHxDh.dtype)
+
+    def __call__(self, x_NxD, cos, sin, segment_ids_BxT, shape_BxT):
+        return self.prefill(x_NxD, cos, sin, segment_ids_BxT, shape_BxT)[0]
+
+    def prefill(self, x_NxD, cos, sin, segment_ids_BxT, shape_BxT):
+        """The training forward, also returning this layer's keys and values (B, T, K, Dh) for a KV cache."""
+        q, k, v = self._qkv(x_NxD, cos, sin, shape_BxT)
         o_BxTxHxDh = attention(
-            q, k, v, implementation=cfg.attention, causal=True, segment_ids=segment_ids_BxT, rules=self.rules
+            q,
+            k,
+            v,
+            implementation=self.cfg.attention,
+            causal=True,
+            segment_ids=segment_ids_BxT,
+            rules=self.rules,
         )
-        return o_BxTxHxDh.reshape(B * T, -1) @ self.wo[...].astype(dtype)
+        return self._out(o_BxTxHxDh), k, v
+
+    def decode(self, x_BxD, cos, sin, k_BxSxKxDh, v_BxSxKxDh, slot, valid_BxS):
+        """One new token per row: writes its key and value into this layer's cache at `slot` (the same for every
+        row), then attends to the slots where `valid_BxS` (which must include `slot`). Writing before reading lets
+        XLA update the cache in place: a read of the old cache alongside the write makes it copy the cache.
+        Returns (out_BxD, k_BxSxKxDh, v_BxSxKxDh)."""
+        B = x_BxD.shape[0]
+        q, k, v = self._qkv(x_BxD, cos, sin, (B, 1))
+        k_BxSxKxDh = jax.lax.dynamic_update_slice(k_BxSxKxDh, k.astype(k_BxSxKxDh.dtype), (0, slot, 0, 0))
+        v_BxSxKxDh = jax.lax.dynamic_update_slice(v_BxSxKxDh, v.astype(v_BxSxKxDh.dtype), (0, slot, 0, 0))
+        o_Bx1xHxDh = decode_attention(q, k_BxSxKxDh, v_BxSxKxDh, valid_BxS)
+        return self._out(o_Bx1xHxDh), k_BxSxKxDh, v_BxSxKxDh
 
 
 class MLP(nnx.Module):
@@ -143,8 +185,21 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x_NxD, cos, sin, segment_ids_BxT, shape_BxT):
-        x_NxD = x_NxD + self.attn(self.attn_norm(x_NxD), cos, sin, segment_ids_BxT, shape_BxT)
-        return x_NxD + self.mlp(self.mlp_norm(x_NxD))
+        return self.prefill(x_NxD, cos, sin, segment_ids_BxT, shape_BxT)[0]
+
+    def prefill(self, x_NxD, cos, sin, segment_ids_BxT, shape_BxT):
+        """The training forward, also returning the layer's keys and values (`Attention.prefill`)."""
+        a_NxD, k, v = self.attn.prefill(self.attn_norm(x_NxD), cos, sin, segment_ids_BxT, shape_BxT)
+        x_NxD = x_NxD + a_NxD
+        return x_NxD + self.mlp(self.mlp_norm(x_NxD)), k, v
+
+    def decode(self, x_BxD, cos, sin, k_BxSxKxDh, v_BxSxKxDh, slot, valid_BxS):
+        """One token per row against this layer's cache (`Attention.decode`). Returns (x_BxD, k, v)."""
+        a_BxD, k_BxSxKxDh, v_BxSxKxDh = self.attn.decode(
+            self.attn_norm(x_BxD), cos, sin, k_BxSxKxDh, v_BxSxKxDh, slot, valid_BxS
+        )
+        x_BxD = x_BxD + a_BxD
+        return x_BxD + self.mlp(self.mlp_norm(x_BxD)), k_BxSxKxDh, v_BxSxKxDh
 
 
 def _stack(blocks: list[Block]) -> Block:
@@ -183,6 +238,18 @@ class Transformer(nnx.Module):
     def _constrain(self, x, names):
         return x if self.rules is None else self.rules.constrain(x, names)
 
+    def _rope(self, positions_BxT):
+        angles_BxTxDh2 = positions_BxT[..., None].astype(jnp.float32) * rope_frequencies(self.cfg)
+        return jnp.cos(angles_BxTxDh2), jnp.sin(angles_BxTxDh2)
+
+    def _embed(self, tokens_BxT):
+        cfg = self.cfg
+        dtype = _DTYPES[cfg.compute_dtype]
+        x_NxD = jnp.take(self.embed[...], tokens_BxT.reshape(-1), axis=0).astype(dtype)
+        if cfg.scale_embeddings:
+            x_NxD = x_NxD * jnp.asarray(math.sqrt(cfg.d_model), dtype)
+        return self._constrain(x_NxD, ("batch", "act_embed"))
+
     def hidden(
         self,
         tokens_BxT: jax.Array,
@@ -191,17 +258,11 @@ class Transformer(nnx.Module):
     ) -> jax.Array:
         """Final-normed hidden states, flattened: (N, D) with N = B * T."""
         cfg = self.cfg
-        dtype = _DTYPES[cfg.compute_dtype]
         B, T = tokens_BxT.shape
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        angles_BxTxDh2 = positions_BxT[..., None].astype(jnp.float32) * rope_frequencies(cfg)
-        cos, sin = jnp.cos(angles_BxTxDh2), jnp.sin(angles_BxTxDh2)
-
-        x_NxD = jnp.take(self.embed[...], tokens_BxT.reshape(-1), axis=0).astype(dtype)
-        if cfg.scale_embeddings:
-            x_NxD = x_NxD * jnp.asarray(math.sqrt(cfg.d_model), dtype)
-        x_NxD = self._constrain(x_NxD, ("batch", "act_embed"))
+        cos, sin = self._rope(positions_BxT)
+        x_NxD = self._embed(tokens_BxT)
 
         def apply(graphdef, state, x_NxD):
             y = nnx.merge(graphdef, state)(x_NxD, cos, sin, segment_ids_BxT, (B, T))
@@ -216,6 +277,80 @@ class Transformer(nnx.Module):
             for block in self.blocks:
                 x_NxD = apply(*nnx.split(block), x_NxD)
         return self.final_norm(x_NxD)
+
+    def prefill(
+        self,
+        tokens_BxT: jax.Array,
+        positions_BxT: jax.Array,
+        segment_ids_BxT: jax.Array | None,
+        cache_len: int,
+    ) -> tuple[jax.Array, KVCache]:
+        """The forward of `hidden` (same numerics, no remat) that also fills a KV cache of `cache_len` >= T slots:
+        slots [0, T) hold the prompt's keys and values, the rest zeros for `decode_step`. Returns (h_NxD, cache)."""
+        cfg = self.cfg
+        B, T = tokens_BxT.shape
+        cos, sin = self._rope(positions_BxT)
+        x_NxD = self._embed(tokens_BxT)
+
+        def apply(block, x_NxD):
+            y, k, v = block.prefill(x_NxD, cos, sin, segment_ids_BxT, (B, T))
+            return self._constrain(y, ("batch", "act_embed")), (k, v)
+
+        if cfg.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+            x_NxD, (k, v) = jax.lax.scan(lambda x, s: apply(nnx.merge(graphdef, s), x), x_NxD, state)
+        else:
+            ks, vs = [], []
+            for block in self.blocks:
+                x_NxD, (k, v) = apply(block, x_NxD)
+                ks.append(k)
+                vs.append(v)
+            k, v = jnp.stack(ks), jnp.stack(vs)
+        pad = ((0, 0), (0, 0), (0, cache_len - T), (0, 0), (0, 0))
+        cache = KVCache(*(self._constrain(jnp.pad(x, pad), CACHE_AXES) for x in (k, v)))
+        return self.final_norm(x_NxD), cache
+
+    def decode_step(
+        self,
+        tokens_B: jax.Array,
+        positions_B: jax.Array,
+        cache: KVCache,
+        slot: jax.Array,
+        valid_BxS: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
+        """One token per row at RoPE position `positions_B`, written into cache slot `slot` (a scalar, the same for
+        every row); attends to the slots where `valid_BxS` (earlier tokens and `slot` itself). Returns the
+        final-normed hidden state (B, D) and the updated cache (donate it, or carry it through a loop: it is
+        updated in place).
+
+        `cache.k`/`cache.v` are (L, B, S, K, Dh) arrays, or, for unrolled layers, tuples of L (B, S, K, Dh) arrays:
+        the form a decode loop should carry, since XLA:CPU materialises every layer's slice of a stacked cache and
+        copies the whole of it at each step. The cache comes back in the form it was given."""
+        cos, sin = self._rope(positions_B[:, None])
+        x_BxD = self._embed(tokens_B[:, None])
+
+        def apply(block, x_BxD, k_BxSxKxDh, v_BxSxKxDh):
+            x_BxD, k, v = block.decode(x_BxD, cos, sin, k_BxSxKxDh, v_BxSxKxDh, slot, valid_BxS)
+            k, v = (self._constrain(c, CACHE_AXES[1:]) for c in (k, v))
+            return self._constrain(x_BxD, ("batch", "act_embed")), (k, v)
+
+        if self.cfg.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+
+            def body(x_BxD, xs):
+                state, k_BxSxKxDh, v_BxSxKxDh = xs
+                return apply(nnx.merge(graphdef, state), x_BxD, k_BxSxKxDh, v_BxSxKxDh)
+
+            x_BxD, (k, v) = jax.lax.scan(body, x_BxD, (state, cache.k, cache.v))
+            return self.final_norm(x_BxD), KVCache(k, v)
+        ks, vs = [], []
+        for layer, block in enumerate(self.blocks):
+            x_BxD, (k, v) = apply(block, x_BxD, cache.k[layer], cache.v[layer])
+            ks.append(k)
+            vs.append(v)
+        if isinstance(cache.k, jax.Array):
+            return self.final_norm(x_BxD), KVCache(jnp.stack(ks), jnp.stack(vs))
+        return self.final_norm(x_BxD), KVCache(tuple(ks), tuple(vs))
 
     def logits(self, h_NxD: jax.Array) -> jax.Array:
         """Vocabulary logits (N, V) in float32 from hidden states (N, D)."""
