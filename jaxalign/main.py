@@ -29,6 +29,7 @@ JOBS = {
     "dpo": "jaxalign.stages.dpo",
     "kto": "jaxalign.stages.kto",
     "curate": "jaxalign.data.curate",
+    "eval": "jaxalign.eval.evaluate",
 }
 
 
