@@ -181,7 +181,7 @@ def write_results(workdir: str, name: str, result: Mapping[str, Any]) -> dict[st
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / "eval.json.tmp"
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        tmp.rename(path)
+        tmp.replace(path)  # rename would refuse to overwrite an existing eval.json
     return data
 
 

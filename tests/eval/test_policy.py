@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign.data import synthetic
+from jaxalign.data import chat, synthetic
 from jaxalign.data.tokenizer import train_sentencepiece
 from jaxalign.eval import evaluate, judges, mc
 from jaxalign.eval import policy as policy_lib
@@ -61,7 +61,9 @@ def test_batched_continuation_logps_equal_an_unpadded_forward(policy):
     ]  # 5 pairs in batches of 4: widths padded, the last batch filled with copies
     got = policy_lib.continuation_logps(policy.model, pairs, batch_size=4)
     for (context, continuation), logps in zip(pairs, got, strict=True):
-        np.testing.assert_allclose(logps, oracle_logps(policy.model, context, continuation), atol=2e-5, rtol=0)
+        np.testing.assert_allclose(
+            logps, oracle_logps(policy.model, context, continuation), atol=2e-5, rtol=0
+        )
 
 
 def test_mc_scoring_picks_the_max_likelihood_choice(policy, tok):
@@ -72,8 +74,13 @@ def test_mc_scoring_picks_the_max_likelihood_choice(policy, tok):
         record = {"question": q, "choices": cs, "answer": 0}
         sums.append([oracle_logps(policy.model, c, x).sum() for c, x in mc.choice_pairs(tok, record)])
     best = [int(np.argmax(s)) for s in sums]
-    best_norm = [int(np.argmax(np.asarray(s) / [len(c.encode()) for c in cs])) for s, cs in zip(sums, choices)]
-    records = [{"question": q, "choices": cs, "answer": b} for q, cs, b in zip(questions, choices, best)]
+    best_norm = [
+        int(np.argmax(np.asarray(s) / [len(c.encode()) for c in cs]))
+        for s, cs in zip(sums, choices, strict=True)
+    ]
+    records = [
+        {"question": q, "choices": cs, "answer": b} for q, cs, b in zip(questions, choices, best, strict=True)
+    ]
     assert mc.evaluate(policy.model, tok, records, batch_size=4)["mc_acc"] == 1.0
     worst = [{**r, "answer": int(np.argmin(s))} for r, s in zip(records, sums, strict=True)]
     assert mc.evaluate(policy.model, tok, worst, batch_size=4)["mc_acc"] == 0.0
@@ -90,7 +97,9 @@ def test_perplexity_is_the_exp_of_the_token_weighted_nll(policy, tok):
     assert got["perplexity"] == pytest.approx(expected, rel=1e-4)
 
 
-PROMPTS = [[{"role": "user", "content": q}] for q in ("Where was Ada born?", "What is 3 + 4?", "Hello", "Hi there")]
+PROMPTS = [
+    [{"role": "user", "content": q}] for q in ("Where was Ada born?", "What is 3 + 4?", "Hello", "Hi there")
+]
 
 
 def test_kl_of_a_policy_with_itself_is_zero_and_positive_to_another(policy):
@@ -148,3 +157,62 @@ def test_reward_judge_and_pair_accuracy(policy, tok, tmp_path):
     flipped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in tasks.preference]
     assert judges.reward_pair_accuracy(scorer, flipped, tok, "chatml") == pytest.approx(1.0 - acc, abs=1e-12)
     assert 0.0 < acc < 1.0  # a random scorer: both outcomes occur, so the flip is a real check
+
+
+def answering_model(tok, answer: str, seed: int = 0):
+    """A model whose greedy reply to any chat prompt is `answer` then the end of turn: every block's output
+    projections are zero (the last hidden state is the normalised embedding of the current token), and the
+    vocabulary projection maps the assistant header's last token to the answer's first token, each answer token to
+    the next, and the last to <|im_end|> (a column y holds the normalised embedding of y's predecessor, so its
+    logit d * 50 beats every other column's, random vectors' dot products)."""
+    graphdef, params = random_model(seed=seed, vocab_size=VOCAB, max_seq_len=256, n_heads=4, n_kv_heads=2)
+    model = nnx.merge(graphdef, params)
+    for block in model.blocks:
+        block.attn.wo[...] = jnp.zeros_like(block.attn.wo[...])
+        block.mlp.w_down[...] = jnp.zeros_like(block.mlp.w_down[...])
+    embed = np.asarray(model.embed[...], np.float64)
+    scale = np.asarray(model.final_norm.scale[...], np.float64)
+    norm = lambda x: embed[x] / np.sqrt(np.mean(embed[x] ** 2) + model.cfg.norm_eps) * scale
+    header_end = chat.render(tok, [{"role": "user", "content": "x"}], "chatml", add_generation_prompt=True)[
+        0
+    ][-1]
+    chain = [header_end, *tok.encode(answer), tok.token_id("<|im_end|>")]
+    assert len(set(chain)) == len(chain), chain
+    head = np.zeros((model.cfg.d_model, VOCAB))
+    for x, y in zip(chain[:-1], chain[1:], strict=True):
+        head[:, y] = 50 * norm(x)
+    model.lm_head[...] = jnp.asarray(head, jnp.float32)
+    return model, len(chain) - 1
+
+
+def test_a_model_that_always_answers_right_scores_one(tok):
+    right, n_right = answering_model(tok, "Lisbon")
+    wrong, _ = answering_model(tok, "Oslo", seed=1)
+    arith, _ = answering_model(tok, "17", seed=2)
+    ask = lambda q: [{"role": "user", "content": q}]
+    names = ["Ada Abbott", "Ines Novak", "Omar Petrov", "Kai Tanaka", "Vera Xu"]
+    tasks = evaluate.WorldTasks(
+        qa=[
+            (ask(f"In which city was {n} born? Answer with the name of the city only."), "Lisbon")
+            for n in names
+        ],
+        arith=[(ask(q), "17") for q in ("What is 12 + 5?", "What is 20 - 3?", "What is 1 + 16?")],
+        chat=[(ask(f"Where was {n} born?"), "Lisbon") for n in names],
+        texts=[],
+        preference=[],
+    )
+    policy = policy_lib.Policy(right, tok, "chatml", batch_size=4)
+    out = evaluate.evaluate_policy(
+        policy, tasks, max_new_tokens=8, baseline=policy_lib.Policy(wrong, tok, batch_size=4), reference=right
+    )
+    assert out["qa_exact_match"] == 1.0
+    assert out["arith_accuracy"] == 0.0  # "Lisbon" holds no number
+    assert out["win_rate_vs_sft"] == 1.0  # right beats the baseline's "Oslo" on every prompt
+    assert out["mean_length"] == n_right  # the answer's tokens and the end of turn
+    assert out["kl_to_ref"] == 0.0 and out["kl_estimator"] == "k3"
+    out = evaluate.evaluate_policy(
+        policy_lib.Policy(wrong, tok, batch_size=4), tasks, max_new_tokens=8, baseline=policy
+    )
+    assert out["qa_exact_match"] == 0.0 and out["win_rate_vs_sft"] == 0.0
+    out = evaluate.evaluate_policy(policy_lib.Policy(arith, tok, batch_size=4), tasks, max_new_tokens=8)
+    assert out["arith_accuracy"] == 1.0 and out["qa_exact_match"] == 0.0
