@@ -6,10 +6,12 @@ multiple-choice JSONL. Writes W/eval.json and prints the table.
         --config.eval.baseline=ckpt:runs/quickstart/checkpoints/sft \\
         --config.eval.reference=ckpt:runs/quickstart/checkpoints/sft \\
         --config.eval.reward_model=runs/quickstart/checkpoints/reward --config.eval.name=dpo
-      ~2 minutes on a 2-core CPU (about 500 greedy answers of up to 32 tokens on the reference 8M-parameter model,
-      twice for the baseline).
+      a few minutes on a 2-core CPU (not yet measured): about 400 greedy answers of up to 32 tokens on the reference
+      8M-parameter model, plus the baseline's answers and the KL samples.
     python -m jaxalign.main --config=configs/eval.py:smoke --config.workdir=runs/eval_smoke
-      ~20 seconds on a 2-core CPU, from an empty workdir (a tiny model at random weights, 8 examples per task).
+      under a minute on a 2-core CPU, from an empty workdir (a tiny model at random weights, 8 examples per task;
+      measured 26 s of CPU time, 66-80 s wall on a machine shared 5 ways): tokenizer training, compiles, and the
+      world's qa/arith/chat/perplexity tasks.
 
 Your benchmark: --config.eval.world=False --config.eval.mc_input='mmlu/*.jsonl' (records {"question", "choices",
 "answer": index or text}); reports mc_acc and mc_acc_norm as lm-eval's multiple-choice tasks. A Hugging Face model:

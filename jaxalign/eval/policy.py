@@ -31,7 +31,7 @@ from jaxalign.eval import metrics
 from jaxalign.models.transformer import Transformer
 from jaxalign.rl import sampler
 
-BUCKET = 16
+BUCKET = 32
 
 Messages = list[dict[str, str]]
 

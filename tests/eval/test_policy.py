@@ -216,3 +216,15 @@ def test_a_model_that_always_answers_right_scores_one(tok):
     assert out["qa_exact_match"] == 0.0 and out["win_rate_vs_sft"] == 0.0
     out = evaluate.evaluate_policy(policy_lib.Policy(arith, tok, batch_size=4), tasks, max_new_tokens=8)
     assert out["arith_accuracy"] == 1.0 and out["qa_exact_match"] == 0.0
+
+
+def test_an_llm_judge_that_always_says_a_gets_one_half_after_the_swap(tok):
+    says_a, _ = answering_model(tok, "A")
+    judge_policy = policy_lib.Policy(says_a, tok, "chatml", batch_size=4)
+    raw, swapped = judges.LLMJudge(judge_policy, swap=False), judges.LLMJudge(judge_policy)
+    qs = ["Where was Ada born?", "What is 3 + 4?"]
+    good, bad = ["Ada was born in Lisbon.", "7"], ["Ada was born in Oslo.", "3 + 4 = 8."]
+    np.testing.assert_allclose(raw.batch(qs, good, bad), 1.0, atol=1e-6)  # it prefers the first position...
+    np.testing.assert_allclose(raw.batch(qs, bad, good), 1.0, atol=1e-6)  # ...whatever is there
+    np.testing.assert_allclose(swapped.batch(qs, good, bad), 0.5, atol=1e-6)
+    assert judges.win_rate(qs, good, bad, swapped) == pytest.approx(0.5, abs=1e-6)
