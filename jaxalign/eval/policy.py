@@ -38,7 +38,8 @@ Messages = list[dict[str, str]]
 
 @dataclasses.dataclass
 class Policy:
-    """A chat model under evaluation: an nnx `Transformer`, its tokenizer and chat template."""
+    """A chat model under evaluation: an nnx `Transformer`, its tokenizer and chat template. `batch_size` rows are
+    generated or scored at a time; on a mesh it must be a multiple of the data-parallel size."""
 
     model: Transformer
     tokenizer: Any
@@ -120,6 +121,12 @@ def generate(
     sampled with `fold_in(key(seed), batch index)`."""
     if not prompts:
         raise DataError("generate: no prompts to answer")
+    rules = policy.model.rules
+    if rules is not None and policy.batch_size % rules.data_parallel_size:
+        raise ConfigError(
+            f"eval.batch_size={policy.batch_size} is not divisible by the data-parallel size "
+            f"{rules.data_parallel_size} of the model's mesh {dict(rules.mesh.shape)}"
+        )
     tok, stops = policy.tokenizer, policy.stop_ids
     rows = [policy.prompt_ids(m) for m in prompts]
     n = len(rows)
