@@ -1,7 +1,7 @@
 """The main job: raw text to an aligned model on the embedded synthetic world, end to end.
 
     python -m jaxalign.main --config=configs/quickstart.py --config.workdir=runs/quickstart
-      curate -> pretrain -> SFT -> reward model -> DPO -> GRPO on the reference 8M-parameter model, ~12 minutes on a 2-core
+      curate -> pretrain -> SFT -> reward model -> DPO -> GRPO -> evaluation on the reference 8M-parameter model, ~12 minutes on a 2-core
       CPU. Re-running the command skips finished stages and resumes an interrupted one.
     python -m jaxalign.main --config=configs/quickstart.py:smoke --config.workdir=runs/quickstart_smoke
       every stage on a tiny model, ~2 minutes on a 2-core CPU.
@@ -33,7 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.update(lr=1e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0)
     c.data.update(synthetic_entities=400, chat_template="chatml", max_prompt_length=64)
     c.checkpoint.update(every_steps=100, keep=2)
-    c.pipeline.stages = "curate,pretrain,sft,reward,dpo,grpo"
+    c.pipeline.stages = "curate,pretrain,sft,reward,dpo,grpo,eval"
+    # Evaluation: every policy stage on the world's held-out splits (greedy answers), against SFT.
+    c.eval.update(max_examples=64, max_new_tokens=32, batch_size=16)
     c.pipeline.pretrain.update(steps=300, lr=1e-3)
     c.pipeline.sft.update(steps=150, lr=3e-4, eval_every=50)
     c.pipeline.reward.update(steps=100, seq_len=128, lr=1e-4, eval_every=50)
@@ -53,6 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.pipeline.reward.update(steps=10, seq_len=96, lr=1e-3, eval_every=10)
         c.pipeline.dpo.update(steps=10, seq_len=96, lr=1e-4, eval_every=10)
         c.pipeline.grpo.update(steps=4, batch_size=8, seq_len=64, lr=1e-4, eval_every=4)
+        c.eval.update(max_examples=8, max_new_tokens=16, batch_size=8)
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; accepted: 'smoke'")
     return c

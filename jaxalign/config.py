@@ -468,6 +468,51 @@ class PipelineConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation (`job="eval"`) of the policy `model.init_from` (`jaxalign/eval/evaluate.py`).
+
+    Checkpoints are `ckpt:PATH` or `hf:DIR` strings (as model.init_from), with the policy's architecture.
+    """
+
+    # Score the synthetic world's held-out splits (data.synthetic_* choose the world): fact QA, arithmetic,
+    # perplexity, and chat prompts for win rate, reward and length.
+    world: bool = True
+    # The baseline policy for win_rate_vs_sft (the SFT checkpoint); "" = no win rate.
+    baseline: str = ""
+    # A reward model checkpoint directory (W/checkpoints/reward) for mean_rm_score, the RM-judged win rate and
+    # rm_pair_accuracy; "" = none.
+    reward_model: str = ""
+    # The reference policy for kl_to_ref; "" = no KL.
+    reference: str = ""
+    # A policy used as LLM judge (position-swapped) for win_rate_vs_sft_llm; "" = none.
+    judge_model: str = ""
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    # User multiple-choice JSONL (question, choices, answer), scored by log-likelihood; "" = none.
+    mc_input: str = ""
+    max_new_tokens: int = 32
+    # Sampling temperature of the answers (0: greedy). KL always samples at temperature 1.
+    temperature: float = 0.0
+    batch_size: int = 16
+    # At most this many examples per task (0: all).
+    max_examples: int = 0
+    # The key of this policy's metrics in workdir/eval.json (other keys already there are kept).
+    name: str = "policy"
+
+    def __post_init__(self):
+        _positive(self, "eval", ("max_new_tokens", "batch_size"))
+        if self.max_examples < 0:
+            raise ConfigError(f"eval.max_examples={self.max_examples} must be >= 0 (0: all)")
+        if self.temperature < 0:
+            raise ConfigError(f"eval.temperature={self.temperature} must be >= 0 (0: greedy)")
+        for key in ("baseline", "reference", "judge_model"):
+            value = getattr(self, key)
+            if value and not value.startswith(("hf:", "ckpt:")):
+                raise ConfigError(f"eval.{key}={value!r} must be '', 'ckpt:/path' or 'hf:/path'")
+        if not self.name:
+            raise ConfigError("eval.name is empty: it names the metrics in eval.json")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole resolved config of one job. Sections a job does not use keep their defaults."""
 
@@ -487,6 +532,8 @@ class Config:
     dpo: DpoConfig = dataclasses.field(default_factory=DpoConfig)
     grpo: GrpoConfig = dataclasses.field(default_factory=GrpoConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
+
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def __post_init__(self):
         if not self.workdir:

@@ -31,6 +31,7 @@ JOBS = {
     "grpo": "jaxalign.stages.grpo",
     "curate": "jaxalign.data.curate",
     "pipeline": "jaxalign.pipeline",
+    "eval": "jaxalign.eval.evaluate",
 }
 
 

@@ -27,6 +27,7 @@ import os
 from typing import Any
 
 import jax
+from flax import nnx
 
 from jaxalign import config as config_lib
 from jaxalign.config import Config, StageRun
@@ -151,6 +152,64 @@ def _write_eval(workdir: str, key: str, values: dict[str, Any]) -> None:
     os.replace(path + ".tmp", path)
 
 
+EVAL_NAMES = {"pretrain": "base", "sft": "sft", "dpo": "dpo", "kto": "kto", "ppo": "ppo", "grpo": "grpo"}
+
+
+def evaluate_stages(config: Config) -> dict[str, Any]:
+    """Evaluates every policy checkpoint of the workdir on the world's held-out splits (`jaxalign.eval`): the base
+    (pretrained) model, SFT, and each preference/RL stage against SFT (win rate by the world's ground truth and by the
+    reward model, mean reward-model score, KL to the SFT policy); the reward model's pairwise accuracy. Writes each to
+    workdir/eval.json and prints the table."""
+    from jaxalign.eval import evaluate, judges
+    from jaxalign.eval.policy import Policy
+    from jaxalign.parallel.mesh import Rules, make_mesh
+    from jaxalign.stages import reward
+
+    ecfg = config.eval
+    rules = Rules(make_mesh(config.mesh), config.mesh.rules)
+    tokenizer = common.tokenizer(config)
+    tasks = evaluate.world_tasks(common.world(config), ecfg.max_examples)
+
+    def policy(stage: str) -> Policy:
+        cfg = dataclasses.replace(config.model, init_from=f"ckpt:{_checkpoint(config.workdir, stage)}")
+        model = nnx.merge(*common.init_params(config, rules, model_cfg=cfg))
+        return Policy(model, tokenizer, config.data.chat_template, ecfg.batch_size)
+
+    have = lambda stage: os.path.isdir(_checkpoint(config.workdir, stage))
+    scorer = None
+    results: dict[str, Any] = {}
+    if have("reward"):
+        scorer = reward.load_scorer(_checkpoint(config.workdir, "reward"), tokenizer, rules, ecfg.batch_size)
+        pairs = evaluate._read_jsonl(common.world(config)["preference_eval"])
+        if ecfg.max_examples:
+            pairs = pairs[: ecfg.max_examples]
+        results["reward"] = {
+            "pair_accuracy": judges.reward_pair_accuracy(scorer, pairs, tokenizer, config.data.chat_template)
+        }
+        evaluate.write_results(config.workdir, "reward", results["reward"])
+    sft = policy("sft") if have("sft") else None
+    for stage, name in EVAL_NAMES.items():
+        if not have(stage):
+            continue
+        against_sft = stage not in ("pretrain", "sft") and sft is not None
+        results[name] = evaluate.evaluate_policy(
+            policy(stage) if stage != "sft" else sft,
+            tasks,
+            max_new_tokens=ecfg.max_new_tokens,
+            temperature=ecfg.temperature,
+            baseline=sft if against_sft else None,
+            scorer=scorer if stage != "pretrain" else None,
+            reference=sft.model if against_sft else None,
+            kl_estimator=ecfg.kl_estimator,
+            seed=config.seed,
+        )
+        evaluate.write_results(config.workdir, name, results[name])
+    print(evaluate.format_table({k: v for k, v in results.items() if k != "reward"}), flush=True)
+    if "reward" in results:
+        print(f"reward model pairwise accuracy: {results['reward']['pair_accuracy']:.3f}", flush=True)
+    return results
+
+
 def run(config: Config) -> None:
     stages = list(config.pipeline.names)
     for stage in stages:
@@ -164,10 +223,7 @@ def run(config: Config) -> None:
             _mark(config.workdir, stage, scores)
             continue
         if stage == "eval":
-            from jaxalign.eval import evaluate
-
-            sub = dataclasses.replace(config, job="eval")
-            evaluate.run_pipeline(sub, stages)
+            evaluate_stages(config)
             _mark(config.workdir, stage, {})
             continue
         sub = stage_config(config, stage, stages)
