@@ -112,9 +112,14 @@ def _own_template(tokenizer: Tokenizer):
     return encode_chat
 
 
-def check_messages(messages: Any) -> list[dict[str, str]]:
-    """Returns `messages` if it is a non-empty list of {"role": system|user|assistant, "content": str}; else raises a
-    DataError saying which message is wrong (callers prefix file:line)."""
+def check_messages(messages: Any, *, turns: bool = True, last: str | None = None) -> list[dict[str, str]]:
+    """Returns `messages` if it is a non-empty list of {"role": system|user|assistant, "content": str} in a valid turn
+    order; else raises a DataError saying which message is wrong (callers prefix file:line).
+
+    The order (`turns`): a system message only first, then user and assistant turns alternating, starting with user.
+    `last` names the role the conversation must end with ("assistant" for an SFT conversation, "user" for a prompt
+    that a generated assistant turn follows). `turns=False` checks single messages only (a completion's messages,
+    whose order is checked once they are rendered after their prompt)."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"expected a non-empty list of messages, got {str(messages)[:80]!r}")
     for i, m in enumerate(messages):
@@ -124,6 +129,33 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
             raise DataError(f"message {i} has role {m['role']!r}; expected one of {list(ROLES)}")
         if not isinstance(m["content"], str):
             raise DataError(f"message {i} content must be a string, got {type(m['content']).__name__}")
+    if turns:
+        previous = None
+        for i, m in enumerate(messages):
+            role = m["role"]
+            if role == "system" and i:
+                raise DataError(
+                    f"message {i} has role 'system'; only the first message may be a system message"
+                )
+            if role != "system" and previous in (None, "system") and role != "user":
+                raise DataError(
+                    f"message {i} has role {role!r}; the conversation must start with a user turn (after an "
+                    "optional system message)"
+                )
+            if role == previous:
+                raise DataError(
+                    f"message {i} has role {role!r} like message {i - 1}; user and assistant turns must alternate"
+                )
+            previous = role
+    if last is not None and messages[-1]["role"] != last:
+        why = {  # `last` is "assistant" or "user"
+            "assistant": "a conversation trained on ends with an assistant turn",
+            "user": "the assistant's turn follows",
+        }
+        raise DataError(
+            f"the last message (message {len(messages) - 1}) has role {messages[-1]['role']!r}; expected {last!r} "
+            f"({why[last]})"
+        )
     return messages
 
 
@@ -167,8 +199,9 @@ def render(
     *,
     add_generation_prompt: bool = False,
 ) -> tuple[list[int], list[int]]:
-    """(ids, assistant mask) of `messages`; both lists have the same length."""
-    check_messages(list(messages))
+    """(ids, assistant mask) of `messages`; both lists have the same length. With `add_generation_prompt` the
+    messages must end with a user turn (the generated assistant turn follows)."""
+    check_messages(list(messages), last="user" if add_generation_prompt else None)
     if template == TOKENIZER:
         return _own_template(tokenizer)(list(messages), add_generation_prompt=add_generation_prompt)
     template = get_template(template) if isinstance(template, str) else template
@@ -212,7 +245,8 @@ def render_text(
     """The conversation as text (what Hugging Face's template of the same name renders)."""
     template = get_template(template) if isinstance(template, str) else template
     parts = []
-    for kind, value, _ in _pieces(template, check_messages(list(messages)), add_generation_prompt):
+    checked = check_messages(list(messages), last="user" if add_generation_prompt else None)
+    for kind, value, _ in _pieces(template, checked, add_generation_prompt):
         parts.append(template.bos_text if kind == "bos" else "\n" * value if kind == "nl" else value)
     return "".join(parts)
 

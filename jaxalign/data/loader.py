@@ -443,11 +443,26 @@ def string_field(record: dict[str, Any], field: str, where: str) -> str:
     return value
 
 
-def messages_field(record: dict[str, Any], field: str, where: str) -> list[dict[str, str]]:
+def messages_field(record: dict[str, Any], field: str, where: str, **checks: Any) -> list[dict[str, str]]:
+    """`record[field]` checked by `chat.check_messages(..., **checks)`; a DataError names where and the field."""
     try:
-        return chat.check_messages(record[field])
+        return chat.check_messages(record[field], **checks)
     except DataError as e:
         raise DataError(f"{where}: field {field!r}: {e}") from None
+
+
+def continuation_fields(
+    record: dict[str, Any], field: str, where: str
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(prompt, completion) message lists of a conversational prompt + `field` record: the prompt ends with a user
+    turn and the two together are in a valid turn order (the completion starts with the assistant)."""
+    prompt = messages_field(record, "prompt", where, last="user")
+    completion = messages_field(record, field, where, turns=False)
+    try:
+        chat.check_messages([*prompt, *completion])
+    except DataError as e:
+        raise DataError(f"{where}: fields 'prompt' + {field!r}: {e}") from None
+    return prompt, completion
 
 
 def is_conversational(value: Any) -> bool:

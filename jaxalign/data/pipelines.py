@@ -40,6 +40,7 @@ from jaxalign.data import chat
 from jaxalign.data.loader import (
     Loader,
     assemble,
+    continuation_fields,
     is_conversational,
     messages_field,
     packed,
@@ -166,10 +167,7 @@ class _SftEncode:
             present = sorted(k for k in record if k != "_where")
             raise DataError(f"{where}: missing field 'messages' or 'prompt' and 'completion' (has {present})")
         if is_conversational(record["prompt"]) or is_conversational(record["completion"]):
-            prompt, completion = (
-                messages_field(record, "prompt", where),
-                messages_field(record, "completion", where),
-            )
+            prompt, completion = continuation_fields(record, "completion", where)
             if not "".join(m["content"] for m in completion).strip():
                 raise DataError(f"{where}: field 'completion' is empty")
             prompt_ids, ids, mask = chat.render_continuation(tok, prompt, completion, self.template)
@@ -189,6 +187,9 @@ class _SftEncode:
         if not any(mask[1:]):
             after = f" after truncation to train.seq_len + 1 = {self.seq_len + 1} tokens" if truncated else ""
             raise DataError(f"{where}: no token is trained on{after} (no assistant/completion tokens)")
+        if "messages" in record:
+            # Checked after the loss tokens, so a conversation with no assistant turn at all says that first.
+            messages_field(record, "messages", where, last="assistant")
         return [shifted(ids, mask)], int(truncated)
 
 
@@ -257,7 +258,7 @@ def sft_loader(
 def _prompt_ids(tokenizer: Tokenizer, template: str, record: dict[str, Any], where: str) -> list[int]:
     """A prompt's ids: a message list rendered with the assistant header appended, or [bos] + a string's ids."""
     if is_conversational(record.get("prompt")):
-        messages = messages_field(record, "prompt", where)
+        messages = messages_field(record, "prompt", where, last="user")
         ids, _ = chat.render(tokenizer, messages, template, add_generation_prompt=True)
         return ids
     prompt = string_field(record, "prompt", where)
@@ -312,14 +313,12 @@ class _PreferenceEncode:
         """(ids, mask) of a completion as it follows the prompt."""
         tok = self.tokenizer
         if is_conversational(record.get(field)):
-            messages = messages_field(record, field, where)
-            if not "".join(m["content"] for m in messages).strip():
-                raise DataError(f"{where}: field {field!r} is empty")
             if not is_conversational(record.get("prompt")):
                 raise DataError(f"{where}: field {field!r} is a message list but 'prompt' is not")
-            _, ids, mask = chat.render_continuation(
-                tok, messages_field(record, "prompt", where), messages, self.template
-            )
+            prompt, messages = continuation_fields(record, field, where)
+            if not "".join(m["content"] for m in messages).strip():
+                raise DataError(f"{where}: field {field!r} is empty")
+            _, ids, mask = chat.render_continuation(tok, prompt, messages, self.template)
             return ids, mask
         text = string_field(record, field, where)
         if not text.strip():
