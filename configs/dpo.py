@@ -15,22 +15,13 @@ Reference: --config.dpo.reference=live (in memory) | precomputed (one pass, cach
 
 import ml_collections
 
-from jaxalign.config import defaults
+from jaxalign.config import REFERENCE_MODEL, SMOKE_MODEL, defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = defaults()
     c.job = "dpo"
-    c.model.update(
-        vocab_size=8192,
-        d_model=256,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=64,
-        d_ff=1024,
-        attention="auto",
-    )
+    c.model.update(REFERENCE_MODEL, attention="auto")
     c.mesh.update(data=1, fsdp=-1, tensor=1, stage=1)
     c.train.update(steps=150, batch_size=8, seq_len=128, log_every=10, eval_every=50, eval_batches=8)
     c.optim.update(lr=5e-5, warmup_steps=15, min_lr_ratio=0.1, weight_decay=0.0, clip_norm=1.0)
@@ -38,9 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dpo.update(objective="dpo", loss_type="sigmoid", beta=0.1, reference="live")
     c.checkpoint.update(every_steps=50, keep=2)
     if arg == "smoke":
-        c.model.update(
-            vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=256
-        )
+        c.model.update(SMOKE_MODEL)
         c.train.update(steps=30, batch_size=8, seq_len=96, log_every=5, eval_every=15, eval_batches=4)
         c.optim.update(lr=1e-3, warmup_steps=5)
         c.data.update(synthetic_entities=100, max_prompt_length=48)

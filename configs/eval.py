@@ -20,23 +20,14 @@ Your benchmark: --config.eval.world=False --config.eval.mc_input='mmlu/*.jsonl' 
 
 import ml_collections
 
-from jaxalign.config import defaults
+from jaxalign.config import REFERENCE_MODEL, defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = defaults()
     c.job = "eval"
     # The reference model of configs/pretrain.py and configs/sft.py, so their checkpoints load as they are.
-    c.model.update(
-        vocab_size=8192,
-        d_model=256,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=64,
-        d_ff=1024,
-        attention="auto",
-    )
+    c.model.update(REFERENCE_MODEL, attention="auto")
     c.mesh.update(data=1, fsdp=-1, tensor=1, stage=1)
     c.data.update(chat_template="chatml")
     c.eval.update(max_new_tokens=32, batch_size=16, kl_estimator="k3", temperature=0.0)

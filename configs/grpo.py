@@ -19,22 +19,13 @@
 
 import ml_collections
 
-from jaxalign.config import defaults
+from jaxalign.config import REFERENCE_MODEL, SMOKE_MODEL, defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = defaults()
     c.job = "grpo"
-    c.model.update(
-        vocab_size=8192,
-        d_model=256,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=64,
-        d_ff=1024,
-        attention="auto",
-    )
+    c.model.update(REFERENCE_MODEL, attention="auto")
     c.mesh.update(data=1, fsdp=-1, tensor=1, stage=1)
     # train.seq_len is unused: a row is data.max_prompt_length + grpo.max_completion_length tokens.
     c.train.update(steps=100, batch_size=32, seq_len=80, log_every=5, eval_every=25, eval_batches=4)
@@ -52,9 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.checkpoint.update(every_steps=25, keep=2)
     if arg == "smoke":
-        c.model.update(
-            vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=256
-        )
+        c.model.update(SMOKE_MODEL)
         c.train.update(steps=10, batch_size=8, seq_len=64, log_every=1, eval_every=5, eval_batches=1)
         c.optim.update(lr=1e-3, warmup_steps=2)
         c.data.update(synthetic_entities=100, max_prompt_length=48)

@@ -10,7 +10,7 @@ Override any key: --config.train.steps=1000 --config.mesh.fsdp=8 --config.data.i
 
 import ml_collections
 
-from jaxalign.config import defaults
+from jaxalign.config import SMOKE_MODEL, defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -54,9 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.update(every_steps=100, keep=3)
 
     if arg == "smoke":
-        c.model.update(
-            vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=256
-        )
+        c.model.update(SMOKE_MODEL)
         c.train.update(steps=60, batch_size=8, seq_len=128, log_every=5, eval_every=30, eval_batches=2)
         c.optim.update(lr=3e-3, warmup_steps=10)
         c.data.synthetic_entities = 200

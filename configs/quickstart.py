@@ -12,22 +12,13 @@ length with --config.pipeline.dpo.steps=200 (also batch_size, seq_len, lr, warmu
 
 import ml_collections
 
-from jaxalign.config import defaults
+from jaxalign.config import REFERENCE_MODEL, SMOKE_MODEL, defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = defaults()
     c.job = "pipeline"
-    c.model.update(
-        vocab_size=8192,
-        d_model=256,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=64,
-        d_ff=1024,
-        attention="auto",
-    )
+    c.model.update(REFERENCE_MODEL, attention="auto")
     c.mesh.update(data=1, fsdp=-1, tensor=1, stage=1)
     c.train.update(batch_size=8, seq_len=256, log_every=10, eval_every=100, eval_batches=4)
     c.optim.update(lr=1e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0)
@@ -44,9 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.grpo.update(num_generations=4, max_completion_length=24, reward_funcs=("answer", "format"))
     c.pipeline.grpo.update(steps=60, batch_size=16, seq_len=80, lr=1e-5, eval_every=30)
     if arg == "smoke":
-        c.model.update(
-            vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=256
-        )
+        c.model.update(SMOKE_MODEL)
         c.train.update(batch_size=8, seq_len=128, log_every=5, eval_every=10, eval_batches=2)
         c.data.update(synthetic_entities=60, max_prompt_length=48)
         c.checkpoint.update(every_steps=10)

@@ -16,23 +16,14 @@ Start from a Hugging Face model with --config.model.init_from=hf:/path (and data
 
 import ml_collections
 
-from jaxalign.config import defaults
+from jaxalign.config import REFERENCE_MODEL, SMOKE_MODEL, defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = defaults()
     c.job = "sft"
     # The reference model of configs/pretrain.py, so its checkpoints load as they are.
-    c.model.update(
-        vocab_size=8192,
-        d_model=256,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=64,
-        d_ff=1024,
-        attention="auto",
-    )
+    c.model.update(REFERENCE_MODEL, attention="auto")
     c.mesh.update(data=1, fsdp=-1, tensor=1, stage=1)
     c.train.update(steps=200, batch_size=8, seq_len=256, log_every=10, eval_every=50, eval_batches=4)
     c.optim.update(lr=3e-4, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.0, clip_norm=1.0)
@@ -40,9 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sft.update(replay_fraction=0.0)
     c.checkpoint.update(every_steps=100, keep=2)
     if arg == "smoke":
-        c.model.update(
-            vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=256
-        )
+        c.model.update(SMOKE_MODEL)
         c.train.update(steps=40, batch_size=8, seq_len=128, log_every=5, eval_every=20, eval_batches=2)
         c.optim.update(lr=3e-3, warmup_steps=5)
         c.data.synthetic_entities = 100

@@ -40,6 +40,14 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+# The reference 8M-parameter model (configs/pretrain.py and every post-training job, the benchmarks' workload) and the
+# tiny model of the `:smoke` variants: `c.model.update(REFERENCE_MODEL)`.
+REFERENCE_MODEL = dict(
+    vocab_size=8192, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=1024
+)
+SMOKE_MODEL = dict(vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=256)
+
+
 def _positive(section_obj: Any, section: str, keys: tuple[str, ...]) -> None:
     for key in keys:
         value = getattr(section_obj, key)
