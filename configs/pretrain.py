@@ -1,7 +1,7 @@
 """Causal-LM pretraining on the embedded synthetic world.
 
     python -m jaxalign.main --config=configs/pretrain.py --config.workdir=runs/pretrain
-      ~6 minutes on a 2-core CPU (300 steps of 8 x 256 tokens on the reference 8M-parameter model).
+      ~8 minutes on a 2-core CPU (300 steps of 8 x 256 tokens on the reference 8M-parameter model).
     python -m jaxalign.main --config=configs/pretrain.py:smoke --config.workdir=runs/pretrain_smoke
       ~1 minute on a 2-core CPU.
 
