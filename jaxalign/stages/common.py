@@ -248,6 +248,30 @@ def train_state(
     return graphdef, state, shardings, True
 
 
+def reference_params(
+    config: Config, rules: Rules, state: Any, state_shardings: Any, fresh: bool
+) -> nnx.State:
+    """A frozen reference: the initial policy. A copy of a fresh state's params (its buffers are donated to the
+    step), or read again from `model.init_from` when the state will be restored from a checkpoint."""
+    if fresh:
+        return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=state_shardings.params)(
+            state.params
+        )
+    return init_params(config, rules)[1]
+
+
+def host_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    seen, parts = set(), []
+    for s in sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0):
+        if (start := s.index[0].start or 0) not in seen:
+            seen.add(start)
+            parts.append(np.asarray(s.data))
+    return np.concatenate(parts)
+
+
 def _check_architecture(cfg: ModelConfig, saved: dict, where: str) -> None:
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r}, config {v!r}"

@@ -209,7 +209,7 @@ def precompute_reference(
                 rows = rows + [template] * (rows_per_process - len(rows))
                 host = {k: np.stack([row[k] for row in rows]) for k in BATCH_KEYS}
                 c, r = ref_jit(ref_params, loop.to_global(host, {k: batch_shardings[k] for k in BATCH_KEYS}))
-                c, r = _local(c), _local(r)
+                c, r = common.host_rows(c), common.host_rows(r)
                 for j, where in enumerate(wheres):
                     out.write(
                         json.dumps({"where": where, "chosen": float(c[j]), "rejected": float(r[j])}) + "\n"
@@ -228,18 +228,6 @@ def precompute_reference(
                     r = json.loads(line)
                     cache[r["where"]] = (r["chosen"], r["rejected"])
     return cache
-
-
-def _local(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in order."""
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    seen, parts = set(), []
-    for s in shards:
-        start = s.index[0].start or 0
-        if start not in seen:
-            seen.add(start)
-            parts.append(np.asarray(s.data))
-    return np.concatenate(parts)
 
 
 def _empty_row(encode) -> dict[str, np.ndarray]:
@@ -296,14 +284,7 @@ def run(config: Config) -> loop.Result:
     reference = None
     if cfg.objective == "dpo":
         ref_shardings = state_shardings.params
-        # The initial policy: a copy of a fresh state's params (its buffers are donated to the step), or read again
-        # from model.init_from when the state will be restored from a checkpoint.
-        if fresh:
-            ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ref_shardings)(
-                state.params
-            )
-        else:
-            ref_params = common.init_params(config, rules)[1]
+        ref_params = common.reference_params(config, rules, state, state_shardings, fresh)
         if cfg.reference == "precomputed":
             patterns = [train_glob] + ([eval_glob] if eval_glob else [])
             reference = {}

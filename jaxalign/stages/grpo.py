@@ -193,18 +193,6 @@ def train_step(
 # --- generation and scoring on the host --------------------------------------------------------------------------
 
 
-def host_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in order."""
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    seen, parts = set(), []
-    for s in sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0):
-        if (start := s.index[0].start or 0) not in seen:
-            seen.add(start)
-            parts.append(np.asarray(s.data))
-    return np.concatenate(parts)
-
-
 class Rollout:
     """`prepare` for `loop.train`: generation, scoring and advantages of one step (module doc)."""
 
@@ -254,7 +242,7 @@ class Rollout:
         )
         out = self.generate(state.params, ids, mask, jax.random.fold_in(state.rng, step))
         tokens_BxC, cmask_BxC, logps_BxC, pids_BxW, pmask_BxW = (
-            host_rows(x) for x in (out.tokens, out.mask, out.logps, out.prompt_ids, out.prompt_mask)
+            common.host_rows(x) for x in (out.tokens, out.mask, out.logps, out.prompt_ids, out.prompt_mask)
         )
         t2 = time.perf_counter()
 
@@ -358,7 +346,7 @@ def answer_evaluator(config: Config, rules: Rules, tokenizer, graphdef, batches:
         scores: dict[str, list[float]] = {}
         for batch in batches:
             out = greedy(state.params, shard(batch["prompt_ids"]), shard(batch["prompt_mask"]), state.rng)
-            tokens, mask = host_rows(out.tokens), host_rows(out.mask)
+            tokens, mask = common.host_rows(out.tokens), common.host_rows(out.mask)
             texts = []
             for ids, m in zip(tokens, mask, strict=True):
                 ids = ids[: int(m.sum())].tolist()
@@ -405,12 +393,7 @@ def run(config: Config) -> loop.Result:
     ref_params = ref_shardings = None
     if cfg.beta:  # the frozen reference: the initial policy (a copy: the state's buffers are donated)
         ref_shardings = state_shardings.params
-        if fresh:
-            ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ref_shardings)(
-                state.params
-            )
-        else:  # the state will be restored from a checkpoint: read the initial policy again
-            ref_params = common.init_params(config, rules)[1]
+        ref_params = common.reference_params(config, rules, state, state_shardings, fresh)
     step_fn = functools.partial(train_step, cfg=cfg, optim=config.optim, microbatches=tcfg.grad_accum)
     prepare = Rollout(config, rules, tokenizer, graphdef, make_reward_set(config, tokenizer, rules))
 

@@ -107,12 +107,7 @@ def run(config: Config) -> loop.Result:
     tokenizer = common.tokenizer(config)
     graphdef, state, state_shardings, fresh = common.train_state(config, rules, "kto")
     ref_shardings = state_shardings.params
-    # The initial policy: a copy of a fresh state's params (its buffers are donated to the step), or read again
-    # from model.init_from when the state will be restored from a checkpoint.
-    if fresh:
-        ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ref_shardings)(state.params)
-    else:
-        ref_params = common.init_params(config, rules)[1]
+    ref_params = common.reference_params(config, rules, state, state_shardings, fresh)
     kwargs = dict(
         seq_len=tcfg.seq_len,
         global_batch_size=tcfg.batch_size,
