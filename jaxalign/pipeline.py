@@ -232,4 +232,8 @@ def run(config: Config) -> None:
             print(f"pipeline: {stage} preempted at step {result.last_step}; re-run the command to continue")
             return
         _mark(config.workdir, stage, {"last_step": result.last_step})
+    if jax.process_index() == 0:  # W/report.md and its plots, from eval.json and metrics.jsonl
+        from jaxalign.eval import report
+
+        print(report.write_report(config.workdir), flush=True)
     print(f"pipeline: done ({', '.join(stages)}) in {config.workdir}", flush=True)
