@@ -65,13 +65,7 @@ def fmt(value: Any) -> str:
     """A table cell: integers as integers, other numbers to 4 significant digits, strings as they are."""
     if value is None:
         return ""
-    if isinstance(value, bool) or isinstance(value, str):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return format(value, ".4g")
-    return str(value)
+    return format(value, ".4g") if isinstance(value, float) else str(value)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
