@@ -308,8 +308,13 @@ class RewardInput:
         pol, rm = self.policy, self.rm
         bos = bool(ids) and ids[0] == pol.bos_id
         eos = bool(ids) and ids[-1] == pol.eos_id
-        body = ids[int(bos) : len(ids) - int(eos)]
-        return [rm.bos_id] * bos + rm.encode(pol.decode(body)) + [rm.eos_id] * eos
+        text = pol.decode(ids[int(bos) : len(ids) - int(eos)])
+        body = rm.encode(text)
+        # SentencePiece prefixes the text with a lone "▁" when it starts with a chat marker; the RM's own rendering
+        # (marker first) has none: drop a leading id that adds nothing to the text.
+        if len(body) > 1 and rm.decode(body[1:]) == text:
+            body = body[1:]
+        return [rm.bos_id] * bos + body + [rm.eos_id] * eos
 
 
 def load_reward(config: Config, policy_tokenizer: Any) -> tuple[RewardScorer, RewardInput]:

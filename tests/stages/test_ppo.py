@@ -98,7 +98,9 @@ def _trl_advantages(scores, logps, ref, values, lengths, cfg, score_after_eos: b
     rewards = non_score_reward.clone()
     actual_start = torch.arange(rewards.size(0))
     actual_end = torch.where(sequence_lengths_p1 < rewards.size(1), sequence_lengths_p1, sequence_lengths)
-    rewards[[actual_start, actual_end]] += scores
+    rewards[actual_start, actual_end] += (
+        scores  # TRL indexes with a list; a tuple is the same (and not deprecated)
+    )
     if cfg.whiten_rewards:
         rewards = _trl_masked_whiten(rewards, ~padding_mask_p1, shift_mean=False)
         rewards = torch.masked_fill(rewards, padding_mask_p1, 0)
@@ -311,9 +313,9 @@ def test_bad_ppo_config_is_one_line(tmp_path, sections, message):
             "ppo.num_mini_batches=3 does not divide train.batch_size=8",
         ),
         (
-            {"batch_size": 8, "grad_accum": 3},
-            {"num_mini_batches": 2},
-            "train.grad_accum=3 does not divide the mini",
+            {"batch_size": 12, "grad_accum": 2},
+            {"num_mini_batches": 4},
+            "train.grad_accum=2 does not divide the minibatch of 3 rows",
         ),
         ({"batch_size": 8}, {"num_mini_batches": 4}, "is not divisible by the data-parallel size 8"),
         ({"batch_size": 8}, {"max_completion_length": 2000}, "exceeds model.max_seq_len=2048"),
