@@ -21,6 +21,13 @@ from jaxalign.stages import ppo
 from jaxalign.train import state as state_lib
 from tests.helpers import rules_for, tiny
 
+# Cheaper XLA compilation (as tests/test_losses.py): the compile, not the run, is what these tests wait for.
+FAST = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+    "xla_cpu_use_fusion_emitters": False,
+}
+
 # --- the rewards vector --------------------------------------------------------------------------------------------
 
 
@@ -225,10 +232,8 @@ def test_the_same_tokenizer_passes_ids_through(tokenizers):
 
 
 def _models(rules=None):
-    policy_cfg, value_cfg = (
-        tiny(vocab_size=96, d_model=32, head_dim=8),
-        tiny(vocab_size=96, d_model=32, n_layers=1),
-    )
+    small = dict(vocab_size=96, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32)
+    policy_cfg, value_cfg = tiny(**small), tiny(**{**small, "d_model": 16})
     pg, pp = nnx.split(Transformer(policy_cfg, nnx.Rngs(0), rules))
     vg, vp = nnx.split(ScalarModel(value_cfg, nnx.Rngs(1), rules))
     return (pg, vg), {"policy": pp, "value": vp}
@@ -255,7 +260,7 @@ def test_minibatch_loss_and_gradient_are_the_same_under_accumulation():
     batch = _update_batch(np.random.default_rng(2))
     cfg = PpoConfig(cliprange=0.1, cliprange_value=0.05, vf_coef=0.3)
     loss = functools.partial(ppo.loss_fn, graphdefs=graphdefs, cfg=cfg)
-    run = jax.jit(lambda p, b, n: state_lib.grad_step(loss, p, b, n), static_argnums=2)
+    run = jax.jit(lambda p, b, n: state_lib.grad_step(loss, p, b, n), static_argnums=2, compiler_options=FAST)
     g1, l1, m1 = run(params, batch, 1)
     g2, l2, m2 = run(params, batch, 2)
     np.testing.assert_allclose(float(l2), float(l1), rtol=1e-5)

@@ -1,7 +1,8 @@
-"""PPO through the real command line, on `configs/ppo.py:smoke` shrunk: a run that trains its own tiny SFT policy and
-RM first (ppo.bootstrap_steps) raises the RM's mean score of greedy held-out completions; a run SIGKILLed right after
-a checkpoint resumes bitwise (sampler key, minibatch permutations and prompt position restored); a later stage
-starts from the PPO checkpoint's policy."""
+"""PPO through the real command line, on `configs/ppo.py:smoke` as it is (20 steps; checkpoints and held-out
+evaluations at steps 10 and 20): a run that trains its own tiny SFT policy and RM first (ppo.bootstrap_steps=40)
+raises the RM's mean score of greedy held-out completions; a run SIGKILLed right after a checkpoint resumes bitwise
+(sampler key, minibatch permutations and prompt position restored); a later stage starts from the PPO checkpoint's
+policy."""
 
 import json
 import math
@@ -26,16 +27,7 @@ def command(workdir, *overrides):
         "jaxalign.main",
         "--config=configs/ppo.py:smoke",
         f"--config.workdir={workdir}",
-        "--config.model.d_model=32",
-        "--config.model.d_ff=64",
-        "--config.model.head_dim=8",
-        "--config.ppo.max_completion_length=8",
-        "--config.train.steps=12",
-        "--config.train.log_every=1",
-        "--config.train.eval_every=12",
         "--config.train.progress=False",
-        "--config.checkpoint.every_steps=6",
-        "--config.optim.lr=3e-4",
         *overrides,
     ]
 
@@ -64,19 +56,19 @@ def state_bytes(workdir, step):
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """Bootstraps a tiny SFT policy and RM (30 steps each), then 12 PPO steps."""
+    """Bootstraps a tiny SFT policy and RM (40 steps each), then 20 PPO steps."""
     workdir = tmp_path_factory.mktemp("straight")
-    run(workdir, "--config.ppo.bootstrap_steps=30")
+    run(workdir)
     return workdir
 
 
 def test_ppo_raises_the_held_out_rm_score_with_the_kl_reported(straight):
     evals = records(straight, "eval/score")
-    before, after = evals[0]["eval/score"], evals[12]["eval/score"]
+    before, after = evals[0]["eval/score"], evals[20]["eval/score"]
     print(f"held-out RM score {before:.3f} -> {after:.3f}")
     assert after > before
     steps = records(straight)
-    assert sorted(steps) == list(range(1, 13))
+    assert sorted(steps) == list(range(1, 21))
     kls = [steps[s]["objective/kl"] for s in steps]
     print("objective/kl per step:", [round(k, 3) for k in kls])
     assert (
@@ -104,14 +96,15 @@ def test_ppo_resume_after_sigkill_is_bitwise_identical(straight, tmp_path):
         f"--config.data.eval_input={straight / 'data' / 'rl_eval.jsonl'}",
         f"--config.model.init_from=ckpt:{straight / 'checkpoints' / 'sft'}",
         f"--config.ppo.reward_model={straight / 'checkpoints' / 'reward'}",
+        "--config.ppo.bootstrap_steps=0",
     )
-    run(tmp_path, *shared, expect=-signal.SIGKILL, JAXALIGN_FAULT_KILL_AFTER_SAVE="6")
+    run(tmp_path, *shared, expect=-signal.SIGKILL, JAXALIGN_FAULT_KILL_AFTER_SAVE="10")
     proc = run(tmp_path, *shared)
-    assert "resumed from step 6" in proc.stdout
-    assert state_bytes(tmp_path, 12) == state_bytes(straight, 12)
+    assert "resumed from step 10" in proc.stdout
+    assert state_bytes(tmp_path, 20) == state_bytes(straight, 20)
     resumed, reference = records(tmp_path), records(straight)
-    assert sorted(resumed) == list(range(1, 13))
-    for step in range(7, 13):  # the same completions, scores and updates after the resume
+    assert sorted(resumed) == list(range(1, 21))
+    for step in range(11, 21):  # the same completions, scores and updates after the resume
         for key in (
             "loss",
             "objective/scores",
@@ -131,7 +124,7 @@ def test_a_later_stage_starts_from_the_ppo_policy(straight):
     model = {**saved["model"], "init_from": f"ckpt:{straight / 'checkpoints' / 'ppo'}"}
     config = from_config_dict({"workdir": str(straight / "later"), "model": model})
     _, params = common.init_params(config, rules_for(1))
-    policy = ocp.StandardCheckpointer().restore(straight / "checkpoints" / "ppo" / "12" / "state")["params"][
+    policy = ocp.StandardCheckpointer().restore(straight / "checkpoints" / "ppo" / "20" / "state")["params"][
         "policy"
     ]
     flat = list(nnx.to_flat_state(params))
