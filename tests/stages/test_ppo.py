@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxalign import losses
-from jaxalign.config import Config, PpoConfig, from_config_dict
+from jaxalign.config import Config, OptimConfig, PpoConfig, from_config_dict
 from jaxalign.data import chat, synthetic
 from jaxalign.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 from jaxalign.errors import ConfigError
@@ -366,3 +366,43 @@ def test_rewards_jit_on_a_sharded_batch():
     assert jnp.isfinite(plain[0]).all() and float(losses.masked_mean(plain[0], mask)) == pytest.approx(
         0, abs=1e-5
     )
+
+
+# --- the whole step ------------------------------------------------------------------------------------------------
+
+OPTIM = OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0, clip_norm=0.0, eps=1e-4)  # eps: see test_grpo
+
+
+def _after_step(cfg, microbatches, rules):
+    graphdefs, params = _models(rules)
+    state, _ = state_lib.create_sharded(graphdefs, params, OPTIM, 10, 0, rules)
+    ref = jax.tree.map(jnp.copy, params["policy"])
+    rng = np.random.default_rng(4)
+    batch = {k: v for k, v in _update_batch(rng).items() if k in ppo.BATCH_KEYS}
+    batch["scores"] = rng.normal(0, 1, 8).astype(np.float32)
+    shardings = ppo.batch_shardings(rules)
+    placed = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
+    step = jax.jit(
+        functools.partial(ppo.train_step, cfg=cfg, optim=OPTIM, microbatches=microbatches),
+        compiler_options=FAST,
+    )
+    state, metrics = step(state, placed, ref)
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)], metrics, batch
+
+
+def test_step_is_the_same_under_grad_accum_and_a_data_parallel_mesh():
+    """One epoch over two minibatches of a permuted batch (two updates, as test_grpo's): the permutation, GAE over the
+    whole batch and both updates agree. (More Adam updates amplify float summation-order noise in near-zero gradients
+    past any fixed tolerance, as test_grpo notes.)"""
+    cfg = PpoConfig(num_ppo_epochs=1, num_mini_batches=2, kl_coef=0.1)
+    one, m1, batch = _after_step(cfg, 1, rules_for(1, fsdp=1))
+    mesh, m2, _ = _after_step(cfg, 2, rules_for(4, data=2, fsdp=2))
+    for a, b in zip(one, mesh, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    for k in ("loss", "objective/kl", "objective/scores", "loss/value_avg", "policy/clipfrac_avg"):
+        np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-5, atol=1e-7)
+    # The reference is the starting policy: no KL at rollout; the scores are the batch's.
+    assert float(m1["objective/kl"]) == 0.0
+    np.testing.assert_allclose(float(m1["objective/scores"]), batch["scores"].mean(), rtol=1e-6)
+    _, params = _models()
+    assert not np.allclose(one[0], np.asarray(jax.tree.leaves(params)[0]))  # the weights moved
