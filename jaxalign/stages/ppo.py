@@ -17,7 +17,9 @@ Where jaxalign departs from TRL 1.16 on purpose: TRL adds the score at `sequence
 last real token, i.e. on padding when the completion stopped early) and admits that padding position into the value
 loss; here the score sits on the last real completion token (the stop token, or the last token when none was
 emitted) and every per-token term uses the same mask. Loss means are exact token means over a minibatch under any
-`train.grad_accum` (TRL averages per-microbatch means).
+`train.grad_accum` (TRL averages per-microbatch means), and `policy/entropy_avg` and `policy/approxkl_avg` are means
+over completion tokens (TRL's include padding). TRL 1.16 itself no longer ships PPOTrainer; the reference is its last
+PPOTrainer (`tests/stages/test_ppo.py` transcribes its rewards, GAE and whitening).
 
 Params are `{"policy": ..., "value": ...}` with one optimizer over both (TRL's PolicyAndValueWrapper); the state's
 graphdef is the pair (policy graphdef, value graphdef). The value model is a `ScalarModel` (a per-token head on a
