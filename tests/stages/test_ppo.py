@@ -406,3 +406,48 @@ def test_step_is_the_same_under_grad_accum_and_a_data_parallel_mesh():
     np.testing.assert_allclose(float(m1["objective/scores"]), batch["scores"].mean(), rtol=1e-6)
     _, params = _models()
     assert not np.allclose(one[0], np.asarray(jax.tree.leaves(params)[0]))  # the weights moved
+
+
+def test_entropy_is_that_of_the_sampling_distribution():
+    """`policy/entropy_avg`'s per-token entropies: -sum p log p of the processed (temperature, top-k) distribution,
+    finite where top-k removed tokens, at most log k."""
+    from jaxalign.rl import sampler
+
+    (pg, _), params = _models()
+    batch = _update_batch(np.random.default_rng(6))
+    model = nnx.merge(pg, params["policy"])
+
+    def both(p, b, top_k):
+        return sampler.completion_logps(
+            pg, p, b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"],
+            temperature=0.7, top_k=top_k, with_entropy=True,
+        )  # fmt: skip
+
+    run = jax.jit(both, static_argnums=2, compiler_options=FAST)
+    W, C = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
+    tokens = np.concatenate([batch["prompt_ids"], batch["completion_ids"]], 1)
+    segments = np.concatenate([batch["prompt_mask"], np.ones_like(batch["completion_ids"])], 1)
+    positions = np.maximum(np.cumsum(segments, 1) - 1, 0)
+    h = model.hidden(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
+    logits = np.asarray(model.logits(h.reshape(-1, h.shape[-1]))).reshape(len(tokens), W + C, -1)[
+        :, W - 1 : -1
+    ]
+    mask = batch["completion_mask"] > 0
+    for top_k in (0, 5):
+        logps, entropy = run(params["policy"], batch, top_k)
+        z = logits / 0.7
+        if top_k:
+            kth = np.sort(z, axis=-1)[..., -top_k][..., None]
+            z = np.where(z >= kth, z, -np.inf)
+        logp = (
+            z
+            - np.log(np.sum(np.exp(z - z.max(-1, keepdims=True)), -1, keepdims=True))
+            - z.max(-1, keepdims=True)
+        )
+        expected = -np.sum(np.where(np.isfinite(logp), np.exp(logp) * logp, 0.0), -1)
+        np.testing.assert_allclose(np.asarray(entropy)[mask], expected[mask], rtol=1e-4, atol=1e-5)
+        assert not np.asarray(entropy)[~mask].any()
+        # Random tokens outside the top k have log-prob -inf; without top-k every log-prob is finite.
+        assert np.isfinite(np.asarray(logps)).all() == (top_k == 0)
+        if top_k:
+            assert np.asarray(entropy)[mask].max() <= np.log(top_k) + 1e-5
