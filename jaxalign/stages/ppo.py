@@ -223,11 +223,10 @@ def minibatch_update(state, minibatch, *, cfg: PpoConfig, optim: OptimConfig, mi
     return state, {"loss": mean_loss, **metrics, **update_metrics}
 
 
-UPDATE_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask") + (
-    "old_logps",
-    "old_values",
-    "advantages",
-    "returns",
+# What each minibatch update reads (the rollout's per-token KL and the scores are not needed there).
+UPDATE_KEYS = (
+    *("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"),
+    *("old_logps", "old_values", "advantages", "returns"),
 )
 
 
