@@ -7,8 +7,8 @@
     python -m jaxalign.main --config=configs/ppo.py:smoke --config.workdir=runs/ppo_smoke
       from an empty workdir: trains a tiny SFT policy and RM first (ppo.bootstrap_steps=40 steps each), then 20 PPO
       steps; eval/score (the RM's mean score of greedy held-out completions) goes from -0.74 at step 0 to -0.14 at
-      step 20 (objective/kl 1.2). Measured 4 min 16 s on the shared 2-core CPU at load average 7 (another job
-      running), ~150 s of it the first step of each of the three jobs (XLA compilation); 3 to 3.5 min in the test.
+      step 20 (objective/kl 1.2). Measured 2 min 18 s on the shared 2-core CPU at load average 8 (4 min 16 s at
+      its slowest), most of it the first step of each of the three jobs (XLA compilation: ~80 s of it PPO's).
 
 `train.batch_size` counts prompts (one completion each). Options: --config.ppo.value_init=reward|policy,
 --config.ppo.kl_coef, --config.ppo.kl_estimator=k1|k3, --config.ppo.missing_eos_penalty, --config.ppo.num_ppo_epochs,
