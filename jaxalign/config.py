@@ -417,6 +417,60 @@ class GrpoConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PpoConfig:
+    """PPO with a learned reward model (`job="ppo"`), TRL 1.16 PPOTrainer semantics: per step `train.batch_size`
+    prompts, one sampled completion each, scored by the frozen RM at its last token; per-token KL penalty to the
+    frozen reference, GAE, whitened advantages, then `num_ppo_epochs` passes over `num_mini_batches` minibatches
+    updating the policy and the value model (one optimizer, loss = policy loss + vf_coef * value loss)."""
+
+    # The trained reward model: a `checkpoints/reward` directory (or one of its steps).
+    reward_model: str = ""
+    # The RM's tokenizer; "" = its run's (saved data.tokenizer, else its workdir's tokenizer.model). When it differs
+    # from the policy's, completions are decoded and re-encoded for the RM.
+    reward_tokenizer: str = ""
+    # The value model's start: the RM's trunk and head ("reward", needs the RM to share the policy's tokenizer) or
+    # the policy's trunk with a fresh head ("policy").
+    value_init: Literal["reward", "policy"] = "reward"
+    max_completion_length: int = 32
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    # Subtracted from the score of a completion without a stop token (0 = off; TRL's default None).
+    missing_eos_penalty: float = 0.0
+    kl_coef: float = 0.05
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    whiten_rewards: bool = False
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    num_ppo_epochs: int = 4
+    num_mini_batches: int = 1
+    # > 0: before PPO, train the SFT policy (when model.init_from is empty) and the RM (when reward_model is empty)
+    # in this workdir for this many steps each (the `:smoke` config runs from an empty workdir this way).
+    bootstrap_steps: int = 0
+
+    def __post_init__(self):
+        _positive(self, "ppo", ("max_completion_length", "num_ppo_epochs", "num_mini_batches"))
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ConfigError(f"ppo.temperature={self.temperature} must be > 0 (PPO samples)")
+        if self.top_k < 0:
+            raise ConfigError(f"ppo.top_k={self.top_k} must be >= 0 (0 keeps every token)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"ppo.top_p={self.top_p} must be in (0, 1]")
+        for key in ("cliprange", "cliprange_value"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"ppo.{key}={getattr(self, key)} must be > 0")
+        for key in ("kl_coef", "vf_coef", "missing_eos_penalty", "bootstrap_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"ppo.{key}={getattr(self, key)} must be >= 0")
+        for key in ("gamma", "lam"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"ppo.{key}={getattr(self, key)} must be in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
 class StageRun:
     """What differs between the stages of one pipeline run (`job="pipeline"`); a 0 (or -1 where 0 is meaningful)
     keeps the value of the top-level `train`/`optim`/`checkpoint` sections."""
@@ -539,6 +593,7 @@ class Config:
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     dpo: DpoConfig = dataclasses.field(default_factory=DpoConfig)
     grpo: GrpoConfig = dataclasses.field(default_factory=GrpoConfig)
+    ppo: PpoConfig = dataclasses.field(default_factory=PpoConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
 
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)

@@ -29,6 +29,7 @@ JOBS = {
     "dpo": "jaxalign.stages.dpo",
     "kto": "jaxalign.stages.kto",
     "grpo": "jaxalign.stages.grpo",
+    "ppo": "jaxalign.stages.ppo",
     "curate": "jaxalign.data.curate",
     "pipeline": "jaxalign.pipeline",
     "eval": "jaxalign.eval.evaluate",

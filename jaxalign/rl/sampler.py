@@ -310,10 +310,12 @@ def completion_logps(
     temperature: float,
     top_k: int = 0,
     top_p: float = 1.0,
-) -> jax.Array:
+    with_entropy: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Teacher-forced log-probs (B, C) float32 of the completion tokens under `process_logits` of the model's
     logits, 0 where `completion_mask_BxC` is 0. One training forward over [prompt | completion] (differentiable,
-    with the model's remat and attention settings); left-padded prompts as in `sample`."""
+    with the model's remat and attention settings); left-padded prompts as in `sample`. `with_entropy` also
+    returns the entropy (nats, B x C, 0 where masked) of each position's sampling distribution."""
     model = nnx.merge(graphdef, params)
     B, P = prompt_ids_BxP.shape
     C = completion_ids_BxC.shape[1]
@@ -327,7 +329,13 @@ def completion_logps(
     logits_NxV = model.logits(h_BxTxD[:, P - 1 : P + C - 1].reshape(B * C, -1))
     logp_NxV = jax.nn.log_softmax(process_logits(logits_NxV, temperature, top_k, top_p), axis=-1)
     logps_BxC = jnp.take_along_axis(logp_NxV, completion_ids_BxC.reshape(-1, 1), axis=-1).reshape(B, C)
-    return jnp.where(completion_mask_BxC > 0, logps_BxC, 0.0)
+    logps_BxC = jnp.where(completion_mask_BxC > 0, logps_BxC, 0.0)
+    if not with_entropy:
+        return logps_BxC
+    # Tokens removed by top-k / top-p have p = 0 and log p = -inf: they add 0, not NaN.
+    plogp_NxV = jnp.where(logp_NxV > -jnp.inf, jnp.exp(logp_NxV) * logp_NxV, 0.0)
+    entropy_BxC = -jnp.sum(plogp_NxV, axis=-1).reshape(B, C)
+    return logps_BxC, jnp.where(completion_mask_BxC > 0, entropy_BxC, 0.0)
 
 
 # The host-side path: the prefill and the decode loop as two compiled programs (cached by jit on the static

@@ -8,7 +8,7 @@
 
 Model initialisation (`model.init_from`): "" initialises at random; "hf:DIR" reads a Hugging Face checkpoint;
 "ckpt:PATH" reads another jaxalign run's checkpoint (a step, a stage's checkpoint directory, or a run directory).
-Weights are matched by path, so a reward model (`models.heads.ScalarModel`, a trunk + head) starts from a policy's
+Weights are matched by path (a PPO checkpoint's policy), so a reward model (`models.heads.ScalarModel`, a trunk + head) starts from a policy's
 checkpoint (its trunk) and a value model from a reward model's (trunk and head); a checkpoint saved with
 `model.scan_layers` either way fits a model with either. Only the arrays the new model needs are read, each device
 reading its own shards; weights the checkpoint lacks (a new head) start at random. The architecture must match
@@ -289,6 +289,9 @@ def _from_checkpoint(
     step_dir = checkpoint.find_step_dir(path)
     _check_architecture(cfg, checkpoint.saved_config(step_dir)["model"], step_dir)
     meta = checkpoint.saved_params_metadata(step_dir)
+    # A PPO checkpoint holds {"policy": ..., "value": ...}: its policy is what later stages start from.
+    prefix: tuple[str, ...] = ("policy",) if {"policy", "value"} <= set(meta) else ()
+    meta = meta["policy"] if prefix else meta
     source_scalar = "trunk" in meta
     trunk_meta = meta["trunk"] if source_scalar else meta
     source_stacked = not any(k.isdigit() for k in trunk_meta.get("blocks", {}))
@@ -340,13 +343,13 @@ def _from_checkpoint(
                     f"needs {tuple(shape)}"
                 )
             node = target
-            for part in k:
+            for part in (*prefix, *k):
                 node = node.setdefault(part, {})
             node["value"] = jax.ShapeDtypeStruct(shape, np.float32, sharding=rules.sharding(names, shape))
     restored = checkpoint.restore_params(step_dir, target)
     out: dict[tuple, jax.Array] = {}
     for tpath, var, keys, how in plan:
-        pieces = [get(restored, (*k, "value")) for k in keys]
+        pieces = [get(restored, (*prefix, *k, "value")) for k in keys]
         if how == "stack":
             sharding = rules.sharding(var.get_metadata()["axes"], var.shape)
             out[tpath] = jax.jit(lambda *xs: jax.numpy.stack(xs), out_shardings=sharding)(*pieces)

@@ -44,13 +44,13 @@ import numpy as np
 
 from jaxalign import losses
 from jaxalign.config import Config, GrpoConfig, OptimConfig
-from jaxalign.data import chat, pipelines
+from jaxalign.data import pipelines
 from jaxalign.errors import ConfigError
 from jaxalign.models.transformer import flops_per_token
 from jaxalign.parallel.mesh import Rules
 from jaxalign.rl import rewards as rewards_lib
 from jaxalign.rl import sampler
-from jaxalign.stages import common
+from jaxalign.stages import common, rollout
 from jaxalign.train import loop
 from jaxalign.train import state as state_lib
 
@@ -198,34 +198,21 @@ class Rollout:
 
     def __init__(self, config: Config, rules: Rules, tokenizer, graphdef, reward_set: rewards_lib.RewardSet):
         self.cfg, self.config, self.rules = config.grpo, config, rules
-        self.tokenizer = tokenizer
-        self.stop_ids = tuple(chat.stop_ids(tokenizer, config.data.chat_template))
         cfg = self.cfg
-        self.generate = jax.jit(
-            functools.partial(
-                sampler.sample,
-                graphdef,
-                max_new_tokens=cfg.max_completion_length,
-                temperature=cfg.temperature,
-                top_k=cfg.top_k,
-                top_p=cfg.top_p,
-                eos_ids=self.stop_ids,
-                pad_id=tokenizer.pad_id,
-                num_generations=cfg.num_generations,
-            )
+        self.generator = rollout.Generator(
+            graphdef,
+            rules,
+            tokenizer,
+            config.data.chat_template,
+            max_new_tokens=cfg.max_completion_length,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            num_generations=cfg.num_generations,
         )
         self.reward_set = reward_set
         self.shardings = batch_shardings(rules)
         self.perm = microbatch_order(config.train.batch_size // jax.process_count(), config.train.grad_accum)
-
-    def completions(self, tokens_BxC: np.ndarray, mask_BxC: np.ndarray) -> tuple[list[str], np.ndarray]:
-        """Decoded texts (without the stop token) and whether each row stopped."""
-        texts, stopped = [], np.zeros(len(tokens_BxC), bool)
-        for i, (ids, m) in enumerate(zip(tokens_BxC, mask_BxC, strict=True)):
-            ids = ids[: int(m.sum())].tolist()
-            stopped[i] = bool(ids) and ids[-1] in self.stop_ids
-            texts.append(self.tokenizer.decode(ids[:-1] if stopped[i] else ids))
-        return texts, stopped
 
     def __call__(
         self, state, prompts: dict[str, Any], step: int
@@ -234,19 +221,12 @@ class Rollout:
         t0 = time.perf_counter()
         jax.block_until_ready(state.params)  # the previous step's update
         t1 = time.perf_counter()
-        ids, mask = (
-            jax.make_array_from_process_local_data(
-                self.rules.sharding(("batch", "length"), prompts[k].shape), prompts[k]
-            )
-            for k in ("prompt_ids", "prompt_mask")
-        )
-        out = self.generate(state.params, ids, mask, jax.random.fold_in(state.rng, step))
-        tokens_BxC, cmask_BxC, logps_BxC, pids_BxW, pmask_BxW = (
-            common.host_rows(x) for x in (out.tokens, out.mask, out.logps, out.prompt_ids, out.prompt_mask)
+        tokens_BxC, cmask_BxC, logps_BxC, pids_BxW, pmask_BxW = self.generator(
+            state.params, prompts, jax.random.fold_in(state.rng, step)
         )
         t2 = time.perf_counter()
 
-        texts, stopped_B = self.completions(tokens_BxC, cmask_BxC)
+        texts, stopped_B = self.generator.decode(tokens_BxC, cmask_BxC)
         B, C = tokens_BxC.shape
         extras = [
             {
@@ -289,12 +269,9 @@ class Rollout:
         )
         metrics = {k: float(v) for k, v in reward_metrics.items()}
         metrics.update({f"rewards/{name}/mean": float(np.mean(v[valid_B])) for name, v in per_func.items()})
+        metrics.update(rollout.completion_metrics(lengths_B, stopped_B))
         metrics.update(
             {
-                "completions/mean_length": float(lengths_B.mean()),
-                "completions/min_length": float(lengths_B.min()),
-                "completions/max_length": float(lengths_B.max()),
-                "completions/clipped_ratio": float(1.0 - stopped_B.mean()),
                 "reward_skipped_groups": float((~valid_P).sum()),
                 "time/update_wait_s": t1 - t0,
                 "time/generation_s": t2 - t1,
@@ -329,28 +306,20 @@ def make_reward_set(config: Config, tokenizer, rules: Rules) -> rewards_lib.Rewa
 def answer_evaluator(config: Config, rules: Rules, tokenizer, graphdef, batches: list[dict[str, Any]]):
     """`eval_fn(state)`: greedy completions of the held-out prompts scored by the answer reward: `answer` overall
     and `answer/<task>` per record task (e.g. `answer/arithmetic`)."""
-    stop_ids = tuple(chat.stop_ids(tokenizer, config.data.chat_template))
-    greedy = jax.jit(
-        functools.partial(
-            sampler.sample,
-            graphdef,
-            max_new_tokens=config.grpo.max_completion_length,
-            temperature=0.0,
-            eos_ids=stop_ids,
-            pad_id=tokenizer.pad_id,
-        )
+    greedy = rollout.Generator(
+        graphdef,
+        rules,
+        tokenizer,
+        config.data.chat_template,
+        max_new_tokens=config.grpo.max_completion_length,
+        temperature=0.0,
     )
-    shard = lambda x: jax.make_array_from_process_local_data(rules.sharding(("batch", "length"), x.shape), x)
 
     def eval_fn(state) -> dict[str, float]:
         scores: dict[str, list[float]] = {}
         for batch in batches:
-            out = greedy(state.params, shard(batch["prompt_ids"]), shard(batch["prompt_mask"]), state.rng)
-            tokens, mask = common.host_rows(out.tokens), common.host_rows(out.mask)
-            texts = []
-            for ids, m in zip(tokens, mask, strict=True):
-                ids = ids[: int(m.sum())].tolist()
-                texts.append(tokenizer.decode(ids[:-1] if ids and ids[-1] in stop_ids else ids))
+            out = greedy(state.params, batch, state.rng)
+            texts, _ = greedy.decode(out.tokens_BxC, out.mask_BxC)
             for extra, value in zip(
                 batch["extras"], rewards_lib.answer_reward(texts, batch["extras"]), strict=True
             ):
