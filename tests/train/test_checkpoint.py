@@ -15,7 +15,7 @@ from jaxalign.errors import TrainingError
 from jaxalign.models.transformer import init_model
 from jaxalign.stages import pretrain
 from jaxalign.train import state as state_lib
-from jaxalign.train.checkpoint import Checkpointer
+from jaxalign.train.checkpoint import Checkpointer, config_differences
 from tests.helpers import rules_for, tiny
 
 
@@ -95,3 +95,22 @@ def test_nan_skip_policy_continues_and_counts(tmp_path, corpus, monkeypatch):
     assert [r["skipped"] for r in lines] == [0, 0, 1, 0, 0, 0]
     assert lines[-1]["skipped_total"] == 1 and np.isnan(lines[2]["loss"])
     assert int(result.state.step) == 6 and np.isfinite(lines[-1]["loss"])
+
+
+def test_resume_compares_the_synthetic_world_only_when_it_is_the_data():
+    def saved(**data):
+        raw = config_lib.defaults()
+        raw.workdir = "/tmp/unused"
+        raw.data.update(data)
+        return json.loads(config_lib.from_config_dict(raw).to_json())
+
+    world = saved(synthetic_seed=0)
+    assert config_differences(world, saved(synthetic_seed=0)) == []
+    assert config_differences(world, saved(synthetic_seed=1)) == ["data.synthetic_seed: checkpoint 0, run 1"]
+    assert config_differences(world, saved(synthetic_entities=50)) == [
+        "data.synthetic_entities: checkpoint 400, run 50"
+    ]
+    # A corpus of the user's: the world's keys do not matter (data.input itself must match).
+    corpus = saved(input="/c/*.jsonl", synthetic_seed=0)
+    assert config_differences(corpus, saved(input="/c/*.jsonl", synthetic_seed=1)) == []
+    assert config_differences(corpus, world) == ["data.input: checkpoint '/c/*.jsonl', run ''"]
