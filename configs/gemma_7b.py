@@ -14,7 +14,8 @@ field; `hf.load_params` checks it and names the first key that differs. Shapes a
 google/gemma-7b (8.54e9 parameters; (1 + w) norms, embeddings scaled by sqrt(d_model), gelu-tanh MLP, tied
 embeddings). Sequences of 4,096 keep the 256k-vocabulary logits of one sequence per device at ~4 GB.
 
-The corpus must be tokenized with the checkpoint's own tokenizer (`data.tokenizer` = the checkpoint directory).
+The corpus `data.input` has no default (the run stops at once naming it, rather than train on the synthetic
+world); it must be tokenized with the checkpoint's own tokenizer (`data.tokenizer` = the checkpoint directory).
 """
 
 import ml_collections

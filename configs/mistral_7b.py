@@ -14,7 +14,8 @@ field; `hf.load_params` checks it and names the first key that differs. Shapes a
 mistralai/Mistral-7B-v0.3 (7.25e9 parameters; no sliding window). Mistral-7B-v0.1 differs (vocab_size=32000,
 rope_theta=10000.0, sliding_window=4096, so max_seq_len=4096).
 
-The corpus must be tokenized with the checkpoint's own tokenizer (`data.tokenizer` = the checkpoint directory).
+The corpus `data.input` has no default (the run stops at once naming it, rather than train on the synthetic
+world); it must be tokenized with the checkpoint's own tokenizer (`data.tokenizer` = the checkpoint directory).
 """
 
 import ml_collections

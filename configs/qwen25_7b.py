@@ -13,7 +13,8 @@ run stops at once with a message naming it). The model section must agree with t
 field; `hf.load_params` checks it and names the first key that differs. Shapes are those of
 Qwen/Qwen2.5-7B (7.62e9 parameters; q/k/v biases).
 
-The corpus must be tokenized with the checkpoint's own tokenizer (`data.tokenizer` = the checkpoint directory).
+The corpus `data.input` has no default (the run stops at once naming it, rather than train on the synthetic
+world); it must be tokenized with the checkpoint's own tokenizer (`data.tokenizer` = the checkpoint directory).
 """
 
 import ml_collections

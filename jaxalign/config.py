@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import types
 import typing
@@ -20,6 +19,7 @@ from typing import Any, Literal
 
 import ml_collections
 
+from jaxalign.config_ranges import check_ranges as _check_ranges
 from jaxalign.errors import ConfigError
 
 # Logical axis -> mesh axes. Parameters use `embed`, `mlp`, `heads`, `kv_heads`, `vocab`, `layers`, `head_dim`,
@@ -46,13 +46,6 @@ REFERENCE_MODEL = dict(
     vocab_size=8192, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=1024
 )
 SMOKE_MODEL = dict(vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=256)
-
-
-def _positive(section_obj: Any, section: str, keys: tuple[str, ...]) -> None:
-    for key in keys:
-        value = getattr(section_obj, key)
-        if value <= 0:
-            raise ConfigError(f"{section}.{key}={value} must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +91,7 @@ class ModelConfig:
     init_from: str = ""
 
     def __post_init__(self):
-        _positive(
-            self, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
-        )
+        _check_ranges(ModelConfig, vars(self), "model")
         if self.init_from and not self.init_from.startswith(("hf:", "ckpt:")):
             raise ConfigError(
                 f"model.init_from={self.init_from!r} must be '' (random), 'hf:/path' or 'ckpt:/path'"
@@ -122,12 +113,16 @@ class MeshConfig:
     rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_RULES
 
     def __post_init__(self):
+        _check_ranges(MeshConfig, vars(self), "mesh")
         sizes = {a: getattr(self, a) for a in ("data", "fsdp", "tensor", "stage")}
         if list(sizes.values()).count(-1) > 1:
             raise ConfigError(f"at most one mesh axis may be -1, got {sizes}")
-        for axis, size in sizes.items():
-            if size == 0 or size < -1:
-                raise ConfigError(f"mesh.{axis}={size} must be a positive size or -1")
+        if self.stage != 1:
+            # A 'stage' axis would only replicate the model: the pipeline schedule that uses it is not built yet.
+            raise ConfigError(
+                f"mesh.stage={self.stage}: pipeline parallelism is not supported yet; set mesh.stage=1 and split the "
+                "model with mesh.fsdp / mesh.tensor"
+            )
         names = [name for name, _ in self.rules]
         for name, axes in self.rules:
             for axis in axes:
@@ -160,9 +155,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        _positive(self, "train", ("steps", "batch_size", "seq_len", "grad_accum", "log_every"))
-        if self.logits_chunk < 0:
-            raise ConfigError(f"train.logits_chunk={self.logits_chunk} must be >= 0 (0: no chunking)")
+        _check_ranges(TrainConfig, vars(self), "train")
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}"
@@ -187,12 +180,7 @@ class OptimConfig:
     spike_sigma: float = 6.0
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr={self.lr} must be > 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        if self.spike_window < 2:
-            raise ConfigError(f"optim.spike_window={self.spike_window} must be >= 2")
+        _check_ranges(OptimConfig, vars(self), "optim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,9 +220,7 @@ class DataConfig:
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
 
     def __post_init__(self):
-        _positive(self, "data", ("max_prompt_length", "synthetic_entities"))
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+        _check_ranges(DataConfig, vars(self), "data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +231,9 @@ class CheckpointConfig:
     keep_every: int = 0
     async_save: bool = True
     enabled: bool = True
+
+    def __post_init__(self):
+        _check_ranges(CheckpointConfig, vars(self), "checkpoint")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,9 +259,7 @@ class CurateConfig:
     num_workers: int = 2
 
     def __post_init__(self):
-        _positive(self, "curate", ("ngram", "num_bands", "rows_per_band", "num_workers"))
-        if not 0.0 <= self.near_threshold <= 1.0:
-            raise ConfigError(f"curate.near_threshold={self.near_threshold} must be in [0, 1]")
+        _check_ranges(CurateConfig, vars(self), "curate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,8 +275,7 @@ class SftConfig:
     pretrain_eval_input: str = ""
 
     def __post_init__(self):
-        if not 0.0 <= self.replay_fraction < 1.0:
-            raise ConfigError(f"sft.replay_fraction={self.replay_fraction} must be in [0, 1)")
+        _check_ranges(SftConfig, vars(self), "sft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,8 +288,7 @@ class RewardConfig:
     margin_field: str = ""
 
     def __post_init__(self):
-        if self.center_coef < 0:
-            raise ConfigError(f"reward.center_coef={self.center_coef} must be >= 0")
+        _check_ranges(RewardConfig, vars(self), "reward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,13 +316,7 @@ class DpoConfig:
     reference: Literal["live", "precomputed"] = "live"
 
     def __post_init__(self):
-        if self.beta <= 0:
-            raise ConfigError(f"dpo.beta={self.beta} must be > 0")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
-        for key in ("rpo_alpha", "desirable_weight", "undesirable_weight"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"dpo.{key}={getattr(self, key)} must be >= 0")
+        _check_ranges(DpoConfig, vars(self), "dpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,23 +358,7 @@ class GrpoConfig:
     def __post_init__(self):
         from jaxalign.rl import rewards
 
-        if self.num_generations < 2:
-            raise ConfigError(
-                f"grpo.num_generations={self.num_generations} must be >= 2 (advantages compare samples of a group)"
-            )
-        _positive(self, "grpo", ("max_completion_length", "num_iterations"))
-        if not math.isfinite(self.temperature) or self.temperature <= 0:
-            raise ConfigError(f"grpo.temperature={self.temperature} must be > 0 (GRPO samples)")
-        if self.top_k < 0:
-            raise ConfigError(f"grpo.top_k={self.top_k} must be >= 0 (0 keeps every token)")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"grpo.top_p={self.top_p} must be in (0, 1]")
-        if not 0 < self.epsilon < 1:
-            raise ConfigError(f"grpo.epsilon={self.epsilon} must be in (0, 1)")
-        if self.epsilon_high < 0:
-            raise ConfigError(f"grpo.epsilon_high={self.epsilon_high} must be >= 0 (0: same as grpo.epsilon)")
-        if self.beta < 0:
-            raise ConfigError(f"grpo.beta={self.beta} must be >= 0")
+        _check_ranges(GrpoConfig, vars(self), "grpo")
         rewards.check_names(self.reward_funcs)
         if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(
@@ -412,8 +375,6 @@ class GrpoConfig:
                 f"grpo.overlong_buffer={self.overlong_buffer} must be in [0, grpo.max_completion_length="
                 f"{self.max_completion_length})"
             )
-        if self.overlong_penalty < 0:
-            raise ConfigError(f"grpo.overlong_penalty={self.overlong_penalty} must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -484,13 +445,7 @@ class StageRun:
     every_steps: int = 0
 
     def __post_init__(self):
-        for key in ("steps", "batch_size", "seq_len", "every_steps"):
-            if getattr(self, key) < 0:
-                raise ConfigError(
-                    f"pipeline.<stage>.{key}={getattr(self, key)} must be >= 0 (0 keeps the default)"
-                )
-        if self.lr < 0:
-            raise ConfigError(f"pipeline.<stage>.lr={self.lr} must be >= 0 (0 keeps optim.lr)")
+        _check_ranges(StageRun, vars(self), "pipeline.<stage>")
 
 
 PIPELINE_STAGES = ("curate", "pretrain", "sft", "reward", "dpo", "kto", "ppo", "grpo", "eval")
@@ -561,11 +516,7 @@ class EvalConfig:
     name: str = "policy"
 
     def __post_init__(self):
-        _positive(self, "eval", ("max_new_tokens", "batch_size"))
-        if self.max_examples < 0:
-            raise ConfigError(f"eval.max_examples={self.max_examples} must be >= 0 (0: all)")
-        if self.temperature < 0:
-            raise ConfigError(f"eval.temperature={self.temperature} must be >= 0 (0: greedy)")
+        _check_ranges(EvalConfig, vars(self), "eval")
         for key in ("baseline", "reference", "judge_model"):
             value = getattr(self, key)
             if value and not value.startswith(("hf:", "ckpt:")):
@@ -601,6 +552,7 @@ class Config:
     def __post_init__(self):
         if not self.workdir:
             raise ConfigError("workdir is empty: pass --config.workdir=DIR")
+        _check_ranges(Config, vars(self), "")
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"train.seq_len={self.train.seq_len} exceeds the model's maximum model.max_seq_len="
@@ -613,6 +565,9 @@ class Config:
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:
     """Converts a ConfigDict value to the dataclass field's type, or raises naming `key`."""
+    if value is None and annotation in (str, int, float):
+        # A `config_dict.placeholder` the job file leaves for the user (the big-model jobs' data.input).
+        raise ConfigError(f"{key} is required by this config and has no value: pass --config.{key}=...")
     origin = typing.get_origin(annotation)
     if dataclasses.is_dataclass(annotation):
         if isinstance(value, ml_collections.ConfigDict):
@@ -662,6 +617,8 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
             f"unknown config key {prefix}{key}={values[key]!r}; known keys in this section: {sorted(fields)}"
         )
     kwargs = {name: _convert(v, hints[name], prefix + name) for name, v in values.items()}
+    # Checked here too, before the section's own __post_init__, so that the message names the full key.
+    _check_ranges(cls, kwargs, prefix.rstrip("."))
     return cls(**kwargs)
 
 
@@ -723,13 +680,17 @@ def continued_pretraining(
     c.train.update(train or {})
     # Continued pretraining: a short warmup to a small peak learning rate.
     c.optim.update(lr=1e-5, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0, b2=0.95)
-    # The corpus is tokenized with the checkpoint's own tokenizer.
-    c.data.update(input="", eval_input="", tokenizer=checkpoint)
+    # The corpus is tokenized with the checkpoint's own tokenizer. It has no default: an 8B model never trains on the
+    # synthetic world by accident (the run stops at once naming data.input).
+    c.data.update(eval_input="", tokenizer=checkpoint)
+    c.data.input = ml_collections.config_dict.placeholder(str)
     c.checkpoint.update(every_steps=500, keep=2)
     if arg == "pod":
         # -1 puts every further slice on the data axis.
         c.mesh.update(data=-1, fsdp=64, tensor=1)
-        c.train.update(steps=2500, batch_size=512, grad_accum=1)
+        # The float32 logits are computed 1,024 positions at a time, so a device's full [tokens, V] logits (4 GB for
+        # one 8,192-token row at a 128k vocabulary) and their gradient never exist at once.
+        c.train.update(steps=2500, batch_size=512, grad_accum=1, logits_chunk=1024)
         c.train.update(pod_train or {})
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; accepted: 'pod'")

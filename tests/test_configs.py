@@ -2,12 +2,14 @@
 `jax.eval_shape`; the Hugging Face templates have the published parameter counts, agree with the published
 config.json, and really shard their weights over the mesh they ask for."""
 
+import dataclasses
 import functools
 import glob
 import importlib.util
 import math
 import os
 import re
+import typing
 
 import jax
 import ml_collections
@@ -16,6 +18,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from jaxalign import config as config_lib
+from jaxalign.config_ranges import RANGES, in_range
 from jaxalign.models import hf_mappings
 from jaxalign.models.transformer import Transformer
 from jaxalign.parallel.mesh import AXES, Rules, mesh_shape
@@ -171,6 +174,14 @@ def test_config_builds_its_model(path, arg, tmp_path):
     if "model" not in raw:
         pytest.skip(f"job {raw.get('job')!r} has no model")
     raw.workdir = str(tmp_path)
+    name = os.path.basename(path)[:-3]
+    if name in PUBLISHED:
+        # An 8B model never trains on the synthetic world by accident: the corpus has no default.
+        with pytest.raises(config_lib.ConfigError, match=r"^data\.input is required by this config"):
+            config_lib.from_config_dict(raw)
+        raw.data.input = "/corpus/*.jsonl.gz"
+        # The pod variants compute the vocabulary logits 1,024 positions at a time.
+        assert raw.train.logits_chunk == (1024 if arg == "pod" else 0)
     config = config_lib.from_config_dict(raw)
     cfg = config.model
 
@@ -178,7 +189,6 @@ def test_config_builds_its_model(path, arg, tmp_path):
     total = sum(math.prod(shape) for shape, _ in flat)
     assert total > 0
 
-    name = os.path.basename(path)[:-3]
     if name not in PUBLISHED:
         return
     expected_params, published = PUBLISHED[name]
@@ -201,3 +211,68 @@ def test_config_builds_its_model(path, arg, tmp_path):
         per_device += math.prod(shape) / split
     assert per_device <= 1.01 * total / (sizes["fsdp"] * sizes["tensor"])
     assert config.train.batch_size // config.train.grad_accum % (sizes["data"] * sizes["fsdp"]) == 0
+
+
+# Every section of the config and its dotted prefix (the pipeline's per-stage sections share StageRun).
+SECTIONS = {
+    "": config_lib.Config,
+    **{k: t for k, t in typing.get_type_hints(config_lib.Config).items() if dataclasses.is_dataclass(t)},
+    "pipeline.sft": config_lib.StageRun,
+}
+
+
+def numeric_keys() -> list[tuple[str, str, type]]:
+    hints = {prefix: typing.get_type_hints(cls) for prefix, cls in SECTIONS.items()}
+    return [
+        (prefix, name, hints[prefix][name])
+        for prefix, cls in SECTIONS.items()
+        for name in (f.name for f in dataclasses.fields(cls))
+        if hints[prefix][name] in (int, float)
+    ]
+
+
+def outside(spec: str, kind: type) -> list:
+    """Values just outside the range `spec` (one per bound), and NaN for floats."""
+    step = 1 if kind is int else 0.5
+    m = re.match(r"(-1 or )?(?:(>=|>) (-?[\d.]+)|in ([\[(])(-?[\d.]+), (-?[\d.]+)([\])]))", spec)
+    minus_one, op, bound, left, lo, hi, right = m.groups()
+    if op:
+        bound = kind(float(bound))
+        values = [bound if op == ">" else bound - step]
+        if minus_one:
+            values = [-2, 0] if kind is int else [-2.0, 0.0]
+    else:
+        lo, hi = kind(float(lo)), kind(float(hi))
+        values = [lo - step if left == "[" else lo, hi + step if right == "]" else hi]
+    return values + ([float("nan")] if kind is float else [])
+
+
+def test_every_numeric_key_has_a_range():
+    listed = {(cls.__name__, key) for _, cls in SECTIONS.items() for key in RANGES.get(cls.__name__, {})}
+    keys = {(SECTIONS[prefix].__name__, name) for prefix, name, _ in numeric_keys()}
+    assert keys - listed == set(), "numeric config keys without a range in config_ranges.RANGES"
+    assert listed - keys == set(), "RANGES lists keys that are not numeric fields"
+
+
+@pytest.mark.parametrize("prefix,name,kind", numeric_keys(), ids=lambda x: x if isinstance(x, str) else "")
+def test_a_value_outside_each_numeric_range_is_one_line_naming_the_key(prefix, name, kind):
+    spec = RANGES[SECTIONS[prefix].__name__][name]
+    dotted = f"{prefix}.{name}" if prefix else name
+    # The default is inside the range (so only the bad value can be blamed below).
+    raw = config_lib.defaults()
+    raw.workdir = "/tmp/unused"
+    default = config_lib.from_config_dict(raw)
+    for part in dotted.split("."):
+        default = getattr(default, part)
+    assert in_range(default, spec) or (prefix.startswith("pipeline.") and default in (0, -1))
+    for bad in outside(spec, kind):
+        raw = config_lib.defaults()
+        raw.workdir = "/tmp/unused"
+        section = raw
+        for part in dotted.split(".")[:-1]:
+            section = section[part]
+        section[name] = bad
+        with pytest.raises(config_lib.ConfigError) as e:
+            config_lib.from_config_dict(raw)
+        message = str(e.value)
+        assert "\n" not in message and message.startswith(f"{dotted}={bad!r} must be "), message

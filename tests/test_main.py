@@ -66,6 +66,9 @@ def test_pretrain_smoke_learns_and_records_its_config(tmp_path):
             ["--config.model.remat=sometimes"],
             "model.remat='sometimes' is not one of ['none', 'full', 'dots']",
         ),
+        (["--config.mesh.stage=2"], "mesh.stage=2: pipeline parallelism is not supported yet"),
+        (["--config.checkpoint.every_steps=0"], "checkpoint.every_steps=0 must be > 0"),
+        (["--config.data.shards=-1"], "data.shards=-1 must be >= 0 (0: one per process)"),
     ],
 )
 def test_bad_config_exits_with_one_line(tmp_path, args, expected):
@@ -75,3 +78,13 @@ def test_bad_config_exits_with_one_line(tmp_path, args, expected):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("ConfigError: ") and expected in lines[0], lines[0]
     assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_big_model_config_without_a_corpus_exits_with_one_line(tmp_path):
+    """configs/llama3_8b.py:pod never falls back to the synthetic world: data.input has no default."""
+    proc = run_main("--config=configs/llama3_8b.py:pod", f"--config.workdir={tmp_path}", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "ConfigError: data.input is required by this config and has no value: pass --config.data.input=..."
+    ]
+    assert not os.listdir(tmp_path)

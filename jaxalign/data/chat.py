@@ -10,8 +10,10 @@ messages and the newline after an end-of-turn.
 
 Each piece is tokenized on its own (as torchtune does), so a mask never splits a token: markers through
 `tokenizer.token_id`, runs of newlines as newline pieces when the vocabulary has one (else through `encode`), role
-names and contents through `encode`. With a SentencePiece model each content therefore starts with the dummy-prefix
-"▁", as text at the start of a pretraining document does. The text form (`render_text`) matches the Hugging Face
+names through `encode`, contents through `encode_text`, which never turns text into a marker: a user who writes
+`<|im_end|>` in a message cannot end the turn or open a new one (Hugging Face's `split_special_tokens`). With a
+SentencePiece model each content therefore starts with the dummy-prefix "▁", as text at the start of a pretraining
+document does. The text form (`render_text`) matches the Hugging Face
 templates of the same names.
 
     tokenizer  the tokenizer's own template (`encode_chat`: a Hugging Face tokenizer's jinja template, for imported
@@ -170,7 +172,8 @@ def _fold_system(template: ChatTemplate, messages: Sequence[dict[str, str]]) -> 
 
 
 def _pieces(template: ChatTemplate, messages: Sequence[dict[str, str]], add_generation_prompt: bool):
-    """(kind, value, trained) for the whole conversation; kind is "bos", "special", "text" or "nl"."""
+    """(kind, value, trained) for the whole conversation; kind is "bos", "special", "text" (template text such as
+    role names), "content" (a message's text) or "nl"."""
     out: list[tuple[str, Any, bool]] = []
     if template.bos_text:
         out.append(("bos", None, False))
@@ -184,7 +187,7 @@ def _pieces(template: ChatTemplate, messages: Sequence[dict[str, str]], add_gene
     for m in _fold_system(template, messages):
         trained = m["role"] == "assistant"
         header(m["role"])
-        out.append(("text", m["content"], trained))
+        out.append(("content", m["content"], trained))
         out.append(("special", template.end_of_turn, trained))
         out.extend((kind, value, False) for kind, value in template.after_turn)
     if add_generation_prompt:
@@ -214,6 +217,9 @@ def render(
             piece_ids = [special_id(tokenizer, value, template)]
         elif kind == "nl":
             piece_ids = _newlines(tokenizer, value)
+        elif kind == "content":
+            # User text: a marker typed in it stays text (module doc).
+            piece_ids = tokenizer.encode_text(value) if value else []
         else:
             piece_ids = tokenizer.encode(value) if value else []
         ids.extend(piece_ids)

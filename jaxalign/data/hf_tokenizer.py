@@ -11,6 +11,12 @@ match `tokenizer.apply_chat_template`. `encode_chat` also returns the assistant 
 learn to produce): from `{% generation %}` blocks when the template has them, exactly as transformers'
 `return_assistant_tokens_mask`; otherwise by rendering each assistant turn's prefix with and without the turn and
 taking the difference (trailing whitespace after the turn excluded).
+
+Message contents are user text: a special token typed in one (`<|im_end|>`) must not become that token, or a user
+could close their turn and write the assistant's. `encode_text` encodes with special tokens split (transformers'
+`split_special_tokens=True`); `encode_chat` finds where the template put each content's special-token text (by
+rendering the conversation again with those characters replaced by same-length placeholders) and encodes exactly
+those characters as ordinary pieces, so the ids hold only the special tokens the template itself wrote.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ SPECIAL_TOKEN_NAMES = (
     "mask_token",
 )
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# Stands in for the characters of special tokens typed in message contents (a private-use code point).
+_PLACEHOLDER = "\U000f8ff0"
 
 
 def _import_tokenizers():
@@ -117,13 +125,28 @@ class HFTokenizer:
             else self.eos_id
         )
         self.chat_template = chat_template if chat_template is not None else _read_template(directory, config)
+        self._plain = None  # the tokenizer of `encode_text`, made on first use
+        specials = sorted(
+            {t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special}, key=len
+        )
+        self._specials = re.compile("|".join(re.escape(t) for t in reversed(specials))) if specials else None
 
     # The `Tokenizer` protocol.
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_text(self, text: str) -> list[int]:
+        if self._plain is None:
+            # A second instance: `encode_special_tokens` is state of the tokenizer, and pipelines may share this one.
+            self._plain = type(self.tokenizer).from_str(self.tokenizer.to_str())
+            self._plain.encode_special_tokens = True
+        return self._plain.encode(text, add_special_tokens=False).ids
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_plain": None}
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -165,6 +188,7 @@ class HFTokenizer:
         if spans is None:
             spans = self._diff_spans(messages, text, tools, documents, template_kwargs)
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        typed = self._typed_specials(messages, text, add_generation_prompt, tools, documents, template_kwargs)
         mask = [0] * len(encoding.ids)
         # As transformers does: every token from the one holding a span's first character to the one holding its
         # last.
@@ -176,7 +200,62 @@ class HFTokenizer:
                 break
             for i in range(first, len(mask) if last is None else last + 1):
                 mask[i] = 1
-        return encoding.ids, mask
+        if not typed:
+            return encoding.ids, mask
+        return self._split_typed(text, encoding, mask, typed)
+
+    def _typed_specials(self, messages, text, add_generation_prompt, tools, documents, template_kwargs):
+        """Character runs [start, end) of `text` that are special-token text typed in message contents."""
+        if self._specials is None or not any(
+            isinstance(m.get("content"), str) and self._specials.search(m["content"]) for m in messages
+        ):
+            return []
+        hide = lambda match: _PLACEHOLDER * len(match.group())
+        hidden = [
+            dict(m, content=self._specials.sub(hide, m["content"]))
+            if isinstance(m.get("content"), str)
+            else m
+            for m in messages
+        ]
+        other = self._render(hidden, add_generation_prompt, tools, documents, template_kwargs)[0]
+        typed = [i for i, (a, b) in enumerate(zip(text, other, strict=False)) if a != b]
+        if len(other) != len(text) or any(other[i] != _PLACEHOLDER for i in typed):
+            raise DataError(
+                f"chat template of {self.path!r} changes message contents that contain special tokens, so their "
+                "special-token text cannot be kept as text; remove the special tokens from the messages"
+            )
+        runs: list[list[int]] = []
+        for i in typed:
+            if runs and runs[-1][1] == i:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1])
+        return runs
+
+    def _split_typed(self, text, encoding, mask, runs) -> tuple[list[int], list[int]]:
+        """`encoding`'s ids and `mask` with the tokens covering each run replaced by the run's ordinary pieces (the
+        tokens the template wrote, and all other tokens, unchanged)."""
+        ids_out: list[int] = []
+        mask_out: list[int] = []
+        offsets = encoding.offsets
+        i = 0
+        for start, end in runs:
+            while i < len(offsets) and offsets[i][1] <= start:
+                ids_out.append(encoding.ids[i])
+                mask_out.append(mask[i])
+                i += 1
+            covered = []
+            while i < len(offsets) and offsets[i][0] < end:
+                covered.append(i)
+                i += 1
+            lo = min([start, *(offsets[j][0] for j in covered)])
+            hi = max([end, *(offsets[j][1] for j in covered)])
+            plain = self.encode_text(text[lo:hi])
+            ids_out.extend(plain)
+            mask_out.extend([max((mask[j] for j in covered), default=0)] * len(plain))
+        ids_out.extend(encoding.ids[i:])
+        mask_out.extend(mask[i:])
+        return ids_out, mask_out
 
     def _render(self, messages, add_generation_prompt, tools, documents, template_kwargs):
         """(text, generation spans or None when the template has no {% generation %} blocks)."""

@@ -5,7 +5,9 @@ normalisation (text round-trips exactly), and the chat special tokens as user-de
 user-defined symbol too, so it is a real piece rather than a byte fallback.
 
 Chat templates (`data/chat.py`) render conversations through the same interface; their markers are single pieces of
-the vocabulary, so every template in `chat.TEMPLATES` lists its markers in `CHAT_SPECIAL_TOKENS`.
+the vocabulary, so every template in `chat.TEMPLATES` lists its markers in `CHAT_SPECIAL_TOKENS`. Message contents
+are encoded with `encode_text`, which never matches a marker (Hugging Face's `split_special_tokens`): a user who
+types `<|im_end|>` gets the ordinary pieces of that text, not the end-of-turn token.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ class Tokenizer(Protocol):
         """Ids of `text`, without BOS or EOS."""
         ...
 
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of `text` read as plain text: special markers in it (`<|im_end|>`, ...) become ordinary pieces, never
+        their special ids (Hugging Face's `split_special_tokens=True`). Equal to `encode` on text without markers."""
+        ...
+
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; special pieces are rendered as their text."""
         ...
@@ -71,10 +78,16 @@ class SentencePieceTokenizer:
         self._set_ids()
 
     def _set_ids(self) -> None:
+        self._plain: spm.SentencePieceProcessor | None = None
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
         self.pad_id = max(self.sp.pad_id(), 0)
+
+    def encode_text(self, text: str) -> list[int]:
+        if self._plain is None:
+            self._plain = _without_markers(self.sp)
+        return self._plain.encode(text)
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "proto": self.sp.serialized_model_proto()}
@@ -101,6 +114,18 @@ class SentencePieceTokenizer:
         if token == self.sp.unk_id() and piece != self.sp.id_to_piece(token):
             raise KeyError(piece)
         return token
+
+
+def _without_markers(sp: spm.SentencePieceProcessor) -> spm.SentencePieceProcessor:
+    """The same model with its user-defined markers (every user-defined piece that is not whitespace: the chat
+    markers) turned into control pieces, which SentencePiece never matches in text; ids are unchanged."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto.FromString(sp.serialized_model_proto())
+    for piece in proto.pieces:
+        if piece.type == model_pb2.ModelProto.SentencePiece.USER_DEFINED and piece.piece.strip():
+            piece.type = model_pb2.ModelProto.SentencePiece.CONTROL
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
 
 def train_sentencepiece(

@@ -91,6 +91,23 @@ def _weight_files(path: str) -> dict[str, str]:
     if os.path.exists(index_path):
         with open(index_path, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
+        # The index is data from the checkpoint: it may only name files inside the checkpoint directory. The check
+        # is on the names (no absolute path, no `..`), not on resolved links: a Hugging Face cache snapshot's files
+        # are links into its blobs directory.
+        outside = sorted(
+            {
+                str(file)
+                for file in weight_map.values()
+                if not isinstance(file, str)
+                or os.path.isabs(file)
+                or ".." in file.replace("\\", "/").split("/")
+            }
+        )
+        if outside:
+            raise CheckpointError(
+                f"{index_path} names files outside the checkpoint directory: {outside}; an index may only name "
+                "files in its own directory"
+            )
         missing = sorted(
             {file for file in weight_map.values() if not os.path.exists(os.path.join(path, file))}
         )
@@ -324,7 +341,9 @@ def save(
     write = jax.process_index() == 0
     if write:
         os.makedirs(out_dir, exist_ok=True)
-        for stale in [SINGLE_FILE, INDEX_FILE, *glob.glob(os.path.join(out_dir, "model-*-of-*.safetensors"))]:
+        shards_glob = glob.glob(os.path.join(out_dir, "model-*-of-*.safetensors"))
+        # Names relative to out_dir (glob returns them joined to it, relative when out_dir is).
+        for stale in [SINGLE_FILE, INDEX_FILE, *(os.path.basename(p) for p in shards_glob)]:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(out_dir, stale))
     from safetensors.numpy import save_file

@@ -192,6 +192,14 @@ def model_config(hf_config: dict, *, where: str = "config.json", **overrides: An
             raise ConfigError(
                 f"{where}: hidden_act={act!r} is not supported for gemma; accepted: gelu_pytorch_tanh"
             )
+        # `hidden_activation` (the published configs carry it; transformers 4.38-4.x read it instead of hidden_act)
+        # names the MLP activation explicitly: another value than the tanh approximation (exact "gelu") is a model
+        # jaxalign does not implement, so it is refused rather than silently run with gelu-tanh.
+        explicit = hf.get("hidden_activation")
+        if explicit is not None and explicit != "gelu_pytorch_tanh":
+            raise ConfigError(
+                f"{where}: hidden_activation={explicit!r} is not supported for gemma; accepted: gelu_pytorch_tanh"
+            )
         activation = "gelu_tanh"
     else:
         if act not in ("silu", "swish"):
@@ -332,6 +340,8 @@ def hf_config(cfg: ModelConfig, model_type: str | None = None, dtype: str = "flo
     )
     if model_type in ("llama", "qwen3", "gemma"):
         out["attention_bias"] = False
+    if model_type == "gemma":
+        out["hidden_activation"] = "gelu_pytorch_tanh"  # what transformers 4.x reads (5.x reads hidden_act)
     if model_type == "llama":
         out["mlp_bias"] = False
     if model_type == "mistral":

@@ -17,6 +17,7 @@ reading its own shards; weights the checkpoint lacks (a new head) start at rando
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from jaxalign.config import Config, ModelConfig
@@ -175,7 +177,47 @@ def tokenizer(config: Config) -> Tokenizer:
         raise ConfigError(
             f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size} ({path})"
         )
+    _check_tokenizer_record(config, path, tok)
     return tok
+
+
+TOKENIZER_RECORD = "tokenizer_record.json"
+
+
+def tokenizer_digest(tok: Tokenizer) -> str:
+    """sha256 of what the tokenizer maps text with (the SentencePiece model proto, or the HF tokenizer.json)."""
+    if isinstance(tok, SentencePieceTokenizer):
+        data = tok.sp.serialized_model_proto()
+    else:
+        data = tok.tokenizer.to_str().encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_tokenizer_record(config: Config, path: str, tok: Tokenizer) -> None:
+    """The run directory records the tokenizer its checkpoints are trained with (`tokenizer_record.json`: path and
+    digest). A run that resumes in a directory holding committed checkpoints must use a tokenizer with the same
+    digest (a CheckpointError names both); otherwise process 0 (re)writes the record."""
+    workdir = epath.Path(config.workdir)
+    record_path = workdir / TOKENIZER_RECORD
+    current = {"path": path, "sha256": tokenizer_digest(tok)}
+    checkpoints = workdir / "checkpoints"
+    resuming = checkpoints.is_dir() and any(
+        checkpoint.has_committed_step(str(d)) for d in checkpoints.iterdir() if d.is_dir()
+    )
+    if resuming and record_path.exists():
+        saved = json.loads(record_path.read_text(encoding="utf-8"))
+        if saved["sha256"] != current["sha256"]:
+            raise CheckpointError(
+                f"the checkpoints in {checkpoints} were trained with tokenizer {saved['path']} (sha256 "
+                f"{saved['sha256'][:12]}), this run's tokenizer is {path} (sha256 {current['sha256'][:12]}); resume "
+                "with the same data.tokenizer or start a new workdir"
+            )
+        return
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = workdir / f"{TOKENIZER_RECORD}.tmp"
+        tmp.write_text(json.dumps(current, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(record_path)
 
 
 # --- model ---------------------------------------------------------------------------------------------------------

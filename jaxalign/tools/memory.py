@@ -270,8 +270,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     platform = _PLATFORM.value or ("cpu" if _COMPILE.value else "tpu")
     config_dict = _CONFIG.value
-    # Nothing is written: a workdir is not needed to size a run.
+    # Nothing is written or read: a workdir and a corpus are not needed to size a run.
     config_dict.workdir = config_dict.workdir or "(unused)"
+    if "data" in config_dict and config_dict.data.input is None:  # the big-model jobs leave it to the user
+        config_dict.data.input = "(unused)"
     try:
         report(config_lib.from_config_dict(config_dict), _DEVICES.value, platform, _COMPILE.value)
     except UserError as e:

@@ -40,10 +40,15 @@ def _get(d: dict, dotted: str) -> Any:
     return d
 
 
+# Also when the data is the synthetic world (`data.input` empty in both): which world it is.
+_MUST_MATCH_SYNTHETIC = ("data.synthetic_entities", "data.synthetic_seed")
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Human-readable differences in the keys that must match between a checkpoint and a run."""
     diffs = []
-    for key in _MUST_MATCH:
+    synthetic = not _get(saved, "data.input") and not _get(current, "data.input")
+    for key in _MUST_MATCH + (_MUST_MATCH_SYNTHETIC if synthetic else ()):
         a, b = _get(saved, key), _get(current, key)
         if isinstance(a, dict) and isinstance(b, dict):
             for sub in sorted(set(a) | set(b)):

@@ -353,3 +353,64 @@ def test_missing_tensor_is_named(checkpoints, tmp_path):
     json.dump(hf.read_config(path), open(tmp_path / "config.json", "w"))
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.k_proj\.bias is missing"):
         hf.load(str(tmp_path))
+
+
+def test_gemma_hidden_activation_is_honoured(checkpoints, tokens, tmp_path):
+    """The published Gemma config form (legacy hidden_act="gelu" plus hidden_activation="gelu_pytorch_tanh") computes
+    what transformers computes; a hidden_activation jaxalign does not implement is refused, never replaced."""
+    path, expected = checkpoints["gemma_mha"]
+    config = hf.read_config(path)
+    for name in os.listdir(path):
+        if name != "config.json":
+            os.symlink(os.path.join(path, name), tmp_path / name)
+    published = dict(config, hidden_act="gelu", hidden_activation="gelu_pytorch_tanh")
+    json.dump(published, open(tmp_path / "config.json", "w"))
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), dtype=torch.float32, attn_implementation="eager"
+    )
+    np.testing.assert_allclose(torch_logits(oracle, tokens), expected, atol=1e-6)  # the form changes nothing
+    model = hf.load(str(tmp_path), dtype=jnp.float32)
+    assert model.cfg.activation == "gelu_tanh"
+    assert np.abs(forward(model, tokens) - torch_logits(oracle, tokens)).max() <= TOL
+
+    for bad in ("gelu", "relu"):
+        json.dump(dict(config, hidden_activation=bad), open(tmp_path / "config.json", "w"))
+        with pytest.raises(ConfigError, match=f"hidden_activation='{bad}' is not supported for gemma"):
+            hf.load(str(tmp_path))
+    # Exported Gemma configs name the activation in both keys.
+    hf.save(model, str(tmp_path / "out"))
+    saved = json.load(open(tmp_path / "out" / "config.json"))
+    assert saved["hidden_act"] == saved["hidden_activation"] == "gelu_pytorch_tanh"
+
+
+def test_save_to_a_relative_directory_removes_stale_shards(checkpoints, tmp_path, monkeypatch):
+    path, _ = checkpoints["qwen2_gqa2_tied"]
+    model = hf.load(path)
+    monkeypatch.chdir(tmp_path)
+    hf.save(model, "out", max_shard_bytes=20_000)
+    shards = sorted(f for f in os.listdir("out") if f.startswith("model-"))
+    assert len(shards) > 1 and os.path.exists(os.path.join("out", hf.INDEX_FILE))
+    hf.save(model, "out")  # one file now: the shards and their index must go
+    assert sorted(f for f in os.listdir("out") if f.endswith((".safetensors", ".json"))) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    again = hf.load("out")
+    for key, value in flat_params(model).items():
+        np.testing.assert_array_equal(value, flat_params(again)[key])
+
+
+@pytest.mark.parametrize(
+    "bad", ["../model-00001-of-00002.safetensors", "/tmp/model.safetensors", "a/../../b"]
+)
+def test_index_naming_a_file_outside_the_checkpoint_is_refused(checkpoints, tmp_path, bad):
+    path, _ = checkpoints["qwen2_mha_untied"]
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    json.dump(hf.read_config(path), open(checkpoint / "config.json", "w"))
+    # The named file exists (outside the checkpoint): only the name is refused.
+    os.symlink(os.path.join(path, "model.safetensors"), tmp_path / "model-00001-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": bad}}
+    json.dump(index, open(checkpoint / hf.INDEX_FILE, "w"))
+    with pytest.raises(CheckpointError, match="names files outside the checkpoint directory"):
+        hf.load(str(checkpoint))

@@ -29,6 +29,8 @@ def load(name: str, arg: str | None = None, **overrides) -> config_lib.Config:
     spec.loader.exec_module(module)
     c = module.get_config(arg)
     c.workdir = "(unused)"
+    if c.data.input is None:  # the big-model configs leave it to the user
+        c.data.input = "(unused)"
     for key, value in overrides.items():
         section, field = key.split("__")
         setattr(getattr(c, section), field, value)

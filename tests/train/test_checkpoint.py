@@ -3,6 +3,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -12,10 +13,10 @@ from jaxalign.config import OptimConfig
 from jaxalign.data import pipelines
 from jaxalign.data.tokenizer import SentencePieceTokenizer
 from jaxalign.errors import TrainingError
-from jaxalign.models.transformer import init_model
+from jaxalign.models.transformer import flops_per_token, init_model
 from jaxalign.stages import pretrain
 from jaxalign.train import state as state_lib
-from jaxalign.train.checkpoint import Checkpointer
+from jaxalign.train.checkpoint import Checkpointer, config_differences
 from tests.helpers import rules_for, tiny
 
 
@@ -95,3 +96,57 @@ def test_nan_skip_policy_continues_and_counts(tmp_path, corpus, monkeypatch):
     assert [r["skipped"] for r in lines] == [0, 0, 1, 0, 0, 0]
     assert lines[-1]["skipped_total"] == 1 and np.isnan(lines[2]["loss"])
     assert int(result.state.step) == 6 and np.isfinite(lines[-1]["loss"])
+
+
+def test_resume_compares_the_synthetic_world_only_when_it_is_the_data():
+    def saved(**data):
+        raw = config_lib.defaults()
+        raw.workdir = "/tmp/unused"
+        raw.data.update(data)
+        return json.loads(config_lib.from_config_dict(raw).to_json())
+
+    world = saved(synthetic_seed=0)
+    assert config_differences(world, saved(synthetic_seed=0)) == []
+    assert config_differences(world, saved(synthetic_seed=1)) == ["data.synthetic_seed: checkpoint 0, run 1"]
+    assert config_differences(world, saved(synthetic_entities=50)) == [
+        "data.synthetic_entities: checkpoint 400, run 50"
+    ]
+    # A corpus of the user's: the world's keys do not matter (data.input itself must match).
+    corpus = saved(input="/c/*.jsonl", synthetic_seed=0)
+    assert config_differences(corpus, saved(input="/c/*.jsonl", synthetic_seed=1)) == []
+    assert config_differences(corpus, world) == ["data.input: checkpoint '/c/*.jsonl', run ''"]
+
+
+def poison_gradients(monkeypatch, bad_step):
+    """Gradients of step `bad_step` (1-based) get a NaN while the loss stays finite (a fault in the backward pass)."""
+    original = state_lib.apply_gradients
+
+    def apply(state, grads, loss, cfg):
+        bad = state.step + 1 == bad_step
+        grads = jax.tree.map(
+            lambda g: g.at[(0,) * g.ndim].set(jnp.where(bad, jnp.nan, g[(0,) * g.ndim])), grads
+        )
+        return original(state, grads, loss, cfg)
+
+    monkeypatch.setattr(state_lib, "apply_gradients", apply)
+
+
+def test_nonfinite_gradients_follow_nan_policy_and_logged_mfu_is_per_device(tmp_path, corpus, monkeypatch):
+    poison_gradients(monkeypatch, 3)
+    with pytest.raises(
+        TrainingError, match=r"non-finite gradients \(finite loss\) at step 3 .* checkpoint: step 2"
+    ):
+        pretrain.run(smoke_config(tmp_path / "abort", corpus))
+    config = smoke_config(tmp_path / "skip", corpus, nan_policy="skip", peak_flops=1e9)
+    result = pretrain.run(config)
+    lines = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in lines] == [r["nonfinite"] for r in lines] == [0, 0, 1, 0, 0, 0]
+    assert all(np.isfinite(r["loss"]) for r in lines) and np.isnan(lines[2]["grad_norm"])
+    assert int(result.state.step) == 6 and lines[-1]["skipped_total"] == 1
+
+    # The same run checks MFU (one fewer training run): train.peak_flops is one device's peak, so
+    # MFU = tokens/s x FLOPs per token / (peak x devices).
+    per_token = flops_per_token(config.model, config.train.seq_len)
+    assert jax.device_count() == 8
+    for r in lines:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / (1e9 * 8), rel=1e-9)

@@ -13,6 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from jaxalign.data.tokenizer import train_sentencepiece
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -140,6 +142,14 @@ def test_changed_config_is_refused_naming_the_difference(corpus, straight, tmp_p
     assert "train.batch_size: checkpoint 8, run 4" in proc.stderr
     proc = run(tmp_path, corpus, "--config.data.num_workers=1", "--config.train.steps=16", expect=2)
     assert "data.num_workers: checkpoint 0, run 1" in proc.stderr
+    # Another tokenizer (here trained on the same text with a smaller vocabulary) is refused before any step.
+    other = str(tmp_path / "other.model")
+    texts = (json.loads(line)["text"] for line in open(corpus["input"], encoding="utf-8"))
+    train_sentencepiece(texts, other, vocab_size=400)
+    proc = run(tmp_path, corpus, f"--config.data.tokenizer={other}", "--config.train.steps=16", expect=2)
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("CheckpointError: the checkpoints in ") and "trained with tokenizer" in line, line
+    assert f"{corpus['tokenizer']} (sha256 " in line and f"tokenizer is {other} (sha256 " in line, line
     assert committed_steps(tmp_path) == committed_steps(straight)  # nothing written or lost
 
 
