@@ -413,22 +413,7 @@ class PpoConfig:
     bootstrap_steps: int = 0
 
     def __post_init__(self):
-        _positive(self, "ppo", ("max_completion_length", "num_ppo_epochs", "num_mini_batches"))
-        if not math.isfinite(self.temperature) or self.temperature <= 0:
-            raise ConfigError(f"ppo.temperature={self.temperature} must be > 0 (PPO samples)")
-        if self.top_k < 0:
-            raise ConfigError(f"ppo.top_k={self.top_k} must be >= 0 (0 keeps every token)")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"ppo.top_p={self.top_p} must be in (0, 1]")
-        for key in ("cliprange", "cliprange_value"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"ppo.{key}={getattr(self, key)} must be > 0")
-        for key in ("kl_coef", "vf_coef", "missing_eos_penalty", "bootstrap_steps"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"ppo.{key}={getattr(self, key)} must be >= 0")
-        for key in ("gamma", "lam"):
-            if not 0 <= getattr(self, key) <= 1:
-                raise ConfigError(f"ppo.{key}={getattr(self, key)} must be in [0, 1]")
+        _check_ranges(PpoConfig, vars(self), "ppo")
 
 
 @dataclasses.dataclass(frozen=True)

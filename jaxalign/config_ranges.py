@@ -87,6 +87,15 @@ RANGES: dict[str, dict[str, str]] = {
         "overlong_buffer": ">= 0",
         "overlong_penalty": ">= 0",
     },
+    "PpoConfig": {
+        **dict.fromkeys(("max_completion_length", "num_ppo_epochs", "num_mini_batches"), POSITIVE),
+        "temperature": "> 0 (PPO samples)",
+        "top_k": ">= 0 (0 keeps every token)",
+        "top_p": "in (0, 1]",
+        **dict.fromkeys(("cliprange", "cliprange_value"), POSITIVE),
+        **dict.fromkeys(("kl_coef", "vf_coef", "missing_eos_penalty", "bootstrap_steps"), ">= 0"),
+        **dict.fromkeys(("gamma", "lam"), "in [0, 1]"),
+    },
     "StageRun": {
         **dict.fromkeys(("steps", "batch_size", "seq_len", "every_steps"), ">= 0 (0 keeps the default)"),
         "lr": ">= 0 (0 keeps optim.lr)",
