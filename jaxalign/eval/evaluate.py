@@ -5,7 +5,9 @@
     run(config)                                         loads the models of `config.eval`, writes W/eval.json
 
 Metrics (names as in issue 14; each only when its inputs are given):
-  qa_exact_match     held-out fact questions (rl_eval `fact_*`): `metrics.contains_match` of the greedy answer
+  qa_exact_match     held-out fact questions (the first question of each sft_eval `fact` conversation, in the
+                     phrasings SFT teaches, about people no train split asks about): `metrics.contains_match` of
+                     the greedy answer against the value the world's answer states
   arith_accuracy     held-out arithmetic (rl_eval `arithmetic`): `metrics.arith_answer` == the result
   perplexity         held-out pretraining text (pretrain_eval), token-weighted
   mean_length        completion tokens of the answers to the held-out chat prompts (preference_eval prompts)
@@ -75,6 +77,12 @@ def gold_value(answer: str) -> str:
     return answer.strip().rstrip(".").split()[-1]
 
 
+def _first_question(messages: Messages) -> tuple[Messages, str]:
+    """The conversation up to its first assistant turn, and the value that answer states."""
+    first = [m["role"] for m in messages].index("assistant")
+    return messages[:first], gold_value(messages[first]["content"])
+
+
 def world_tasks(paths: Mapping[str, str], max_examples: int = 0) -> WorldTasks:
     """The evaluation items of a world written by `data.synthetic.write_world` (`paths` is its return value);
     `max_examples` > 0 keeps the first that many of each task."""
@@ -82,7 +90,7 @@ def world_tasks(paths: Mapping[str, str], max_examples: int = 0) -> WorldTasks:
     rl = _read_jsonl(paths["rl_eval"])
     pref = _read_jsonl(paths["preference_eval"])
     return WorldTasks(
-        qa=cap([(r["prompt"], r["answer"]) for r in rl if r["task"].startswith("fact")]),
+        qa=cap([_first_question(r["messages"]) for r in _read_jsonl(paths["sft_eval"]) if r["task"] == "fact"]),
         arith=cap([(r["prompt"], r["answer"]) for r in rl if r["task"] == "arithmetic"]),
         chat=cap([(r["prompt"], gold_value(r["chosen"][-1]["content"])) for r in pref]),
         texts=cap([r["text"] for r in _read_jsonl(paths["pretrain_eval"])]),
