@@ -9,7 +9,8 @@ rate, and `model.init_from` pointing at the checkpoint of the stage before it in
     pretrain   model.init_from as configured (random by default)
     sft        the pretrained policy            reward     the SFT policy's trunk (+ a fresh head)
     dpo, kto   the SFT policy (also their reference)
-    grpo, ppo  the latest preference-tuned policy (dpo or kto if they ran, else sft)
+    grpo, ppo  the latest preference-tuned policy (dpo or kto if they ran, else sft); PPO scores with the reward
+               model of the workdir (`checkpoints/reward`) unless ppo.reward_model names another
 
 Curation runs on the synthetic world's raw web-like corpus (workdir/curate/) and the pretraining data is the world's
 pretraining split plus the curated documents; its precision and recall against the world's planted duplicates go to
@@ -103,8 +104,11 @@ def stage_config(config: Config, stage: str, ran: list[str]) -> Config:
         paths = common.world(config)
         curated = os.path.join(config.workdir, "curate", "curated", "*.jsonl")
         data = {"input": f"{paths['pretrain_train']},{curated}", "eval_input": paths["pretrain_eval"]}
+    sections = {}
+    if stage == "ppo" and not config.ppo.reward_model:  # the reward model this workdir trained
+        sections["ppo"] = {"reward_model": _checkpoint(config.workdir, "reward")}
     return config_lib.replace(
-        config, job=stage, train=train, optim=optim, checkpoint=checkpoint, model=model, data=data
+        config, job=stage, train=train, optim=optim, checkpoint=checkpoint, model=model, data=data, **sections
     )
 
 
