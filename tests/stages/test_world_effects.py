@@ -84,7 +84,8 @@ def test_reward_model_held_out_pairwise_accuracy(chain):
 
 def test_dpo_raises_reward_accuracy_and_the_reward_models_preference_keeping_the_facts(chain):
     # Measured: held-out rewards/accuracies 0 (policy == reference) -> 0.78, win rate against SFT judged by the
-    # reward model 0.57, held-out fact exact match kept (0.25 -> 0.25, the RPO term).
+    # reward model 0.55 (mean RM score 2.90 -> 3.35), held-out fact exact match kept (0.25 -> 0.25, the RPO term);
+    # judged by the world's ground truth it is 0.43: DPO does not add knowledge at this scale.
     workdir, results = chain
     evals = [r for r in _records(workdir, "dpo") if "eval/rewards/accuracies" in r]
     assert evals[0]["step"] == 0 and evals[0]["eval/rewards/accuracies"] == 0.0
