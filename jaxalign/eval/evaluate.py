@@ -90,7 +90,9 @@ def world_tasks(paths: Mapping[str, str], max_examples: int = 0) -> WorldTasks:
     rl = _read_jsonl(paths["rl_eval"])
     pref = _read_jsonl(paths["preference_eval"])
     return WorldTasks(
-        qa=cap([_first_question(r["messages"]) for r in _read_jsonl(paths["sft_eval"]) if r["task"] == "fact"]),
+        qa=cap(
+            [_first_question(r["messages"]) for r in _read_jsonl(paths["sft_eval"]) if r["task"] == "fact"]
+        ),
         arith=cap([(r["prompt"], r["answer"]) for r in rl if r["task"] == "arithmetic"]),
         chat=cap([(r["prompt"], gold_value(r["chosen"][-1]["content"])) for r in pref]),
         texts=cap([r["text"] for r in _read_jsonl(paths["pretrain_eval"])]),
