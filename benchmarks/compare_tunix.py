@@ -20,7 +20,8 @@ over rounds, so both frameworks see the same machine load. The 1-minute load ave
 timed block and kept with each figure. The ratio is jaxalign's advantage (throughput ratio, or Tunix's time over
 jaxalign's for grpo) against the goal of issues #9 / #10 (sft, dpo >= 1.4x; decode >= 1.5x; grpo step <= 1/2).
 `--quick` runs fewer timed steps (same workload per step). The last line printed is one JSON object:
-{"rows": {row: {"jaxalign": value, "tunix": value, "trl": value, "ratio": .., "goal": .., "met": bool}},
+{"rows": {row: {"jaxalign": value, "tunix": value, "trl": value, "ratio": .., "goal": .., "met": bool,
+ "ratio_trl": ..}},
  "unit": {row: unit}, "runs": [every run's JSON with its framework, row and round], "failed": [...],
  "load_avg_1m": [before, after]}.
 Exits non-zero when a run fails (the others still run and are shown).
@@ -95,7 +96,17 @@ def run(python: str, args: list[str], jaxalign_path: bool) -> tuple[dict[str, An
 
 
 def table(rows: dict[str, dict[str, Any]], frameworks: list[str]) -> str:
-    header = ["row", "unit", *frameworks, "ratio", "goal", "met", "load (1 min)"]
+    trl = "trl" in frameworks
+    header = [
+        "row",
+        "unit",
+        *frameworks,
+        "vs Tunix",
+        "goal",
+        "met",
+        *(["vs TRL"] if trl else []),
+        "load (1 min)",
+    ]
     body = []
     for name, r in rows.items():
         unit, higher = FIGURES[name][2], FIGURES[name][3]
@@ -110,6 +121,7 @@ def table(rows: dict[str, dict[str, Any]], frameworks: list[str]) -> str:
             "" if ratio is None else f"{ratio:.2f}x",
             f">= {FIGURES[name][4]:g}x",
             "" if ratio is None else ("yes" if r["met"] else "no"),
+            *([] if not trl else ["" if r.get("ratio_trl") is None else f"{r['ratio_trl']:.2f}x"]),
             " / ".join(f"{x:.1f}" for x in r["loads"]),
         ]
         body.append(cells)
@@ -174,6 +186,8 @@ def main() -> None:
         ours, theirs = r["jaxalign"], r["tunix"]
         r["ratio"] = None if not (ours and theirs) else (ours / theirs if higher else theirs / ours)
         r["goal"] = goal
+        if r.get("trl") and ours:
+            r["ratio_trl"] = ours / r["trl"] if higher else r["trl"] / ours
         r["met"] = None if r["ratio"] is None else r["ratio"] >= goal
         r["loads"] = [round(x, 2) for x in loads]
         rows[name] = r
@@ -184,7 +198,7 @@ def main() -> None:
     )
     print(table(rows, frameworks))
     print(
-        "ratio: jaxalign's throughput over Tunix's (grpo: Tunix's s/step over jaxalign's); load: 1-minute load "
+        "vs Tunix / vs TRL: jaxalign's throughput over theirs (grpo: their s/step over jaxalign's); load: 1-minute load "
         "average before each run, in run order"
     )
     load = [round(load_before, 2), round(os.getloadavg()[0], 2)]

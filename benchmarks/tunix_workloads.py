@@ -7,7 +7,8 @@ Model: Tunix's own `tunix.models.llama3.model.Llama3` configured to the referenc
 benchmarks/train_throughput.py (vocab 8192, d_model 256, 4 layers, 4 heads of 64, 2 KV heads, MLP 1024, untied
 embeddings, float32 parameters and activations, one CPU device). Tunix initialises the MLP kernels to zeros; they
 are re-drawn from a normal so that no step runs on all-zero weights. Optimizer as jaxalign's OptimConfig
-(clip 1.0 + AdamW b2 0.95, weight decay 0.1, 10 warm-up steps).
+(clip 1.0 + AdamW b2 0.95, weight decay 0.1; lr 1e-3 after 10 warm-up steps, GRPO: 1e-5 constant as in
+benchmarks/grpo_bench.py). Every Tunix piece the brief names ran on this CPU; nothing is stubbed.
 
 Workloads, each timed as jaxalign's benchmark of the same row times its own (compile excluded: one warm-up call,
 then the median of `--steps` blocked calls):
@@ -23,7 +24,8 @@ then the median of `--steps` blocked calls):
             apart as benchmarks/generate_bench.py times jaxalign's; `call_s` is the whole public `Sampler.__call__`
             (host tokenisation and detokenisation included).
   grpo      `GRPOLearner` on an `RLCluster` (vanilla rollout, actor = rollout on one mesh, live reference,
-            beta 0.04), 2 prompts x 4 generations, prompt 32, 64 new tokens at temperature 1, one update per step;
+            beta 0.04, Tunix's default `grpo` policy loss; jaxalign's bench uses its dapo loss, the same
+            forward/backward work), 2 prompts x 4 generations, prompt 32, 64 new tokens at temperature 1, one update per step;
             the reward is a cheap function of the completion's tokens. A step's time is the interval between
             consecutive reward calls (one per step: with actor and rollout on one mesh the loop is synchronous, so
             it covers the reference's log-probs, advantages, the update and the next rollout); `--steps` + 2 steps
