@@ -33,13 +33,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from run_all import run  # one way to run a benchmark script and read its JSON line
+
 ROWS = ("sft", "dpo", "generate", "grpo")
 # row: (jaxalign's figure key, tunix's figure key, unit, higher is better, goal of the jaxalign / tunix ratio)
 FIGURES = {
@@ -70,29 +69,6 @@ def commands(row: str, quick: bool) -> dict[str, list[str]]:
     if row in TRL_ROWS:
         out["trl"] = ["trl_workloads.py", "--workload", row, "--steps", steps]
     return out
-
-
-def run(python: str, args: list[str], jaxalign_path: bool) -> tuple[dict[str, Any] | None, str]:
-    """Runs benchmarks/<args[0]> with `python`; returns its last line's JSON object (None if it failed or printed
-    none) and its output. Only jaxalign's runs get this checkout on PYTHONPATH."""
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    if jaxalign_path:
-        env["PYTHONPATH"] = ROOT
-    proc = subprocess.run(
-        [python, os.path.join(HERE, args[0]), *args[1:]], env=env, cwd=ROOT, capture_output=True, text=True
-    )
-    output = proc.stdout + (
-        f"\n[stderr, exit code {proc.returncode}]\n{proc.stderr[-3000:]}" if proc.returncode else ""
-    )
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode or not lines:
-        return None, output
-    try:
-        result = json.loads(lines[-1])
-    except json.JSONDecodeError:
-        return None, output
-    return (result if isinstance(result, dict) else None), output
 
 
 def table(rows: dict[str, dict[str, Any]], frameworks: list[str]) -> str:
@@ -173,7 +149,7 @@ def main() -> None:
                     f"==> {name} / {fw} (round {rnd + 1}), load {load:.2f}: benchmarks/{' '.join(cmds[fw])}"
                 )
                 start = time.perf_counter()
-                raw, output = run(pythons[fw], cmds[fw], jaxalign_path=fw != "tunix")
+                raw, output = run(cmds[fw], pythons[fw], jaxalign_path=fw != "tunix")
                 print(output.rstrip(), f"\n    ({time.perf_counter() - start:.0f} s)\n", flush=True)
                 key = FIGURES[name][0] if fw == "jaxalign" else FIGURES[name][1]
                 if raw is None or key not in raw:

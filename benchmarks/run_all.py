@@ -44,13 +44,17 @@ def commands(quick: bool, scratch: str) -> dict[str, list[str]]:
     return out
 
 
-def run(args: list[str]) -> tuple[dict[str, Any] | None, str]:
-    """Runs benchmarks/<args[0]> with this interpreter and this checkout first on the path; returns its last
-    line's JSON object (None if it failed or printed none) and its output."""
+def run(
+    args: list[str], python: str = sys.executable, jaxalign_path: bool = True
+) -> tuple[dict[str, Any] | None, str]:
+    """Runs benchmarks/<args[0]> with `python` (this checkout first on the path when `jaxalign_path`, no
+    PYTHONPATH otherwise); returns its last line's JSON object (None if it failed or printed none) and its output."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [env.get("PYTHONPATH")])])
+    paths = env.pop("PYTHONPATH", None)
+    if jaxalign_path:
+        env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [paths])])
     proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, args[0]), *args[1:]],
+        [python, os.path.join(HERE, args[0]), *args[1:]],
         env=env,
         cwd=ROOT,
         capture_output=True,
