@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -278,6 +279,38 @@ class SftConfig:
         _check_ranges(SftConfig, vars(self), "sft")
 
 
+# The projections LoRA adapts by default: every attention and MLP weight matrix of every block.
+LORA_DEFAULT_TARGETS = r"blocks/.*(wq|wk|wv|wo|w_gate|w_up|w_down)$"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Parameter-efficient fine-tuning (`jaxalign/peft`), read by every stage's shared state init.
+
+    `rank` 0 is full fine-tuning; otherwise the base weights are frozen and each weight matrix whose module path
+    ("blocks/attn/wq", "blocks/0/mlp/w_up" with unscanned layers) matches the regex `targets` (`re.search`) gets
+    adapters A (rank x in) and B (out x rank) scaled by alpha / rank. `quantize="nf4"` stores the frozen targets as
+    4-bit NormalFloat with double-quantised block scales (QLoRA)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = LORA_DEFAULT_TARGETS
+    quantize: Literal["none", "nf4"] = "none"
+
+    def __post_init__(self):
+        _check_ranges(LoraConfig, vars(self), "lora")
+        try:
+            re.compile(self.targets)
+        except re.error as e:
+            raise ConfigError(f"lora.targets={self.targets!r} is not a regular expression: {e}") from None
+        if self.quantize != "none" and self.rank == 0:
+            raise ConfigError(
+                f"lora.quantize={self.quantize!r} needs lora.rank > 0 (a quantised base is frozen: only adapters "
+                "train); got lora.rank=0"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
     """Bradley-Terry reward model (`job="reward"`) over `prompt`/`chosen`/`rejected` records."""
@@ -526,6 +559,7 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     curate: CurateConfig = dataclasses.field(default_factory=CurateConfig)
     sft: SftConfig = dataclasses.field(default_factory=SftConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     dpo: DpoConfig = dataclasses.field(default_factory=DpoConfig)
     grpo: GrpoConfig = dataclasses.field(default_factory=GrpoConfig)

@@ -68,6 +68,7 @@ RANGES: dict[str, dict[str, str]] = {
         "near_threshold": "in [0, 1]",
     },
     "SftConfig": {"replay_fraction": "in [0, 1)"},
+    "LoraConfig": {"rank": ">= 0 (0: full fine-tuning)", "alpha": POSITIVE, "dropout": "in [0, 1)"},
     "RewardConfig": {"center_coef": ">= 0"},
     "DpoConfig": {
         "beta": POSITIVE,

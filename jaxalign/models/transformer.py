@@ -31,6 +31,7 @@ from flax import nnx
 from jaxalign.config import ModelConfig
 from jaxalign.models.attention import attention, decode_attention
 from jaxalign.parallel.mesh import Rules
+from jaxalign.peft.lora import dense, has_adapters
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -120,7 +121,7 @@ class Attention(nnx.Module):
         cfg = self.cfg
         B, T = shape_BxT
         dtype = x_NxD.dtype
-        if fused:
+        if fused and not has_adapters(self, ("wq", "wk", "wv")):
             HDh = cfg.n_heads * cfg.head_dim
             w = jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1).astype(dtype)
             qkv_NxQKV = x_NxD @ w
@@ -130,9 +131,9 @@ class Attention(nnx.Module):
                 qkv_NxQKV, [HDh, HDh + cfg.n_kv_heads * cfg.head_dim], axis=1
             )
         else:
-            q_NxHDh = x_NxD @ self.wq[...].astype(dtype)
-            k_NxKDh = x_NxD @ self.wk[...].astype(dtype)
-            v_NxKDh = x_NxD @ self.wv[...].astype(dtype)
+            q_NxHDh = dense(self, "wq", x_NxD)
+            k_NxKDh = dense(self, "wk", x_NxD)
+            v_NxKDh = dense(self, "wv", x_NxD)
             if cfg.qkv_bias:
                 q_NxHDh += self.bq[...].astype(dtype)
                 k_NxKDh += self.bk[...].astype(dtype)
@@ -146,7 +147,7 @@ class Attention(nnx.Module):
 
     def _out(self, o_BxTxHxDh):
         B, T = o_BxTxHxDh.shape[:2]
-        return o_BxTxHxDh.reshape(B * T, -1) @ self.wo[...].astype(o_BxTxHxDh.dtype)
+        return dense(self, "wo", o_BxTxHxDh.reshape(B * T, -1))
 
     def __call__(self, x_NxD, cos, sin, segment_ids_BxT, shape_BxT):
         return self.prefill(x_NxD, cos, sin, segment_ids_BxT, shape_BxT)[0]
@@ -190,14 +191,14 @@ class MLP(nnx.Module):
         """`fused` does the gate and up projections as one matmul (decoding; see `Attention._qkv`)."""
         dtype = x_NxD.dtype
         act = jax.nn.silu if self.activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
-        if fused:
+        if fused and not has_adapters(self, ("w_gate", "w_up")):
             F = self.w_gate.shape[1]
             gate_up_Nx2F = x_NxD @ jnp.concatenate([self.w_gate[...], self.w_up[...]], axis=1).astype(dtype)
             h_NxF = act(gate_up_Nx2F[:, :F]) * gate_up_Nx2F[:, F:]
         else:
-            gate_NxF = x_NxD @ self.w_gate[...].astype(dtype)
-            h_NxF = act(gate_NxF) * (x_NxD @ self.w_up[...].astype(dtype))
-        return h_NxF @ self.w_down[...].astype(dtype)
+            gate_NxF = dense(self, "w_gate", x_NxD)
+            h_NxF = act(gate_NxF) * dense(self, "w_up", x_NxD)
+        return dense(self, "w_down", h_NxF)
 
 
 class Block(nnx.Module):

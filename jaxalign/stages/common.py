@@ -4,6 +4,7 @@
     train_glob, eval_glob = inputs(config, "sft")      `data.input`, or the synthetic world's split
     tok = tokenizer(config)                            `data.tokenizer`, the init checkpoint's, or trained once
     graphdef, params = init_params(config, rules)      random, `hf:` or `ckpt:` weights, placed in their shardings
+                                                       (+ LoRA adapters / an NF4 base when `lora.rank > 0`)
     eval_fn = evaluator(metric_fn, batches, ...)       held-out batches read once, a jitted sum of metrics
 
 Model initialisation (`model.init_from`): "" initialises at random; "hf:DIR" reads a Hugging Face checkpoint;
@@ -228,10 +229,27 @@ def _flat(state: nnx.State) -> list[tuple[tuple, Any]]:
 
 
 def init_params(
-    config: Config, rules: Rules, *, scalar: bool = False, model_cfg: ModelConfig | None = None
+    config: Config,
+    rules: Rules,
+    *,
+    scalar: bool = False,
+    model_cfg: ModelConfig | None = None,
+    adapters: bool = True,
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, params) of a policy (`Transformer`) or, with `scalar`, a trunk + scalar head (`ScalarModel`),
-    from `model.init_from`, placed directly in the rules' shardings (full unsharded weights never exist)."""
+    from `model.init_from`, placed directly in the rules' shardings (full unsharded weights never exist).
+    With `lora.rank > 0` (and `adapters`), LoRA adapters are attached (`peft.lora.attach`): the base is frozen."""
+    graphdef, params = _init_base(config, rules, scalar=scalar, model_cfg=model_cfg)
+    if adapters and config.lora.rank > 0:
+        from jaxalign.peft import lora
+
+        graphdef, params = lora.attach(graphdef, params, config.lora, rules, config.seed)
+    return graphdef, params
+
+
+def _init_base(
+    config: Config, rules: Rules, *, scalar: bool = False, model_cfg: ModelConfig | None = None
+) -> tuple[nnx.GraphDef, nnx.State]:
     cfg = model_cfg or config.model
     cls = ScalarModel if scalar else Transformer
     create = lambda: nnx.split(cls(cfg, nnx.Rngs(config.seed), rules))
@@ -277,7 +295,10 @@ def train_state(
 
     steps = config.train.steps if total_steps is None else total_steps
     stage_dir = os.path.join(config.workdir, "checkpoints", stage)
-    if config.checkpoint.enabled and checkpoint.has_committed_step(stage_dir):
+    # With LoRA the checkpoint holds only the adapters and their optimizer state: the frozen base is always read
+    # from `model.init_from`, and the loop restores the trainable part over the fresh state.
+    lora_resume = config.lora.rank > 0
+    if config.checkpoint.enabled and checkpoint.has_committed_step(stage_dir) and not lora_resume:
         cls = ScalarModel if scalar else Transformer
         graphdef, abstract = jax.eval_shape(
             lambda: nnx.split(cls(config.model, nnx.Rngs(config.seed), rules))
@@ -290,11 +311,34 @@ def train_state(
     return graphdef, state, shardings, True
 
 
-def reference_params(
-    config: Config, rules: Rules, state: Any, state_shardings: Any, fresh: bool
-) -> nnx.State:
+class BaseReference:
+    """The reference of a LoRA run: the policy's own params with its adapters disabled (`reference(...)` resolves
+    it inside the step), so no second copy of the weights exists. An empty pytree: the loop passes it as `frozen`."""
+
+
+jax.tree_util.register_pytree_node(BaseReference, lambda r: ((), None), lambda _, __: BaseReference())
+
+
+def reference(ref_params: Any, params: nnx.State) -> nnx.State:
+    """The reference params a step uses: `ref_params`, or `params` with adapters disabled for a `BaseReference`."""
+    if isinstance(ref_params, BaseReference):
+        from jaxalign.peft import lora
+
+        return jax.lax.stop_gradient(lora.disabled(params))
+    return ref_params
+
+
+def reference_shardings(ref_params: Any, params_shardings: Any) -> Any:
+    """The shardings of `reference_params`' result: the params' shardings, or the empty `BaseReference`."""
+    return ref_params if isinstance(ref_params, BaseReference) else params_shardings
+
+
+def reference_params(config: Config, rules: Rules, state: Any, state_shardings: Any, fresh: bool) -> Any:
     """A frozen reference: the initial policy. A copy of a fresh state's params (its buffers are donated to the
-    step), or read again from `model.init_from` when the state will be restored from a checkpoint."""
+    step), or read again from `model.init_from` when the state will be restored from a checkpoint. With LoRA, a
+    `BaseReference` (the base with adapters off; its shardings are itself)."""
+    if config.lora.rank > 0:
+        return BaseReference()
     if fresh:
         return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=state_shardings.params)(
             state.params

@@ -138,7 +138,8 @@ def train_step(
         tokens_per_pair = jnp.sum(batch["chosen_weights"]) / pairs
     if cfg.objective == "dpo":
         if ref_params is not None:  # live reference: computed once over the whole batch
-            ref_c, ref_r = reference_logps(ref_params, batch, state.graphdef, logits_chunk)
+            ref = common.reference(ref_params, state.params)
+            ref_c, ref_r = reference_logps(ref, batch, state.graphdef, logits_chunk)
         else:
             ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         batch = {**batch, "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
@@ -147,7 +148,9 @@ def train_step(
         ref = (micro["ref_chosen_logps"], micro["ref_rejected_logps"]) if cfg.objective == "dpo" else None
         return loss_fn(params, micro, state.graphdef, cfg, logits_chunk, tokens_per_pair, ref)
 
-    grads, mean_loss, metrics = state_lib.grad_step(loss, state.params, batch, microbatches)
+    grads, mean_loss, metrics = state_lib.grad_step(
+        loss, state.params, batch, microbatches, rng=jax.random.fold_in(state.rng, state.step)
+    )
     state, update_metrics = state_lib.apply_gradients(state, grads, mean_loss, optim)
     return state, {"loss": mean_loss, **metrics, **update_metrics}
 
@@ -255,7 +258,7 @@ def pair_metrics(params, batch, ref_params=None, *, graphdef, cfg: DpoConfig, lo
     (c, r) = _split(sequence_logps(params, graphdef, batch, logits_chunk)[0])
     if cfg.objective == "dpo":
         rc, rr = (
-            reference_logps(ref_params, batch, graphdef, logits_chunk)
+            reference_logps(common.reference(ref_params, params), batch, graphdef, logits_chunk)
             if ref_params is not None
             else (batch["ref_chosen_logps"], batch["ref_rejected_logps"])
         )
@@ -283,15 +286,21 @@ def run(config: Config) -> loop.Result:
     ref_params = ref_shardings = None
     reference = None
     if cfg.objective == "dpo":
-        ref_shardings = state_shardings.params
         ref_params = common.reference_params(config, rules, state, state_shardings, fresh)
+        ref_shardings = common.reference_shardings(ref_params, state_shardings.params)
         if cfg.reference == "precomputed":
             patterns = [train_glob] + ([eval_glob] if eval_glob else [])
             reference = {}
             for pattern in patterns:
                 reference.update(
                     precompute_reference(
-                        config, rules, tokenizer, pattern, graphdef, ref_params, batch_shardings
+                        config,
+                        rules,
+                        tokenizer,
+                        pattern,
+                        graphdef,
+                        common.reference(ref_params, state.params),
+                        batch_shardings,
                     )
                 )
             ref_params = ref_shardings = None  # freed: steps hold one model

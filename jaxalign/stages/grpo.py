@@ -160,7 +160,9 @@ def train_step(
     batch = dict(batch)
     measured = {}
     if cfg.beta:
-        batch["ref_logps"] = jax.lax.stop_gradient(policy_logps(ref_params, state.graphdef, batch, cfg))
+        batch["ref_logps"] = jax.lax.stop_gradient(
+            policy_logps(common.reference(ref_params, state.params), state.graphdef, batch, cfg)
+        )
     if cfg.num_iterations > 1:
         old = jax.lax.stop_gradient(policy_logps(state.params, state.graphdef, batch, cfg))
         batch["old_logps"] = old
@@ -176,7 +178,9 @@ def train_step(
     loss = functools.partial(loss_fn, graphdef=state.graphdef, cfg=cfg, measure=cfg.num_iterations == 1)
 
     def iteration(state, _):
-        grads, mean_loss, metrics = state_lib.grad_step(loss, state.params, batch, microbatches)
+        grads, mean_loss, metrics = state_lib.grad_step(
+            loss, state.params, batch, microbatches, rng=jax.random.fold_in(state.rng, state.step)
+        )
         new, update_metrics = state_lib.apply_gradients(state, grads, mean_loss, optim)
         keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(trainable, a, b), n, o)
         new = new.replace(
@@ -361,8 +365,8 @@ def run(config: Config) -> loop.Result:
     )
     ref_params = ref_shardings = None
     if cfg.beta:  # the frozen reference: the initial policy (a copy: the state's buffers are donated)
-        ref_shardings = state_shardings.params
         ref_params = common.reference_params(config, rules, state, state_shardings, fresh)
+        ref_shardings = common.reference_shardings(ref_params, state_shardings.params)
     step_fn = functools.partial(train_step, cfg=cfg, optim=config.optim, microbatches=tcfg.grad_accum)
     prepare = Rollout(config, rules, tokenizer, graphdef, make_reward_set(config, tokenizer, rules))
 

@@ -56,7 +56,7 @@ def train_step(
     logits_chunk: int = 0,
 ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
     graphdef = state.graphdef
-    ref_params = jax.lax.stop_gradient(ref_params)
+    ref_params = jax.lax.stop_gradient(common.reference(ref_params, state.params))
     # The reference point over the whole batch (no gradient), and the reference log-probs of the examples.
     kl_logps = completion_logps(jax.lax.stop_gradient(state.params), graphdef, _kl_rows(batch), logits_chunk)
     ref_kl_logps = completion_logps(ref_params, graphdef, _kl_rows(batch), logits_chunk)
@@ -76,7 +76,9 @@ def train_step(
         )
         return out, (weight, metrics)
 
-    grads, mean_loss, metrics = state_lib.grad_step(loss, state.params, batch, microbatches)
+    grads, mean_loss, metrics = state_lib.grad_step(
+        loss, state.params, batch, microbatches, rng=jax.random.fold_in(state.rng, state.step)
+    )
     state, update_metrics = state_lib.apply_gradients(state, grads, mean_loss, optim)
     metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return state, {"loss": mean_loss, **metrics, **update_metrics}
@@ -86,7 +88,7 @@ def example_metrics(params, batch, ref_params, *, graphdef, beta: float, logits_
     """Held-out: the mean implicit reward beta * (log-ratio) of desirable and undesirable examples."""
     r = beta * (
         completion_logps(params, graphdef, batch, logits_chunk)
-        - completion_logps(ref_params, graphdef, batch, logits_chunk)
+        - completion_logps(common.reference(ref_params, params), graphdef, batch, logits_chunk)
     )
     d = batch["desirable"]
     return {
@@ -106,8 +108,8 @@ def run(config: Config) -> loop.Result:
     train_glob, eval_glob = common.inputs(config, "preference")
     tokenizer = common.tokenizer(config)
     graphdef, state, state_shardings, fresh = common.train_state(config, rules, "kto")
-    ref_shardings = state_shardings.params
     ref_params = common.reference_params(config, rules, state, state_shardings, fresh)
+    ref_shardings = common.reference_shardings(ref_params, state_shardings.params)
     kwargs = dict(
         seq_len=tcfg.seq_len,
         global_batch_size=tcfg.batch_size,

@@ -199,7 +199,9 @@ def rollout_values(state, batch, ref_params, cfg: PpoConfig) -> dict[str, jax.Ar
     policy_gd, value_gd = state.graphdef
     mask_BxC = batch["completion_mask"]
     old_BxC = jax.lax.stop_gradient(policy_logps(policy_gd, state.params["policy"], batch, cfg))
-    ref_BxC = jax.lax.stop_gradient(policy_logps(policy_gd, ref_params, batch, cfg))
+    ref_BxC = jax.lax.stop_gradient(
+        policy_logps(policy_gd, common.reference(ref_params, state.params["policy"]), batch, cfg)
+    )
     values_BxC = jax.lax.stop_gradient(completion_values(value_gd, state.params["value"], batch))
     rewards_BxC, kl_BxC = ppo_rewards(
         batch["scores"], old_BxC, ref_BxC, mask_BxC, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator
@@ -218,7 +220,9 @@ def rollout_values(state, batch, ref_params, cfg: PpoConfig) -> dict[str, jax.Ar
 def minibatch_update(state, minibatch, *, cfg: PpoConfig, optim: OptimConfig, microbatches: int):
     """One optimizer update of policy and value model on one minibatch [M, ...]: (state, metrics)."""
     loss = functools.partial(loss_fn, graphdefs=state.graphdef, cfg=cfg)
-    grads, mean_loss, metrics = state_lib.grad_step(loss, state.params, minibatch, microbatches)
+    grads, mean_loss, metrics = state_lib.grad_step(
+        loss, state.params, minibatch, microbatches, rng=jax.random.fold_in(state.rng, state.step)
+    )
     state, update_metrics = state_lib.apply_gradients(state, grads, mean_loss, optim)
     return state, {"loss": mean_loss, **metrics, **update_metrics}
 
@@ -533,7 +537,9 @@ def run(config: Config) -> loop.Result:
     # Every step makes num_ppo_epochs * num_mini_batches optimizer updates: the schedule spans all of them.
     graphdefs, state, state_shardings, fresh = train_state(config, rules, tcfg.steps * updates)
     ref_shardings = state_shardings.params["policy"]
-    if fresh:  # the frozen reference: the initial policy (a copy: the state's buffers are donated)
+    if config.lora.rank > 0:  # the policy's base with its adapters off
+        ref_params = ref_shardings = common.BaseReference()
+    elif fresh:  # the frozen reference: the initial policy (a copy: the state's buffers are donated)
         copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ref_shardings)
         ref_params = copy(state.params["policy"])
     else:

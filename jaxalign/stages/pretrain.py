@@ -53,7 +53,9 @@ def train_step(
     logits_chunk: int = 0,
 ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
     loss = functools.partial(loss_fn, graphdef=state.graphdef, z_loss=z_loss, logits_chunk=logits_chunk)
-    grads, mean_loss, metrics = state_lib.grad_step(loss, state.params, batch, microbatches)
+    grads, mean_loss, metrics = state_lib.grad_step(
+        loss, state.params, batch, microbatches, rng=jax.random.fold_in(state.rng, state.step)
+    )
     state, update_metrics = state_lib.apply_gradients(state, grads, mean_loss, optim)
     return state, {"loss": mean_loss, **metrics, **update_metrics}
 

@@ -1,7 +1,8 @@
 """Checkpoints: an Orbax `CheckpointManager` with three items per step.
 
   state   the TrainState pytree (params, optimizer state, step, RNG key, update guard), restored onto the
-          shardings of the current run, whatever its mesh;
+          shardings of the current run, whatever its mesh; with LoRA adapters (`jaxalign.peft`) its params are
+          the trainable leaves only (adapters, a scalar head): the frozen base is the run's `model.init_from`;
   data    the Grain iterator state, one JSON file per process;
   config  the resolved config as JSON (data only: never executed).
 
@@ -18,13 +19,16 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from jaxalign.config import CheckpointConfig, Config
 from jaxalign.errors import CheckpointError
+from jaxalign.peft import lora
 
 # Config keys whose change makes a checkpoint unusable (model shapes) or silently changes the run (data order).
 _MUST_MATCH = (
     "model",
+    "lora",
     "train.batch_size",
     "train.seq_len",
     "data.input",
@@ -114,7 +118,7 @@ class Checkpointer:
         return self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.StandardSave(_trainable(state)),
                 # The iterator state is captured now: the async save runs after the loop has moved on.
                 data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(loader.get_state())),
                 config=ocp.args.JsonSave(self.config_dict),
@@ -133,7 +137,9 @@ class Checkpointer:
                 f"checkpoint {self.directory}/{step} does not fit this config: " + "; ".join(diffs)
             )
         target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            _trainable(abstract_state),
+            _trainable(state_shardings),
         )
         restored = self.manager.restore(
             step,
@@ -141,6 +147,9 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(loader)
             ),
         )
+        if lora.is_adapted(abstract_state.params):  # the frozen base comes from the (concrete) given state
+            frozen = lora.split_trainable(abstract_state.params)[1]
+            return restored.state.replace(params=nnx.merge_state(restored.state.params, frozen))
         return restored.state
 
     def wait(self) -> None:
@@ -149,6 +158,14 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _trainable(state: Any) -> Any:
+    """`state` (a TrainState, or its shardings) with params cut to the trainable leaves when it has adapters."""
+    params = getattr(state, "params", None)
+    if params is None or not lora.is_adapted(params):
+        return state
+    return state.replace(params=lora.split_trainable(params)[0])
 
 
 # --- reading another run's checkpoint (model.init_from="ckpt:...") -------------------------------------------------

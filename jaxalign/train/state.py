@@ -7,6 +7,9 @@ transformation are static fields.
 Objectives write `loss_fn(params, batch) -> (loss_sum, (weight, metric_sums))`; `grad_step` splits the batch into
 microbatches, sums, and divides by the total weight, so accumulation gives the same update as one big batch. Metrics
 follow the convention of `jaxalign.losses` (sums by the weight, `Mean(sum, count)`, `Min`, `Max`).
+
+Params with LoRA adapters (`jaxalign.peft.lora`): only the adapter leaves are differentiated, sit in the optimizer
+(its state is shaped like them alone) and are updated; the frozen base passes through unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from jaxalign import losses
 from jaxalign.config import OptimConfig
 from jaxalign.models.transformer import param_shardings
 from jaxalign.parallel.mesh import Rules, replicated
+from jaxalign.peft import lora
 from jaxalign.train import optim
 
 Batch = dict[str, jax.Array]
@@ -50,13 +54,14 @@ def create(
     graphdef: nnx.GraphDef, params: nnx.State, cfg: OptimConfig, total_steps: int, seed: int
 ) -> TrainState:
     """A fresh state around already-sharded `params`; optimizer moments inherit the params' shardings."""
-    tx = optim.make_optimizer(cfg, total_steps, params)
+    trainable = lora.split_trainable(params)[0] if lora.is_adapted(params) else params
+    tx = optim.make_optimizer(cfg, total_steps, trainable)
     guard = optim.spike_window_init(cfg.spike_window)
     guard["skipped"] = jnp.zeros((), jnp.int32)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=tx.init(params),
+        opt_state=tx.init(trainable),
         rng=jax.random.PRNGKey(seed),
         guard=guard,
         graphdef=graphdef,
@@ -87,12 +92,34 @@ def state_shardings(state: TrainState, rules: Rules) -> Any:
     return jax.tree.map(leaf_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def grad_step(loss_fn: LossFn, params: nnx.State, batch: Batch, microbatches: int):
+def grad_step(
+    loss_fn: LossFn, params: nnx.State, batch: Batch, microbatches: int, rng: jax.Array | None = None
+):
     """Mean gradient, mean loss and mean metrics over `batch`, accumulated over `microbatches` splits.
 
     Returns (grads, loss, metrics) where each is the weight-normalised mean over the whole batch; metrics follow
-    `losses.finalize_metrics` (sums by the weight, `Mean` by its own count, `Min`/`Max` as extrema).
+    `losses.finalize_metrics` (sums by the weight, `Mean` by its own count, `Min`/`Max` as extrema). With adapters,
+    `grads` holds only the adapter leaves (module doc), and `rng` (a key for this step) drives LoRA dropout.
     """
+    if lora.is_adapted(params):
+        trainable, frozen = lora.split_trainable(params)
+        full_loss = loss_fn
+
+        def loss_fn(t, b):
+            # Each microbatch draws its own dropout masks: its index rides along as a per-row batch entry.
+            key = None if rng is None else jax.random.fold_in(rng, b["_micro"][0])
+            b = {k: v for k, v in b.items() if k != "_micro"}
+            with lora.training(key):
+                return full_loss(nnx.merge_state(t, frozen), b)
+
+        params = trainable
+        if rng is not None:
+            rows = jax.tree.leaves(batch)[0].shape[0]
+            # Row r lands in microbatch r % microbatches (the split below).
+            batch = {
+                **batch,
+                "_micro": jnp.tile(jnp.arange(microbatches, dtype=jnp.int32), rows // microbatches),
+            }
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     if microbatches == 1:
         (loss_sum, (weight, sums)), grads = value_and_grad(params, batch)
@@ -131,8 +158,13 @@ def apply_gradients(
     finite = jnp.isfinite(loss) & optim.tree_all_finite(grads)
     spike = optim.is_spike(state.guard, loss, cfg.spike_sigma) if cfg.spike_skip else jnp.array(False)
     skip = ~finite | spike
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    if lora.is_adapted(state.params):
+        trainable, frozen = lora.split_trainable(state.params)
+        updates, opt_state = state.tx.update(grads, state.opt_state, trainable)
+        params = nnx.merge_state(optax.apply_updates(trainable, updates), frozen)
+    else:
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
     window = optim.spike_window_push(state.guard, loss)
     guard = {
