@@ -5,6 +5,10 @@ that transformers loads.
     logits_BxTxV = model(tokens_BxT)
     hf.save(model, "out_dir")
 
+    model = hf.load("base_dir", adapter="peft_dir")     a Hugging Face PEFT LoRA adapter on top (`peft/peft_io.py`)
+    hf.save_adapter(model, "adapter_dir")               the model's LoRA adapters, as PEFT writes them
+    hf.save(model, "out_dir", merge_lora=True)          adapters folded into the weights (NF4 ones dequantised)
+
 Training configs set `model.init_from="hf:/path/to/hf_dir"`; `pretrain.run` then calls `load_params(cfg, rules)`.
 
 Loading streams: each checkpoint tensor is memory-mapped (`safetensors.safe_open`) and every device reads only its
@@ -46,7 +50,7 @@ from jaxalign.models.hf_mappings import (
 from jaxalign.models.transformer import Transformer, param_shardings
 from jaxalign.parallel.mesh import Rules, make_mesh
 
-__all__ = ["load", "save", "load_params", "model_config", "read_config"]
+__all__ = ["load", "save", "save_adapter", "load_params", "model_config", "read_config"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -259,17 +263,37 @@ def load(
     dtype: Any = jnp.float32,
     mesh: Mesh | None = None,
     rules: Sequence[tuple[str, Sequence[str]]] | None = None,
+    adapter: str | None = None,
     **overrides: Any,
 ) -> Transformer:
     """Loads a Hugging Face checkpoint directory (config.json + *.safetensors, sharded with an index or not) as a
     `Transformer`. Parameters are stored in `dtype`, which is also the compute dtype unless `compute_dtype` is given
     in `overrides` (which set any non-architecture `ModelConfig` field, e.g. `scan_layers=True`). Without a `mesh`
     the model lives on one device; with one (from `parallel.mesh.make_mesh`), parameters are sharded by `rules`
-    (default `config.DEFAULT_RULES`)."""
+    (default `config.DEFAULT_RULES`). `adapter` names a PEFT LoRA adapter directory applied on top (its
+    adapters are float32 and sharded by their base weights' rules)."""
     overrides.setdefault("compute_dtype", _dtype_name(dtype))
     cfg = model_config(read_config(path), where=os.path.join(path, "config.json"), **overrides)
-    graphdef, params = _load_state(cfg, _rules(mesh, rules), path, dtype)
-    return nnx.merge(graphdef, params)
+    table = _rules(mesh, rules)
+    graphdef, params = _load_state(cfg, table, path, dtype)
+    model = nnx.merge(graphdef, params)
+    if adapter is not None:
+        from jaxalign.peft import peft_io
+
+        peft_io.read_config(adapter)  # one-line errors before any work
+        peft_io.apply_adapter(model, adapter)
+        graphdef, params = nnx.split(model)
+        model = nnx.merge(graphdef, jax.device_put(params, param_shardings(params, table)))
+    return model
+
+
+def save_adapter(model: Transformer, out_dir: str, base_model_name_or_path: str = "") -> None:
+    """Writes the model's LoRA adapters as a PEFT adapter directory (adapter_config.json +
+    adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto the transformers base."""
+    from jaxalign.peft import peft_io
+
+    if jax.process_index() == 0:
+        peft_io.save_adapter(model, out_dir, base_model_name_or_path)
 
 
 def load_params(cfg: ModelConfig, rules: Rules) -> tuple[nnx.GraphDef, nnx.State]:
@@ -297,12 +321,24 @@ def save(
     model_type: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     config_overrides: dict[str, Any] | None = None,
+    merge_lora: bool = False,
 ) -> None:
     """Writes `model` as a Hugging Face checkpoint: config.json and safetensors shards (with
     `model.safetensors.index.json` when there are several). `dtype` defaults to the parameters' dtype;
     `model_type` to the family `hf_mappings.infer_model_type` picks (pass "mistral" for a Mistral);
     `config_overrides` adds config.json keys such as `bos_token_id`. Call it on every process of a multi-host run;
-    process 0 writes."""
+    process 0 writes. A model with LoRA adapters (or an NF4 base) needs `merge_lora=True`: a merged copy is saved
+    (the model itself is left as it is)."""
+    from jaxalign.peft import lora, nf4
+
+    adapted = lora.adapters(model) or any(isinstance(n, nf4.Nf4Weight) for _, n in nnx.iter_graph(model))
+    if adapted and not merge_lora:
+        raise ConfigError(
+            "hf.save: the model has LoRA adapters or NF4 weights; pass merge_lora=True to save merged weights, or "
+            "use hf.save_adapter for the adapters alone"
+        )
+    if adapted:
+        model = lora.merge(nnx.clone(model))
     cfg = model.cfg
     params = nnx.state(model, nnx.Param)
     flat = list(nnx.to_flat_state(params))
