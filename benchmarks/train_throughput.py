@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py [--stage pretrain|sft|reward|dpo] [--steps 10] [--batch 8] [--seq 256]
                                           [--remat none] [--scan] [--reference live|precomputed]
+                                          [--lora-rank 0] [--quantize none|nf4]
 
 Reference workload: vocab 8192, d_model 256, 4 layers, 4 heads of 64, 2 KV heads, MLP 1024, f32, one device.
   pretrain, sft   8 rows x 256 tokens (SFT: the loss on the completion, the last 3/4 of each row)
@@ -10,6 +11,10 @@ Reference workload: vocab 8192, d_model 256, 4 layers, 4 heads of 64, 2 KV heads
 Prints tokens/s, step time, compile time, the step's device memory (XLA's memory analysis of the compiled step:
 arguments + temporaries, not counting the donated state twice), peak RSS and MFU against the float32 matmul peak
 measured in the same run; the last line is one JSON object for other tools.
+
+`--lora-rank R` trains rank-R LoRA adapters (alpha 2R) on every projection with the base frozen (`jaxalign.peft`);
+`--quantize nf4` stores the frozen projections as NF4 (QLoRA). Full vs LoRA vs QLoRA, SFT, on this machine:
+    python benchmarks/train_throughput.py --stage sft --steps 3 [--lora-rank 16 [--quantize nf4]] --logits-chunk 64
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ def main() -> None:
     parser.add_argument("--attention", default="xla")
     parser.add_argument("--logits-chunk", type=int, default=0)
     parser.add_argument("--reference", default="live", choices=["live", "precomputed"])
+    parser.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning")
+    parser.add_argument("--quantize", default="none", choices=["none", "nf4"])
     args = parser.parse_args()
 
     cfg = ModelConfig(
@@ -126,13 +133,25 @@ def main() -> None:
             else:
                 batch["ref_chosen_logps"] = rng.normal(-300, 10, B).astype(np.float32)
                 batch["ref_rejected_logps"] = rng.normal(-300, 10, B).astype(np.float32)
+    n_params = num_params(params)
+    if args.lora_rank:
+        from jaxalign.config import LoraConfig
+        from jaxalign.peft import lora
+        from jaxalign.stages.common import BaseReference
+
+        lora_cfg = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank, quantize=args.quantize)
+        graphdef, params = lora.attach(graphdef, params, lora_cfg, rules, seed=0)
+        if frozen:
+            frozen = (BaseReference(),)  # the base with adapters off: no second copy
+    trainable = lora.split_trainable(params)[0] if args.lora_rank else params
     state, shardings = state_lib.create_sharded(graphdef, params, optim_cfg, 1000, 0, rules)
     batch_sharding = {
         k: rules.sharding(("batch", "length") if v.ndim == 2 else ("batch",)) for k, v in batch.items()
     }
     step = jax.jit(
         step_fn,
-        in_shardings=(shardings, batch_sharding) + ((shardings.params,) if frozen else ()),
+        in_shardings=(shardings, batch_sharding)
+        + ((frozen[0] if args.lora_rank else shardings.params,) if frozen else ()),
         out_shardings=(shardings, None),
         donate_argnums=(0,),
     )
@@ -166,9 +185,12 @@ def main() -> None:
     tokens_per_s = tokens / step_s
     mfu = tokens_per_s * fpt / matmul_flops
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    state_mb = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state))) / 2**20
 
     rows = [
-        ("parameters", f"{num_params(params) / 1e6:.2f} M"),
+        ("parameters", f"{n_params / 1e6:.2f} M"),
+        ("trained parameters", f"{num_params(trainable) / 1e6:.3f} M"),
+        ("state bytes (params + optimizer)", f"{state_mb:,.1f} MB"),
         ("tokens per step", f"{tokens}"),
         ("FLOPs per step", f"{fpt * tokens / 1e9:.1f} GFLOP"),
         ("f32 matmul peak (2048^3)", f"{matmul_flops / 1e9:.1f} GFLOP/s"),
@@ -183,6 +205,7 @@ def main() -> None:
     ]
     width = max(len(r[0]) for r in rows)
     extra = f", reference={args.reference}" if args.stage == "dpo" else ""
+    extra += f", lora_rank={args.lora_rank}, quantize={args.quantize}" if args.lora_rank else ""
     print(
         f"{args.stage} on the reference workload on {jax.devices()[0].device_kind} "
         f"(remat={args.remat}, scan={args.scan}{extra})"
@@ -201,6 +224,9 @@ def main() -> None:
                 "compile_s": round(compile_s, 2),
                 "step_memory_mb": round(step_memory_mb, 1),
                 "peak_rss_mb": round(peak_rss_mb, 1),
+                "state_mb": round(state_mb, 2),
+                "lora_rank": args.lora_rank,
+                "quantize": args.quantize if args.lora_rank else "none",
             }
         )
     )

@@ -274,9 +274,20 @@ def is_adapted(params: Any) -> bool:
     return any(isinstance(v, LoraParam) for v in jax.tree.leaves(params, is_leaf=_is_var))
 
 
-def split_trainable(params: nnx.State) -> tuple[nnx.State, nnx.State]:
-    """(trainable, frozen) parts of a params state with adapters; `nnx.merge_state` puts them back together."""
+def split_trainable(params: Any) -> tuple[Any, Any]:
+    """(trainable, frozen) parts of a params state with adapters (or of a dict of them, PPO's policy and value);
+    `merge_trainable` puts them back together."""
+    if isinstance(params, dict) and not isinstance(params, nnx.State):
+        parts = {k: split_trainable(v) for k, v in params.items()}
+        return {k: p[0] for k, p in parts.items()}, {k: p[1] for k, p in parts.items()}
     return nnx.split_state(params, LoraParam, ...)
+
+
+def merge_trainable(trainable: Any, frozen: Any) -> Any:
+    """The inverse of `split_trainable`."""
+    if isinstance(trainable, dict) and not isinstance(trainable, nnx.State):
+        return {k: merge_trainable(v, frozen[k]) for k, v in trainable.items()}
+    return nnx.merge_state(trainable, frozen)
 
 
 def disabled(params: nnx.State) -> nnx.State:

@@ -453,7 +453,8 @@ def train_state(config: Config, rules: Rules, total_steps: int):
     vcfg = value_model_config(config)
     stage_dir = os.path.join(config.workdir, "checkpoints", "ppo")
     make = lambda gd, p: state_lib.create(gd, p, config.optim, total_steps, config.seed)
-    if config.checkpoint.enabled and checkpoint.has_committed_step(stage_dir):
+    # With LoRA the base is read again and the loop restores the adapters over it (`common.train_state`).
+    if config.checkpoint.enabled and checkpoint.has_committed_step(stage_dir) and config.lora.rank == 0:
         pg, pa = jax.eval_shape(lambda: nnx.split(Transformer(config.model, nnx.Rngs(config.seed), rules)))
         vg, va = jax.eval_shape(lambda: nnx.split(ScalarModel(vcfg, nnx.Rngs(config.seed), rules)))
         state = jax.eval_shape(functools.partial(make, (pg, vg)), {"policy": pa, "value": va})

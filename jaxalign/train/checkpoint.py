@@ -19,7 +19,6 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from jaxalign.config import CheckpointConfig, Config
 from jaxalign.errors import CheckpointError
@@ -149,7 +148,7 @@ class Checkpointer:
         )
         if lora.is_adapted(abstract_state.params):  # the frozen base comes from the (concrete) given state
             frozen = lora.split_trainable(abstract_state.params)[1]
-            return restored.state.replace(params=nnx.merge_state(restored.state.params, frozen))
+            return restored.state.replace(params=lora.merge_trainable(restored.state.params, frozen))
         return restored.state
 
     def wait(self) -> None:

@@ -110,7 +110,7 @@ def grad_step(
             key = None if rng is None else jax.random.fold_in(rng, b["_micro"][0])
             b = {k: v for k, v in b.items() if k != "_micro"}
             with lora.training(key):
-                return full_loss(nnx.merge_state(t, frozen), b)
+                return full_loss(lora.merge_trainable(t, frozen), b)
 
         params = trainable
         if rng is not None:
@@ -161,7 +161,7 @@ def apply_gradients(
     if lora.is_adapted(state.params):
         trainable, frozen = lora.split_trainable(state.params)
         updates, opt_state = state.tx.update(grads, state.opt_state, trainable)
-        params = nnx.merge_state(optax.apply_updates(trainable, updates), frozen)
+        params = lora.merge_trainable(optax.apply_updates(trainable, updates), frozen)
     else:
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
