@@ -373,7 +373,14 @@ def _from_checkpoint(
 ) -> dict[tuple, jax.Array]:
     """Target path -> array for every target parameter the checkpoint has (module doc)."""
     step_dir = checkpoint.find_step_dir(path)
-    _check_architecture(cfg, checkpoint.saved_config(step_dir)["model"], step_dir)
+    saved = checkpoint.saved_config(step_dir)
+    if saved.get("lora", {}).get("rank", 0):
+        raise CheckpointError(
+            f"model.init_from: {step_dir} is a LoRA run's checkpoint (lora.rank={saved['lora']['rank']}: adapters "
+            "only, its base is its own model.init_from); export it merged (hf.save(model, dir, merge_lora=True)) "
+            "and start from 'hf:dir'"
+        )
+    _check_architecture(cfg, saved["model"], step_dir)
     meta = checkpoint.saved_params_metadata(step_dir)
     # A PPO checkpoint holds {"policy": ..., "value": ...}: its policy is what later stages start from.
     prefix: tuple[str, ...] = ("policy",) if {"policy", "value"} <= set(meta) else ()

@@ -8,6 +8,7 @@ import math
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from flax import nnx
 
 from jaxalign.config import (
@@ -19,9 +20,10 @@ from jaxalign.config import (
     OptimConfig,
     TrainConfig,
 )
+from jaxalign.errors import CheckpointError
 from jaxalign.peft import lora
-from jaxalign.stages import dpo, sft
-from tests.helpers import tiny
+from jaxalign.stages import common, dpo, sft
+from tests.helpers import rules_for, tiny
 
 # d_model and d_ff multiples of 64: every projection's input splits into NF4 blocks.
 MODEL = tiny(vocab_size=512, n_layers=1, d_model=64, n_heads=8, head_dim=8, d_ff=128, scan_layers=True)
@@ -66,6 +68,15 @@ def test_qlora_sft_resumes_bitwise_from_adapter_only_checkpoints(small_world, tm
     assert n_opt == 2 * n_adapter
     n_base = sum(x.size for x in jax.tree.leaves(lora.split_trainable(straight.state.params)[1]))
     assert n_adapter < n_base / 5
+    # A later stage cannot start from adapters alone: a one-line error says how to export them merged.
+    later = _config(tmp_path / "c", small_world, 1)
+    later = dataclasses.replace(
+        later, model=dataclasses.replace(MODEL, init_from=f"ckpt:{tmp_path / 'b' / 'checkpoints' / 'sft'}")
+    )
+    with pytest.raises(
+        CheckpointError, match=r"is a LoRA run's checkpoint \(lora.rank=4: adapters only.*merge_lora"
+    ):
+        common.init_params(later, rules_for(devices=1))
 
 
 def test_dpo_reference_is_the_base_with_adapters_off(small_world, tmp_path):
