@@ -23,6 +23,7 @@ from jaxalign.config import (
 from jaxalign.errors import CheckpointError
 from jaxalign.peft import lora
 from jaxalign.stages import common, dpo, sft
+from jaxalign.train import state as state_lib
 from tests.helpers import rules_for, tiny
 
 # d_model and d_ff multiples of 64: every projection's input splits into NF4 blocks.
@@ -95,3 +96,59 @@ def test_dpo_reference_is_the_base_with_adapters_off(small_world, tmp_path):
     rewards = [v for k, v in first.items() if k.startswith("rewards/") and "accuracies" not in k]
     assert rewards and all(v == 0.0 for v in rewards), first
     assert abs(second["loss"] - math.log(2)) > 1e-5  # after one update, policy != reference
+
+
+def test_grpo_lora_step_samples_with_adapters_and_uses_the_base_as_reference():
+    """GRPO's step with LoRA: the sampler (KV-cache decode path through the adapters) agrees with the trainer's
+    log-probs, and the KL is measured against the base with adapters off (`BaseReference`), as an oracle computes it."""
+    import functools
+
+    import jax.numpy as jnp
+
+    from jaxalign import losses
+    from jaxalign.config import GrpoConfig
+    from jaxalign.models.transformer import init_model
+    from jaxalign.rl import sampler
+    from jaxalign.stages import grpo
+
+    cfg_model = tiny()
+    rules = rules_for(1, fsdp=1)
+    graphdef, params = init_model(cfg_model, rules, 0)
+    graphdef, params = lora.attach(graphdef, params, LoraConfig(rank=4, alpha=8), rules, seed=0)
+    flat = []
+    for i, (path, var) in enumerate(nnx.to_flat_state(params)):
+        if isinstance(var, lora.LoraParam):
+            var = var.replace(0.3 * jax.random.normal(jax.random.key(i), var.shape))
+        flat.append((path, var))
+    params = nnx.from_flat_state(flat)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(4, cfg_model.vocab_size, size=n).tolist() for n in (3, 6, 4, 5)]
+    ids, mask = sampler._left_pad(prompts, 0, cfg_model.vocab_size)
+    out = jax.jit(
+        functools.partial(sampler.sample, graphdef),
+        static_argnames=("max_new_tokens", "temperature", "eos_ids", "num_generations"),
+    )(params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), max_new_tokens=8, temperature=1.0,
+      eos_ids=(3,), num_generations=4)  # fmt: skip
+    batch = {
+        "prompt_ids": out.prompt_ids,
+        "prompt_mask": out.prompt_mask,
+        "completion_ids": out.tokens,
+        "completion_mask": out.mask,
+        "advantages": jnp.asarray(rng.normal(size=16), jnp.float32),
+        "sampler_logps": out.logps,
+    }
+    cfg = GrpoConfig(beta=0.1, max_completion_length=8)
+    optim = OptimConfig(lr=1e-2, warmup_steps=0)
+    state, _ = state_lib.create_sharded(graphdef, params, optim, 10, 0, rules)
+    step = jax.jit(functools.partial(grpo.train_step, cfg=cfg, optim=optim, microbatches=1))
+    _, metrics = step(state, batch, common.BaseReference())
+    logps = grpo.policy_logps(params, graphdef, batch, cfg)
+    ref = grpo.policy_logps(lora.disabled(params), graphdef, batch, cfg)
+    _, weight, m = losses.grpo_loss(
+        logps, None, ref, batch["advantages"], batch["completion_mask"], beta=0.1, loss_type="dapo",
+        max_completion_length=8, importance_sampling_level="token",
+    )  # fmt: skip
+    kl = losses.finalize_metrics(m, weight)["kl"]
+    assert kl > 1e-3  # the adapters move the policy away from the base
+    np.testing.assert_allclose(metrics["kl"], kl, rtol=1e-5)
+    assert float(metrics["logps/sampler_max_abs_diff"]) < 1e-4
