@@ -166,11 +166,11 @@ def evaluate_stages(config: Config) -> dict[str, Any]:
     workdir/eval.json and prints the table."""
     from jaxalign.eval import evaluate, judges
     from jaxalign.eval.policy import Policy
-    from jaxalign.parallel.mesh import Rules, make_mesh
+    from jaxalign.parallel.mesh import Rules
     from jaxalign.stages import reward
 
     ecfg = config.eval
-    rules = Rules(make_mesh(config.mesh), config.mesh.rules)
+    rules = Rules.from_config(config)
     tokenizer = common.tokenizer(config)
     tasks = evaluate.world_tasks(common.world(config), ecfg.max_examples)
 

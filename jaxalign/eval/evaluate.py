@@ -209,11 +209,11 @@ def _load_policy(config: Config, rules: Any, tokenizer: Any, init_from: str) -> 
 def run(config: Config) -> dict[str, Any]:
     """Evaluates `model.init_from` (random weights when empty) as `eval` configures; writes and prints eval.json."""
     # The job is a leaf like a training stage: it reuses the stages' model and tokenizer loading.
-    from jaxalign.parallel.mesh import Rules, make_mesh
+    from jaxalign.parallel.mesh import Rules
     from jaxalign.stages import common, reward
 
     ecfg = config.eval
-    rules = Rules(make_mesh(config.mesh), config.mesh.rules)
+    rules = Rules.from_config(config)
     if ecfg.batch_size % rules.data_parallel_size:
         raise ConfigError(
             f"eval.batch_size={ecfg.batch_size} is not divisible by the data-parallel size "

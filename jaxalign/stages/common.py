@@ -17,6 +17,7 @@ reading its own shards; weights the checkpoint lacks (a new head) start at rando
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,7 +37,7 @@ from jaxalign.errors import CheckpointError, ConfigError
 from jaxalign.models.heads import ScalarModel
 from jaxalign.models.logps import target_logps
 from jaxalign.models.transformer import Transformer, param_shardings
-from jaxalign.parallel.mesh import Rules, make_mesh
+from jaxalign.parallel.mesh import Rules
 from jaxalign.train import checkpoint, loop, perf
 
 # ModelConfig fields that do not change the parameters (how the model runs, not what it is).
@@ -64,12 +65,25 @@ def check_batch(config: Config, rules: Rules, rows: int | None = None) -> None:
             f"{config.train.grad_accum}) is not divisible by the data-parallel size {dp} "
             f"(mesh {dict(rules.mesh.shape)})"
         )
+    stages = rules.mesh.shape["stage"]
+    if stages > 1:
+        # The pipeline splits each (accumulation) microbatch again, into pipeline.microbatches row groups that
+        # each stay spread over the data-parallel devices.
+        from jaxalign.config import check_pipeline
+
+        check_pipeline(config.model, dataclasses.replace(config.mesh, stage=stages), config.pipeline)
+        pipe = config.pipeline.microbatches or stages
+        if micro % (pipe * dp):
+            raise ConfigError(
+                f"train.batch_size={config.train.batch_size}: {micro} rows per step (train.grad_accum="
+                f"{config.train.grad_accum}) do not split into pipeline.microbatches={pipe} microbatches of a "
+                f"multiple of the data-parallel size {dp} rows"
+            )
 
 
 def setup(config: Config) -> Rules:
     """The mesh and its rules; checks the batch; measures the matmul peak for MFU before any loader starts."""
-    mesh = make_mesh(config.mesh)
-    rules = Rules(mesh, config.mesh.rules)
+    rules = Rules.from_config(config)
     check_batch(config, rules)
     if not config.train.peak_flops:
         perf.peak_flops()
