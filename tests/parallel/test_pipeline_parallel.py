@@ -60,9 +60,11 @@ def reference():
     return batch, loss, grads
 
 
-# (mesh, schedule, microbatches (0: mesh.stage), repeats). 8 rows: with data x fsdp = 4, 2 microbatches of 4 rows.
+# (mesh, schedule, microbatches (0: mesh.stage), repeats[, model.remat]). 8 rows: with data x fsdp = 4, 2
+# microbatches of 4 rows.
 CASES = {
     "stage2-gpipe-m2": (dict(stage=2, devices=2), "gpipe", 0, 1),
+    "stage2xdata2-gpipe-m2-remat-full": (dict(stage=2, data=2, devices=4), "gpipe", 2, 1, "full"),
     "stage4-gpipe-m8": (dict(stage=4, devices=4), "gpipe", 8, 1),
     "stage2xfsdp2xtensor2-gpipe-m1": (dict(stage=2, fsdp=2, tensor=2), "gpipe", 1, 1),
     "stage2xdata2xfsdp2-circular-r2-m2": (dict(stage=2, data=2, fsdp=2), "circular", 2, 2),
@@ -73,10 +75,12 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_pipelined_step_equals_single_device(reference, case):
     batch, ref_loss, ref_grads = reference
-    mesh, schedule, microbatches, repeats = CASES[case]
+    mesh, schedule, microbatches, repeats, *remat = CASES[case]
     rules = rules_for(schedule=schedule, microbatches=microbatches, repeats=repeats, **mesh)
     assert pipeline.active(rules)
-    params, loss, grads = loss_and_grads(MODEL, rules, batch)
+    params, loss, grads = loss_and_grads(
+        dataclasses.replace(MODEL, remat=(remat or ["none"])[0]), rules, batch
+    )
 
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     flat_ref = jax.tree_util.tree_leaves_with_path(ref_grads)
