@@ -8,6 +8,7 @@
                      and renamed; an object store's single PUT is already atomic (and has no rename)
     glob(pattern)    sorted files matching a glob; `**` on an object store goes to fsspec directly, since epath refuses
                      it (one listing RPC per directory)
+    relpath / resolve `..`-aware relative paths that never call `os.path.abspath` on a URL
     read_bytes / read_text / exists / join
 
 Which schemes exist is epath's business: etils 1.15 knows `gs`, `s3`, `az` and `hf` and nothing else (a `memory://`
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import glob as glob_lib
 import os
+import posixpath
 import re
 import tempfile
 from typing import IO
@@ -54,6 +56,28 @@ def path(p: PathLike) -> epath.Path:
 def join(*parts: PathLike) -> str:
     """`parts` joined as a string path (`gs://b/run` + `x` -> `gs://b/run/x`; no `os.path` on URLs)."""
     return os.fspath(path(parts[0]).joinpath(*[os.fspath(p) for p in parts[1:]]))
+
+
+def _split(p: str) -> tuple[str, str]:
+    """("gs://", "/bucket/x") of a URL; ("", p) of a local path."""
+    m = _URL.match(p)
+    return (m.group(0), "/" + p[m.end() :]) if m else ("", p)
+
+
+def relpath(p: PathLike, start: PathLike) -> str:
+    """`p` relative to the directory `start` (`..` allowed), for URLs too (no `os.path.abspath` on a URL)."""
+    (scheme, a), (scheme_b, b) = _split(os.fspath(p)), _split(os.fspath(start))
+    if scheme != scheme_b:
+        raise ValueError(f"{p} and {start} are not on the same filesystem")
+    return os.path.relpath(a, b) if not scheme else posixpath.relpath(a, b)
+
+
+def resolve(base: PathLike, relative: str) -> str:
+    """`relative` (may hold `..`) joined to the directory `base` and normalised; object stores have no `..`."""
+    scheme, rest = _split(os.fspath(base))
+    if not scheme:
+        return os.path.normpath(os.path.join(rest, relative))
+    return scheme + posixpath.normpath(posixpath.join(rest, relative))[1:]
 
 
 def exists(p: PathLike) -> bool:

@@ -112,7 +112,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         step = self.manager.latest_step()
         if step is None:
-            leftovers = [p.name for p in storage.path(self.directory).iterdir() if ".orbax-checkpoint-tmp" in p.name]
+            leftovers = [
+                p.name for p in storage.path(self.directory).iterdir() if ".orbax-checkpoint-tmp" in p.name
+            ]
             if leftovers:
                 print(
                     f"checkpoint: {self.directory} holds only uncommitted temporary checkpoints {sorted(leftovers)}; "

@@ -14,8 +14,8 @@ On resume from step s, this stage's lines with step > s are dropped (they are ab
 rewritten atomically; parts holding such lines are rewritten without them, or deleted when nothing is left. So both
 layouts read the same as an uninterrupted run.
 
-`read(workdir)` returns every record (the local file's lines in order, then the parts in (first step, stage) order),
-skipping torn or non-object lines. Only process 0 writes; TensorBoard event files go to W/tb/<stage>.
+`read(workdir)` returns every record (the local file's lines in order, then the parts in (stage, first step) order:
+each stage's lines together, in step order), skipping torn or non-object lines. Only process 0 writes; TensorBoard event files go to W/tb/<stage>.
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ def _parse(line: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _part_key(name: str) -> tuple[int, str]:
+def _part_key(name: str) -> tuple[str, int]:
     stage, _, first = name.removesuffix(".jsonl").rpartition("-")
-    return (int(first) if first.isdigit() else -1, stage)
+    return (stage, int(first) if first.isdigit() else -1)
 
 
 def part_names(workdir: str) -> list[str]:
-    """Names of the part objects under W/metrics/, in (first step, stage) order."""
+    """Names of the part objects under W/metrics/, in (stage, first step) order."""
     directory = storage.path(workdir) / PARTS
     if not directory.is_dir():
         return []
