@@ -188,10 +188,7 @@ def write_results(workdir: str, name: str, result: Mapping[str, Any]) -> dict[st
     data = json.loads(path.read_text()) if path.exists() else {}
     data[name] = dict(result)
     if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / "eval.json.tmp"
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        tmp.replace(path)  # rename would refuse to overwrite an existing eval.json
+        storage.write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
     return data
 
 

@@ -129,7 +129,18 @@ class MetricsLog:
     def _drop_after(self, resume_step: int) -> None:
         """On resume, forget this stage's lines logged after the restored step: they are about to be redone."""
         files = [self.path] if storage.exists(self.path) else []
-        files += [storage.join(self.workdir, PARTS, name) for name in part_names(self.workdir)]
+        # This stage's parts, in step order: one that starts after the restored step is redone whole; of the others
+        # only the last can hold later lines. Other stages' parts are not read.
+        mine = [
+            (_part_key(name)[1], name)
+            for name in part_names(self.workdir)
+            if _part_key(name)[0] == self.stage
+        ]
+        for first, name in mine:
+            if first > resume_step:
+                storage.path(storage.join(self.workdir, PARTS, name)).unlink()
+        earlier = [name for first, name in mine if first <= resume_step]
+        files += [storage.join(self.workdir, PARTS, earlier[-1])] if earlier else []
         for path in files:
             lines = storage.read_text(path).splitlines(keepends=True)
             kept = [
