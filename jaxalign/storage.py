@@ -114,8 +114,21 @@ def write_atomic(p: PathLike, data: str | bytes) -> None:
         raise
 
 
-def open_binary(p: PathLike) -> IO[bytes]:
-    """A seekable binary reader of `p` (a local file, or the object store's ranged reader)."""
+RANDOM_ACCESS_BLOCK = 2**16
+
+
+def open_binary(p: PathLike, random_access: bool = False) -> IO[bytes]:
+    """A seekable binary reader of `p` (a local file, or the object store's ranged reader). With `random_access`,
+    an object is read in small blocks (fsspec's default read-ahead block is megabytes, which a shuffled reader
+    would fetch for every record)."""
+    if random_access and not is_local(p):
+        import fsspec
+
+        try:
+            fs, _ = fsspec.core.url_to_fs(os.fspath(p))
+        except ImportError:  # no fsspec client for the scheme: epath's other backend (TensorFlow's gfile)
+            return path(p).open("rb")
+        return fs.open(os.fspath(p), "rb", block_size=RANDOM_ACCESS_BLOCK)
     return path(p).open("rb")
 
 

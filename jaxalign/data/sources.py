@@ -194,7 +194,7 @@ class JsonlSource(Source):
         if not storage.is_local(self.files[f]):
             with self._remote_lock:
                 if f not in self._remote:
-                    self._remote[f] = storage.open_binary(self.files[f])
+                    self._remote[f] = storage.open_binary(self.files[f], random_access=True)
                 self._remote[f].seek(int(start))
                 return self._remote[f].read(int(end - start))
         fd = self._fds.get(f)

@@ -468,7 +468,7 @@ def bootstrap(config: Config) -> Config:
     """With `ppo.bootstrap_steps` > 0: trains, in this workdir, the SFT policy (when model.init_from is empty) and
     the RM (when ppo.reward_model is empty) for that many steps each (a finished one is not redone), and returns the
     config pointing at them."""
-    steps, workdir = config.ppo.bootstrap_steps, config.workdir
+    steps = config.ppo.bootstrap_steps
     if not steps:
         if not config.ppo.reward_model:
             raise ConfigError(
@@ -496,12 +496,12 @@ def bootstrap(config: Config) -> Config:
                 data={"assistant_only_loss": True, "completion_only_loss": True, "packing": True},
             )
         )
-        model["init_from"] = f"ckpt:{workdir}/checkpoints/sft"
+        model["init_from"] = f"ckpt:{checkpoint.stage_directory(config, 'sft')}"
     if not config.ppo.reward_model:
         from jaxalign.stages import reward
 
         reward.run(config_lib.replace(config, job="reward", **sub, optim={"lr": 1e-3, "warmup_steps": 5}))
-        ppo["reward_model"] = f"{workdir}/checkpoints/reward"
+        ppo["reward_model"] = checkpoint.stage_directory(config, "reward")
     return config_lib.replace(config, model=model, ppo=ppo)
 
 
