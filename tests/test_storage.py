@@ -58,12 +58,12 @@ def gcs(tmp_path, monkeypatch):
     assert [n for n in os.listdir("/tmp") if n.startswith("gs:") or n.endswith(":")] == []
 
 
-def tiny_pretrain(workdir: str, checkpoints: str, steps: int = 12):
+def tiny_pretrain(workdir: str, checkpoints: str, steps: int = 8):
     c = job_config("pretrain", "smoke")
     c.workdir = workdir
     c.checkpoint.directory = checkpoints
     c.checkpoint.every_steps = 4
-    c.model.update(vocab_size=512, d_model=32, d_ff=64, head_dim=8)
+    c.model.update(vocab_size=512, d_model=32, d_ff=64, head_dim=8, n_layers=1)
     c.train.update(steps=steps, seq_len=64, log_every=1, eval_every=0, progress=False)
     c.data.synthetic_entities = 20
     return config_lib.from_config_dict(c)
@@ -93,7 +93,7 @@ def train_lines(workdir: str) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics.read(workdir)]
 
 
-def test_pretrain_on_object_store_resumes_bitwise(gcs, tmp_path, monkeypatch):
+def test_pretrain_on_object_store_resumes_bitwise(gcs, tmp_path, monkeypatch, capsys):
     main.run(tiny_pretrain("gs://bucket/a", str(tmp_path / "ckpt_a")))
 
     crash_at_step(monkeypatch, 7)
@@ -104,13 +104,16 @@ def test_pretrain_on_object_store_resumes_bitwise(gcs, tmp_path, monkeypatch):
     # The crashed run's parts hold steps 1-5 (step 6's metrics were still on the device); the resumed run drops 5
     # (after its checkpoint 4) and redoes it.
     assert [r["step"] for r in metrics.read("gs://bucket/b")] == [1, 2, 3, 4, 5]
+    assert os.listdir(tmp_path / "ckpt_b" / "pretrain") == ["4"]
+    capsys.readouterr()
     main.run(tiny_pretrain("gs://bucket/b", str(tmp_path / "ckpt_b")))
+    assert "pretrain: resumed from step 4" in capsys.readouterr().out
 
     a, b = train_lines("gs://bucket/a"), train_lines("gs://bucket/b")
-    assert [r["step"] for r in b] == list(range(1, 13))
+    assert [r["step"] for r in b] == list(range(1, 9))
     assert a == b  # loss, grad_norm, lr, ... bitwise: floats compared exactly
-    assert params_bytes(str(tmp_path / "ckpt_a" / "pretrain" / "12")) == params_bytes(
-        str(tmp_path / "ckpt_b" / "pretrain" / "12")
+    assert params_bytes(str(tmp_path / "ckpt_a" / "pretrain" / "8")) == params_bytes(
+        str(tmp_path / "ckpt_b" / "pretrain" / "8")
     )
 
     objects = set(gcs.store)
