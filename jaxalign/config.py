@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import types
 import typing
 from typing import Any, Literal
@@ -226,6 +225,8 @@ class CheckpointConfig:
     keep_every: int = 0
     async_save: bool = True
     enabled: bool = True
+    # Where the stages' Orbax checkpoints go ("": <workdir>/checkpoints), e.g. a bucket other than the workdir's.
+    directory: str = ""
 
     def __post_init__(self):
         _check_ranges(CheckpointConfig, vars(self), "checkpoint")
@@ -735,8 +736,6 @@ def write_json(config: Config, path: str) -> None:
 
     if jax.process_index() != 0:
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(config.to_json() + "\n")
-    os.replace(tmp, path)
+    from jaxalign import storage
+
+    storage.write_atomic(path, config.to_json() + "\n")
