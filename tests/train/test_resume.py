@@ -110,12 +110,18 @@ def test_pipelined_resume_after_sigkill_is_bitwise_identical(corpus, tmp_path_fa
         tmp_path_factory.mktemp("pipe_straight"),
         tmp_path_factory.mktemp("pipe_resumed"),
     )
-    run(straight_dir, corpus, *PIPELINED)
+    # One persistent compilation cache for the three runs (same programs: only the first compiles).
+    cache = dict(
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("pipe_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    run(straight_dir, corpus, *PIPELINED, **cache)
     saved = json.loads((straight_dir / "config.json").read_text())
     assert saved["mesh"]["stage"] == 2 and saved["model"]["scan_layers"]
-    run(resumed_dir, corpus, *PIPELINED, expect=-signal.SIGKILL, JAXALIGN_FAULT_KILL_AFTER_SAVE="8")
+    run(resumed_dir, corpus, *PIPELINED, expect=-signal.SIGKILL, JAXALIGN_FAULT_KILL_AFTER_SAVE="8", **cache)
     assert committed_steps(resumed_dir)[-1] == 8
-    run(resumed_dir, corpus, *PIPELINED)
+    run(resumed_dir, corpus, *PIPELINED, **cache)
     assert params_bytes(resumed_dir, 12) == params_bytes(straight_dir, 12)
     resumed, reference = losses(resumed_dir), losses(straight_dir)
     assert [resumed[s] for s in range(9, 13)] == [reference[s] for s in range(9, 13)]
