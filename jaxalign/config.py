@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import types
 import typing
@@ -36,7 +35,8 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kv_heads", ("tensor",)),
     ("head_dim", ()),
     ("vocab", ("tensor",)),
-    ("layers", ()),
+    # The stacked layer dimension is split over the pipeline stages (a no-op while mesh.stage == 1).
+    ("layers", ("stage",)),
     ("norm", ()),
 )
 
@@ -118,12 +118,6 @@ class MeshConfig:
         sizes = {a: getattr(self, a) for a in ("data", "fsdp", "tensor", "stage")}
         if list(sizes.values()).count(-1) > 1:
             raise ConfigError(f"at most one mesh axis may be -1, got {sizes}")
-        if self.stage != 1:
-            # A 'stage' axis would only replicate the model: the pipeline schedule that uses it is not built yet.
-            raise ConfigError(
-                f"mesh.stage={self.stage}: pipeline parallelism is not supported yet; set mesh.stage=1 and split the "
-                "model with mesh.fsdp / mesh.tensor"
-            )
         names = [name for name, _ in self.rules]
         for name, axes in self.rules:
             for axis in axes:
@@ -232,6 +226,8 @@ class CheckpointConfig:
     keep_every: int = 0
     async_save: bool = True
     enabled: bool = True
+    # Where the stages' Orbax checkpoints go ("": <workdir>/checkpoints), e.g. a bucket other than the workdir's.
+    directory: str = ""
 
     def __post_init__(self):
         _check_ranges(CheckpointConfig, vars(self), "checkpoint")
@@ -476,6 +472,16 @@ class PipelineConfig:
 
     # Comma-separated, a subsequence of: curate, pretrain, sft, reward, dpo, kto, ppo, grpo, eval.
     stages: str = "curate,pretrain,sft,reward,dpo"
+    # --- Pipeline *parallelism* over the `stage` mesh axis (jaxalign/parallel/pipeline.py), used by every job when
+    # mesh.stage > 1. These three keys are not about `stages` above (the end-to-end job's list of training stages).
+    # "gpipe" (all forwards, then all backwards) or "circular" (`repeats` virtual stages per device: a smaller
+    # bubble for more stage-to-stage transfers). "1f1b" is refused with the reason (see the pipeline module).
+    schedule: Literal["gpipe", "circular", "1f1b"] = "gpipe"
+    # Microbatches the (gradient-accumulation) batch is split into as it flows through the stages; 0 = mesh.stage.
+    microbatches: int = 0
+    # Virtual stages per device for schedule="circular" (layer l runs on device (l // layers_per_virtual) % stage);
+    # 1 for every other schedule.
+    repeats: int = 1
     pretrain: StageRun = dataclasses.field(default_factory=StageRun)
     sft: StageRun = dataclasses.field(default_factory=StageRun)
     reward: StageRun = dataclasses.field(default_factory=StageRun)
@@ -485,6 +491,11 @@ class PipelineConfig:
     grpo: StageRun = dataclasses.field(default_factory=StageRun)
 
     def __post_init__(self):
+        _check_ranges(PipelineConfig, vars(self), "pipeline")
+        if self.repeats > 1 and self.schedule != "circular":
+            raise ConfigError(
+                f"pipeline.repeats={self.repeats} needs pipeline.schedule='circular', got {self.schedule!r}"
+            )
         names = [n.strip() for n in self.stages.split(",") if n.strip()]
         unknown = [n for n in names if n not in PIPELINE_STAGES]
         if unknown or not names:
@@ -577,9 +588,46 @@ class Config:
                 f"train.seq_len={self.train.seq_len} exceeds the model's maximum model.max_seq_len="
                 f"{self.model.max_seq_len}"
             )
+        check_pipeline(self.model, self.mesh, self.pipeline, self.train)
+        if self.mesh.stage != 1 and not self.model.scan_layers:
+            # The pipeline splits the stacked layer dimension over the stages, so `--config.mesh.stage=N` works on
+            # any job as it is; the resolved config (config.json) says so.
+            object.__setattr__(self, "model", dataclasses.replace(self.model, scan_layers=True))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def check_pipeline(
+    model: ModelConfig, mesh: MeshConfig, pipeline: PipelineConfig, train: TrainConfig | None = None
+) -> None:
+    """The pipeline-parallel keys against the model, the mesh and the batch (one-line ConfigErrors). A `mesh.stage`
+    of -1 is checked again once the mesh is built (`parallel.pipeline.check`)."""
+    if pipeline.schedule == "1f1b":
+        raise ConfigError(
+            "pipeline.schedule='1f1b' is not available: JAX derives the backward pass from the whole forward scan, so "
+            "a 1F1B order needs a hand-scheduled forward/backward that owns the loss (see jaxalign/parallel/"
+            "pipeline.py); use 'gpipe' or 'circular' and bound activation memory with train.grad_accum"
+        )
+    stages = mesh.stage
+    if stages in (-1, 1):
+        return
+    repeats = pipeline.repeats
+    if model.n_layers % (stages * repeats):
+        raise ConfigError(
+            f"model.n_layers={model.n_layers} is not divisible by mesh.stage={stages} x pipeline.repeats={repeats}"
+        )
+    micro = pipeline.microbatches or stages
+    if pipeline.schedule == "circular" and micro < stages:
+        raise ConfigError(
+            f"pipeline.microbatches={micro} must be >= mesh.stage={stages} for schedule='circular' (a microbatch "
+            "re-enters the first stage after leaving the last)"
+        )
+    if train is not None and (train.batch_size // train.grad_accum) % micro:
+        raise ConfigError(
+            f"train.batch_size={train.batch_size} / train.grad_accum={train.grad_accum} = "
+            f"{train.batch_size // train.grad_accum} rows per step are not divisible by pipeline.microbatches={micro}"
+        )
 
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:
@@ -722,8 +770,6 @@ def write_json(config: Config, path: str) -> None:
 
     if jax.process_index() != 0:
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(config.to_json() + "\n")
-    os.replace(tmp, path)
+    from jaxalign import storage
+
+    storage.write_atomic(path, config.to_json() + "\n")

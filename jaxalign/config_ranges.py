@@ -97,6 +97,10 @@ RANGES: dict[str, dict[str, str]] = {
         **dict.fromkeys(("kl_coef", "vf_coef", "missing_eos_penalty", "bootstrap_steps"), ">= 0"),
         **dict.fromkeys(("gamma", "lam"), "in [0, 1]"),
     },
+    "PipelineConfig": {
+        "microbatches": ">= 0 (0: mesh.stage microbatches)",
+        "repeats": "> 0 (virtual stages per device; > 1 only with schedule='circular')",
+    },
     "StageRun": {
         **dict.fromkeys(("steps", "batch_size", "seq_len", "every_steps"), ">= 0 (0 keeps the default)"),
         "lr": ">= 0 (0 keeps optim.lr)",

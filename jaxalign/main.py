@@ -8,13 +8,13 @@ exits with status 2.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxalign import config as config_lib
+from jaxalign import storage
 from jaxalign.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -42,7 +42,7 @@ def run(config: config_lib.Config) -> None:
     from jaxalign.parallel import distributed
 
     distributed.maybe_initialize()
-    config_lib.write_json(config, os.path.join(config.workdir, "config.json"))
+    config_lib.write_json(config, storage.join(config.workdir, "config.json"))
     importlib.import_module(JOBS[config.job]).run(config)
 
 

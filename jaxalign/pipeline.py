@@ -24,15 +24,16 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import os
 from typing import Any
 
 import jax
 from flax import nnx
 
 from jaxalign import config as config_lib
+from jaxalign import storage
 from jaxalign.config import Config, StageRun
 from jaxalign.stages import common
+from jaxalign.train import checkpoint as checkpoint_lib
 
 MODULES = {
     "pretrain": "jaxalign.stages.pretrain",
@@ -48,25 +49,21 @@ DUPLICATE_KINDS = ("exact_duplicate", "variant_duplicate", "near_duplicate")
 
 
 def _marker(workdir: str, stage: str) -> str:
-    return os.path.join(workdir, "pipeline", f"{stage}.done")
+    return storage.join(workdir, "pipeline", f"{stage}.done")
 
 
 def _finished(workdir: str, stage: str) -> bool:
-    return os.path.exists(_marker(workdir, stage))
+    return storage.exists(_marker(workdir, stage))
 
 
 def _mark(workdir: str, stage: str, info: dict[str, Any]) -> None:
     if jax.process_index() != 0:
         return
-    os.makedirs(os.path.join(workdir, "pipeline"), exist_ok=True)
-    tmp = _marker(workdir, stage) + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(info, f)
-    os.replace(tmp, _marker(workdir, stage))
+    storage.write_atomic(_marker(workdir, stage), json.dumps(info))
 
 
-def _checkpoint(workdir: str, stage: str) -> str:
-    return os.path.join(workdir, "checkpoints", stage)
+def _checkpoint(config: Config, stage: str) -> str:
+    return checkpoint_lib.stage_directory(config, stage)
 
 
 def _init_from(config: Config, stage: str, ran: list[str]) -> str:
@@ -81,8 +78,8 @@ def _init_from(config: Config, stage: str, ran: list[str]) -> str:
     else:  # grpo, ppo
         candidates = ("dpo", "kto", "sft", "pretrain")
     for c in candidates:
-        if c in before or os.path.isdir(_checkpoint(config.workdir, c)):
-            return f"ckpt:{_checkpoint(config.workdir, c)}"
+        if c in before or storage.path(_checkpoint(config, c)).is_dir():
+            return f"ckpt:{_checkpoint(config, c)}"
     return config.model.init_from
 
 
@@ -102,11 +99,11 @@ def stage_config(config: Config, stage: str, ran: list[str]) -> Config:
     data = {}
     if stage == "pretrain" and not config.data.input and "curate" in ran:
         paths = common.world(config)
-        curated = os.path.join(config.workdir, "curate", "curated", "*.jsonl")
+        curated = storage.join(config.workdir, "curate", "curated", "*.jsonl")
         data = {"input": f"{paths['pretrain_train']},{curated}", "eval_input": paths["pretrain_eval"]}
     sections = {}
     if stage == "ppo" and not config.ppo.reward_model:  # the reward model this workdir trained
-        sections["ppo"] = {"reward_model": _checkpoint(config.workdir, "reward")}
+        sections["ppo"] = {"reward_model": _checkpoint(config, "reward")}
     return config_lib.replace(
         config, job=stage, train=train, optim=optim, checkpoint=checkpoint, model=model, data=data, **sections
     )
@@ -119,20 +116,20 @@ def curate(config: Config) -> dict[str, float]:
 
     raw = common.world(config)["raw"]
     sub = config_lib.replace(
-        config, job="curate", workdir=os.path.join(config.workdir, "curate"), data={"input": raw}
+        config, job="curate", workdir=storage.join(config.workdir, "curate"), data={"input": raw}
     )
     if jax.process_index() == 0:
         curate_lib.run(sub)
     common.barrier("curate")
-    return duplicate_scores(raw, os.path.join(sub.workdir, "removed.jsonl"))
+    return duplicate_scores(raw, storage.join(sub.workdir, "removed.jsonl"))
 
 
 def duplicate_scores(raw_path: str, removed_path: str) -> dict[str, float]:
     """Precision and recall of the records removed as duplicates against the planted ones (`kind`)."""
-    with open(raw_path, encoding="utf-8") as f:
-        planted = {r["id"] for r in map(json.loads, f) if r["kind"] in DUPLICATE_KINDS}
-    with open(removed_path, encoding="utf-8") as f:
-        removed = {r["id"] for r in map(json.loads, f) if r["reason"].split(":")[0].endswith("duplicate")}
+    raw = storage.read_text(raw_path).splitlines()
+    planted = {r["id"] for r in map(json.loads, raw) if r["kind"] in DUPLICATE_KINDS}
+    lines = storage.read_text(removed_path).splitlines()
+    removed = {r["id"] for r in map(json.loads, lines) if r["reason"].split(":")[0].endswith("duplicate")}
     hits = len(planted & removed)
     return {
         "dup_precision": hits / max(len(removed), 1),
@@ -145,15 +142,10 @@ def duplicate_scores(raw_path: str, removed_path: str) -> dict[str, float]:
 def _write_eval(workdir: str, key: str, values: dict[str, Any]) -> None:
     if jax.process_index() != 0:
         return
-    path = os.path.join(workdir, "eval.json")
-    data = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+    path = storage.join(workdir, "eval.json")
+    data = json.loads(storage.read_text(path)) if storage.exists(path) else {}
     data[key] = values
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    storage.write_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 EVAL_NAMES = {"pretrain": "base", "sft": "sft", "dpo": "dpo", "kto": "kto", "ppo": "ppo", "grpo": "grpo"}
@@ -166,24 +158,24 @@ def evaluate_stages(config: Config) -> dict[str, Any]:
     workdir/eval.json and prints the table."""
     from jaxalign.eval import evaluate, judges
     from jaxalign.eval.policy import Policy
-    from jaxalign.parallel.mesh import Rules, make_mesh
+    from jaxalign.parallel.mesh import Rules
     from jaxalign.stages import reward
 
     ecfg = config.eval
-    rules = Rules(make_mesh(config.mesh), config.mesh.rules)
+    rules = Rules.from_config(config)
     tokenizer = common.tokenizer(config)
     tasks = evaluate.world_tasks(common.world(config), ecfg.max_examples)
 
     def policy(stage: str) -> Policy:
-        cfg = dataclasses.replace(config.model, init_from=f"ckpt:{_checkpoint(config.workdir, stage)}")
+        cfg = dataclasses.replace(config.model, init_from=f"ckpt:{_checkpoint(config, stage)}")
         model = nnx.merge(*common.init_params(config, rules, model_cfg=cfg))
         return Policy(model, tokenizer, config.data.chat_template, ecfg.batch_size)
 
-    have = lambda stage: os.path.isdir(_checkpoint(config.workdir, stage))
+    have = lambda stage: storage.path(_checkpoint(config, stage)).is_dir()
     scorer = None
     results: dict[str, Any] = {}
     if have("reward"):
-        scorer = reward.load_scorer(_checkpoint(config.workdir, "reward"), tokenizer, rules, ecfg.batch_size)
+        scorer = reward.load_scorer(_checkpoint(config, "reward"), tokenizer, rules, ecfg.batch_size)
         pairs = evaluate._read_jsonl(common.world(config)["preference_eval"])
         if ecfg.max_examples:
             pairs = pairs[: ecfg.max_examples]

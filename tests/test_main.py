@@ -66,7 +66,15 @@ def test_pretrain_smoke_learns_and_records_its_config(tmp_path):
             ["--config.model.remat=sometimes"],
             "model.remat='sometimes' is not one of ['none', 'full', 'dots']",
         ),
-        (["--config.mesh.stage=2"], "mesh.stage=2: pipeline parallelism is not supported yet"),
+        (["--config.mesh.stage=4"], "model.n_layers=2 is not divisible by mesh.stage=4 x pipeline.repeats=1"),
+        (
+            ["--config.mesh.stage=2", "--config.pipeline.schedule=1f1b"],
+            "pipeline.schedule='1f1b' is not available",
+        ),
+        (
+            ["--config.pipeline.repeats=2"],
+            "pipeline.repeats=2 needs pipeline.schedule='circular', got 'gpipe'",
+        ),
         (["--config.checkpoint.every_steps=0"], "checkpoint.every_steps=0 must be > 0"),
         (["--config.data.shards=-1"], "data.shards=-1 must be >= 0 (0: one per process)"),
     ],

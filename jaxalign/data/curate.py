@@ -18,7 +18,8 @@ lines in file order make the global input order.
   decide (parent): global exact dedup, LSH banding + union-find over all shards' signatures.
   write (worker processes): each shard's kept records -> W/curated/<shard>.jsonl and a `.write.done` marker that
       records which records the decision dropped.
-Markers are written last, atomically (tmp file + os.replace), and name the input file's size and mtime, the config
+Every file goes through `jaxalign.storage`, so the workdir and inputs may be on an object store (`gs://...`).
+Markers are written last, atomically (`storage.write_atomic`), and name the input file's size and mtime, the config
 and the output sizes; a re-run skips every shard whose marker still matches. Every step is a function of its shard
 and the global decision only, so 1 and N workers write byte-identical files.
 
@@ -37,6 +38,7 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import io
 import itertools
 import json
 import multiprocessing
@@ -51,6 +53,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from jaxalign import storage
 from jaxalign.config import Config, CurateConfig
 from jaxalign.data import curate_filters as filters
 from jaxalign.data import sources
@@ -227,7 +230,7 @@ def _records(path: str, on_error: str, bad: list[str]) -> Iterator[tuple[int, di
     """Yields (line number, record) of one JSONL(.gz) file; bad lines raise DataError or, with "skip", go to `bad`."""
     line_no = 0
     try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        with storage.open_binary(path) as raw, gzip.open(raw, "rb") if path.endswith(".gz") else raw as f:
             for line_no, raw in enumerate(f, 1):  # noqa: B007 (line_no is read below when the file is corrupt)
                 if not raw.strip():
                     continue
@@ -279,29 +282,47 @@ class _Stats:
 
 
 def _write_atomic(path: str, write: Callable[[Any], None], binary: bool = False) -> None:
+    """`write(f)` into `path`, atomically: a local temporary file renamed, or on an object store one object written
+    whole from memory (no rename there)."""
+    if not storage.is_local(path):
+        buffer = io.BytesIO() if binary else io.StringIO()
+        write(buffer)
+        storage.write_atomic(path, buffer.getvalue())
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as f:
         write(f)
     os.replace(tmp, path)
 
 
+def _size(path: str) -> int:
+    return os.path.getsize(path) if storage.is_local(path) else storage.path(path).stat().length
+
+
 def _mark_done(marker: str, key: str, files: list[str]) -> None:
     """Writes the marker last: `key` and the size of every file the step wrote (paths relative to the marker)."""
-    sizes = {os.path.relpath(p, os.path.dirname(marker)): os.path.getsize(p) for p in files}
+    directory = os.fspath(storage.path(marker).parent)
+    sizes = {storage.relpath(p, directory): _size(p) for p in files}
     _write_atomic(marker, lambda f: json.dump({"key": key, "files": sizes}, f))
 
 
 def _done(marker: str, key: str) -> bool:
     """True if `marker` was written for `key` and every file it lists still has its recorded size."""
     try:
-        with open(marker, encoding="utf-8") as f:
-            content = json.load(f)
+        content = json.loads(storage.read_text(marker))
     except (OSError, ValueError):
         return False
-    paths = {os.path.join(os.path.dirname(marker), p): size for p, size in content["files"].items()}
+    directory = os.fspath(storage.path(marker).parent)
+    paths = {storage.resolve(directory, p): size for p, size in content["files"].items()}
     return content["key"] == key and all(
-        os.path.isfile(p) and os.path.getsize(p) == s for p, s in paths.items()
+        storage.path(p).is_file() and _size(p) == s for p, s in paths.items()
     )
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    """Every array of a map stage's .npz (read whole: it is one shard's hashes and signatures)."""
+    with np.load(io.BytesIO(storage.read_bytes(path))) as z:
+        return {k: z[k] for k in z.files}
 
 
 def _shards(config: Config, work_dir: str) -> list[_Shard]:
@@ -312,14 +333,19 @@ def _shards(config: Config, work_dir: str) -> list[_Shard]:
     for i, path in enumerate(sources.expand_glob(config.data.input)):
         if sources.file_format(path) != "jsonl":
             raise DataError(f"{path}: curation reads JSONL files (.jsonl, .json, optionally .gz) only")
-        stat = os.stat(path)
-        identity = [_FORMAT_VERSION, os.path.abspath(path), stat.st_size, stat.st_mtime_ns, settings]
+        if storage.is_local(path):
+            stat = os.stat(path)
+            where, size, mtime = os.path.abspath(path), stat.st_size, stat.st_mtime_ns
+        else:  # an object: its size and modification time (seconds) as the store reports them
+            stat = storage.path(path).stat()
+            where, size, mtime = path, stat.length, stat.mtime
+        identity = [_FORMAT_VERSION, where, size, mtime, settings]
         identity += [config.data.on_error, config.seed]
         fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         name = f"{i:05d}-" + re.sub(
             r"[^\w.-]", "_", re.sub(r"(\.jsonl?)?(\.gz)?$", "", os.path.basename(path))
         )
-        shards.append(_Shard(path, name, os.path.join(work_dir, name), fingerprint))
+        shards.append(_Shard(path, name, storage.join(work_dir, name), fingerprint))
     return shards
 
 
@@ -330,7 +356,8 @@ def _map_shard(shard: _Shard, cfg: CurateConfig, on_error: str, seed: int) -> _S
     ids, lines, reasons, exact, has_words, kept_index, pii, sigs, pending = [], [], [], [], [], [], [], [], []
     a_K, b_K = permutations(cfg.num_bands * cfg.rows_per_band, seed)
     records = _records(shard.path, on_error, bad)
-    with open(shard.work + ".docs.jsonl.tmp", "w", encoding="utf-8") as out:
+    # Streamed: a local file, or an object uploaded as it is written (published by the rename below).
+    with storage.path(shard.work + ".docs.jsonl.tmp").open("w", encoding="utf-8") as out:
         while True:
             with stats.timed("read", 0):
                 line_no, record = next(records, (0, None))
@@ -369,7 +396,7 @@ def _map_shard(shard: _Shard, cfg: CurateConfig, on_error: str, seed: int) -> _S
         if pending:
             with stats.timed("minhash", 0):
                 sigs.append(minhash(*shingles(pending, cfg.ngram), len(pending), a_K, b_K))
-    os.replace(shard.work + ".docs.jsonl.tmp", shard.work + ".docs.jsonl")
+    storage.path(shard.work + ".docs.jsonl.tmp").replace(shard.work + ".docs.jsonl")
 
     n, k = len(ids), cfg.num_bands * cfg.rows_per_band if cfg.near_dedup else 0
     arrays = {
@@ -414,8 +441,7 @@ def _check_ids(ids: list, where: Callable[[int], str], on_error: str, bad: list[
 def _decide(shards: list[_Shard], arrays: dict, cfg: CurateConfig, on_error: str, stats: _Stats) -> _Decision:
     metas = []
     for shard in shards:
-        with open(shard.work + ".meta.json", encoding="utf-8") as f:
-            metas.append(json.load(f))
+        metas.append(json.loads(storage.read_text(shard.work + ".meta.json")))
     ids = [i for m in metas for i in m["ids"]]
     offsets = np.cumsum([0] + [len(m["ids"]) for m in metas])
 
@@ -466,11 +492,10 @@ class _Write:
 
 def _write_shard(task: _Write) -> _Stats:
     stats, drop = _Stats(), set(task.drop)
-    with np.load(task.work + ".npz") as z:
-        kept_index = z["kept_index"].tolist()
+    kept_index = _load_npz(task.work + ".npz")["kept_index"].tolist()
 
     def copy(out):
-        with open(task.work + ".docs.jsonl", "rb") as src:
+        with storage.open_binary(task.work + ".docs.jsonl") as src:
             out.writelines(line for k, line in zip(kept_index, src, strict=True) if k not in drop)
 
     with stats.timed("write", len(kept_index)):
@@ -515,12 +540,12 @@ def run(config: Config) -> None:
     cfg, start = config.curate, time.perf_counter()
     if not config.data.input:
         raise ConfigError("data.input is empty: curation needs --config.data.input=GLOB of JSONL(.gz) files")
-    work_dir, out_dir = os.path.join(config.workdir, "curate_work"), os.path.join(config.workdir, "curated")
+    work_dir, out_dir = storage.join(config.workdir, "curate_work"), storage.join(config.workdir, "curated")
     shards = _shards(config, work_dir)
-    os.makedirs(work_dir, exist_ok=True)
-    os.makedirs(out_dir, exist_ok=True)
-    _write_atomic(os.path.join(config.workdir, "config.json"), lambda f: f.write(config.to_json()))
-    sizes, stats = [os.path.getsize(s.path) for s in shards], _Stats()
+    storage.path(work_dir).mkdir(parents=True, exist_ok=True)
+    storage.path(out_dir).mkdir(parents=True, exist_ok=True)
+    _write_atomic(storage.join(config.workdir, "config.json"), lambda f: f.write(config.to_json()))
+    sizes, stats = [_size(s.path) for s in shards], _Stats()
     with _Pool(cfg.num_workers) as pool:
         to_map = [k for k, s in enumerate(shards) if not _done(s.work + ".map.done", s.fingerprint)]
         logging.info("curate: %d shards, %d mapped before", len(shards), len(shards) - len(to_map))
@@ -530,8 +555,7 @@ def run(config: Config) -> None:
 
         per_shard = []
         for shard in shards:
-            with np.load(shard.work + ".npz") as z:
-                per_shard.append({k: z[k] for k in z.files})
+            per_shard.append(_load_npz(shard.work + ".npz"))
         arrays = {
             k: np.concatenate([a[k] for a in per_shard]) for k in ("exact_Nx16", "sig_NxK", "has_words_N")
         }
@@ -544,15 +568,16 @@ def run(config: Config) -> None:
             offset += len(a["exact_Nx16"])
             pii += a["pii_Mx3"][~drop].sum(axis=0)
             key = hashlib.sha256(json.dumps([shard.fingerprint, kept[drop].tolist()]).encode()).hexdigest()
-            out = os.path.join(out_dir, shard.name + ".jsonl")
+            out = storage.join(out_dir, shard.name + ".jsonl")
             writes.append(_Write(shard.work, out, tuple(kept[drop].tolist()), key))
         to_write = [k for k, w in enumerate(writes) if not _done(w.work + ".write.done", w.key)]
         for shard_stats in pool.run(
             _write_shard, [writes[k] for k in to_write], [sizes[k] for k in to_write]
         ):
             stats.add(shard_stats)
-    for stale in set(os.listdir(out_dir)) - {s.name + ".jsonl" for s in shards}:  # inputs the glob lost
-        os.remove(os.path.join(out_dir, stale))
+    listed = {p.name for p in storage.path(out_dir).iterdir()}
+    for stale in listed - {s.name + ".jsonl" for s in shards}:  # inputs the glob lost
+        storage.path(storage.join(out_dir, stale)).unlink()
 
     removed = [k for k, r in enumerate(d.reasons) if r and not d.skipped[k]]
 
@@ -563,7 +588,7 @@ def run(config: Config) -> None:
                 entry["duplicate_of"] = d.ids[d.duplicate_of[k]]
             f.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
-    _write_atomic(os.path.join(config.workdir, "removed.jsonl"), removed_lines)
+    _write_atomic(storage.join(config.workdir, "removed.jsonl"), removed_lines)
     by_reason = Counter(d.reasons[k] for k in removed)
     n_valid = len(d.ids) - int(d.skipped.sum())
     report = {
@@ -583,7 +608,7 @@ def run(config: Config) -> None:
         "bad_records": d.bad[:_MAX_BAD_LISTED],
     }
     _write_atomic(
-        os.path.join(config.workdir, "curate_report.json"), lambda f: json.dump(report, f, indent=2)
+        storage.join(config.workdir, "curate_report.json"), lambda f: json.dump(report, f, indent=2)
     )
     logging.info("curate: kept %d of %d records in %s", n_valid - len(removed), len(d.ids), config.workdir)
 

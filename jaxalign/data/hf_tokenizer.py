@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+from jaxalign import storage
 from jaxalign.errors import ConfigError, DataError
 
 SPECIAL_TOKEN_NAMES = (
@@ -65,10 +65,9 @@ def _token_content(value: Any) -> str | None:
 
 
 def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
 
 
 class HFTokenizer:
@@ -86,19 +85,19 @@ class HFTokenizer:
     ):
         tokenizers = _import_tokenizers()
         directory, json_path = (
-            (path, os.path.join(path, "tokenizer.json")) if os.path.isdir(path) else (None, path)
+            (path, storage.join(path, "tokenizer.json")) if storage.path(path).is_dir() else (None, path)
         )
-        if not os.path.exists(json_path):
+        if not storage.exists(json_path):
             raise ConfigError(
                 f"tokenizer {json_path!r} does not exist (a Hugging Face tokenizer needs tokenizer.json)"
             )
         self.path = path
-        self.tokenizer = tokenizers.Tokenizer.from_file(json_path)
+        self.tokenizer = tokenizers.Tokenizer.from_str(storage.read_text(json_path))
         config: dict[str, Any] = {}
         if directory is not None:
             config = {
-                **_read_json(os.path.join(directory, "special_tokens_map.json")),
-                **_read_json(os.path.join(directory, "tokenizer_config.json")),
+                **_read_json(storage.join(directory, "special_tokens_map.json")),
+                **_read_json(storage.join(directory, "tokenizer_config.json")),
             }
         given = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token}
         self.special_tokens: dict[str, str] = {}
@@ -308,9 +307,8 @@ class HFTokenizer:
 def _read_template(directory: str | None, config: dict[str, Any]) -> str | None:
     """`chat_template.jinja` (transformers >= 4.50 writes it), else tokenizer_config.json's `chat_template` (a string,
     or a list of named templates of which "default" is used)."""
-    if directory is not None and os.path.exists(os.path.join(directory, "chat_template.jinja")):
-        with open(os.path.join(directory, "chat_template.jinja"), encoding="utf-8") as f:
-            return f.read()
+    if directory is not None and storage.exists(storage.join(directory, "chat_template.jinja")):
+        return storage.read_text(storage.join(directory, "chat_template.jinja"))
     template = config.get("chat_template")
     if isinstance(template, list):
         named = {t["name"]: t["template"] for t in template}

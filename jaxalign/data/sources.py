@@ -16,19 +16,20 @@ in `skipped` (per process: worker processes count their own). `read(index)` alwa
 from __future__ import annotations
 
 import bisect
-import glob as glob_lib
+import contextlib
 import gzip
 import json
 import math
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from absl import logging
 
+from jaxalign import storage
 from jaxalign.errors import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -41,9 +42,7 @@ def expand_glob(pattern: str) -> list[str]:
     """Sorted files matching a glob (or comma-separated globs); a pattern matching nothing is an error."""
     files: list[str] = []
     for part in [p.strip() for p in pattern.split(",") if p.strip()]:
-        matched = sorted(
-            f for f in glob_lib.glob(os.path.expanduser(part), recursive=True) if os.path.isfile(f)
-        )
+        matched = storage.glob(part)  # local or object store (gs://...), `**` included
         if not matched:
             raise DataError(f"data glob {part!r} matches no files")
         files.extend(f for f in matched if f not in files)
@@ -153,6 +152,8 @@ class JsonlSource(Source):
         self._line_numbers: list[np.ndarray] = []
         self._gz_data: dict[int, bytes] = {}
         self._fds: dict[int, int] = {}
+        self._remote: dict[int, Any] = {}  # object-store readers (seek + read under the lock)
+        self._remote_lock = threading.Lock()
         for i, path in enumerate(self.files):
             data = np.frombuffer(self._read_all(i, path), np.uint8)
             starts = np.concatenate([[0], np.flatnonzero(data == ord("\n")) + 1])
@@ -167,11 +168,11 @@ class JsonlSource(Source):
     def _read_all(self, i: int, path: str) -> bytes:
         try:
             if path.endswith(".gz"):
-                with gzip.open(path, "rb") as f:
+                with storage.open_binary(path) as raw, gzip.open(raw, "rb") as f:
                     data = f.read()
                 self._gz_data[i] = data
                 return data
-            with open(path, "rb") as f:
+            with storage.open_binary(path) as f:
                 return f.read()
         except (OSError, EOFError) as e:
             raise DataError(f"{path}: cannot read ({e})") from None
@@ -190,17 +191,28 @@ class JsonlSource(Source):
         start, end = self._offsets[f][local]
         if f in self._gz_data:
             return self._gz_data[f][start:end]
+        if not storage.is_local(self.files[f]):
+            with self._remote_lock:
+                if f not in self._remote:
+                    self._remote[f] = storage.open_binary(self.files[f], random_access=True)
+                self._remote[f].seek(int(start))
+                return self._remote[f].read(int(end - start))
         fd = self._fds.get(f)
         if fd is None:  # one descriptor per file and process; pread needs no seek, so threads can share it
             fd = self._fds[f] = os.open(self.files[f], os.O_RDONLY)
         return os.pread(fd, int(end - start), int(start))
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fds": {}}
+        return {**self.__dict__, "_fds": {}, "_remote": {}, "_remote_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _remote_lock=threading.Lock())
 
     def __del__(self) -> None:
         for fd in getattr(self, "_fds", {}).values():
             os.close(fd)
+        for reader in getattr(self, "_remote", {}).values():
+            reader.close()
 
     def read(self, index: int) -> dict[str, Any]:
         where = self.where(index)
@@ -217,6 +229,16 @@ def _import_pyarrow_parquet(path: str):
     return pq
 
 
+@contextlib.contextmanager
+def _parquet_input(path: str) -> Iterator[Any]:
+    """What pyarrow opens: a local path itself, an object (gs://...) through epath's seekable reader."""
+    if storage.is_local(path):
+        yield path
+    else:
+        with storage.open_binary(path) as f:
+            yield f
+
+
 class ParquetSource(Source):
     """Rows of Parquet files. A row is read with its whole row group, and the last few row groups stay cached, so
     sequential reads are cheap and shuffled reads of large row groups are not: write small row groups (~1k rows)."""
@@ -229,7 +251,8 @@ class ParquetSource(Source):
         self._group_starts: list[list[int]] = []  # per file: first row of each row group, then the row count
         for path in self.files:
             try:
-                meta = pq.ParquetFile(path).metadata
+                with _parquet_input(path) as source:
+                    meta = pq.ParquetFile(source).metadata
             except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
                 raise DataError(f"{path}: cannot read Parquet ({e})") from None
             sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
@@ -254,7 +277,8 @@ class ParquetSource(Source):
         if rows is None:
             pq = _import_pyarrow_parquet(self.files[f])
             try:
-                rows = pq.ParquetFile(self.files[f]).read_row_group(group).to_pylist()
+                with _parquet_input(self.files[f]) as source:
+                    rows = pq.ParquetFile(source).read_row_group(group).to_pylist()
             except Exception as e:
                 raise DataError(f"{self.files[f]}: cannot read row group {group} ({e})") from None
             with self._lock:
@@ -286,6 +310,10 @@ class ArrayRecordSource(Source):
             ) from None
         self._sources = []
         for path in self.files:
+            if not storage.is_local(path):
+                raise DataError(
+                    f"{path}: ArrayRecord files are read from local disk only; accepted there: JSONL, Parquet"
+                )
             try:
                 self._sources.append(array_record_data_source.ArrayRecordDataSource([path]))
             except Exception as e:  # the reader raises ValueError/RuntimeError on a corrupt file

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import numpy as np
+
+from jaxalign import storage
 
 FIRST_NAMES = (
     "Ada Alan Alice Amara Anton Astrid Bela Boris Carla Cyrus Dara Dmitri Elena Emil Farah Felix Greta Hugo Ines "
@@ -130,21 +131,16 @@ def pretraining_corpus(num_people: int, seed: int) -> list[dict]:
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:
-    """Writes records atomically (a temporary file, then rename)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Writes records atomically (`storage.write_atomic`: local or object store)."""
+    storage.write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def write_pretraining(
     directory: str, num_people: int, seed: int, eval_fraction: float = 0.05
 ) -> dict[str, str]:
     """Writes `pretrain_train.jsonl` and `pretrain_eval.jsonl` under `directory` (once); returns their paths."""
-    paths = {split: os.path.join(directory, f"pretrain_{split}.jsonl") for split in ("train", "eval")}
-    if all(os.path.exists(p) for p in paths.values()):
+    paths = {split: storage.join(directory, f"pretrain_{split}.jsonl") for split in ("train", "eval")}
+    if all(storage.exists(p) for p in paths.values()):
         return paths
     records = pretraining_corpus(num_people, seed)
     n_eval = max(1, int(len(records) * eval_fraction))
@@ -466,13 +462,12 @@ def write_world(
     names = ["pretrain_train", "pretrain_eval", "raw"] + [
         f"{kind}_{split}" for kind in ("sft", "preference", "rl") for split in ("train", "eval")
     ]
-    paths = {"world": os.path.join(directory, "world.json")}
-    paths.update({name: os.path.join(directory, f"{name}.jsonl") for name in names})
-    manifest_path = os.path.join(directory, "manifest.json")
-    if os.path.exists(manifest_path) and all(os.path.exists(p) for p in paths.values()):
-        with open(manifest_path, encoding="utf-8") as f:
-            if json.load(f) == manifest:
-                return paths
+    paths = {"world": storage.join(directory, "world.json")}
+    paths.update({name: storage.join(directory, f"{name}.jsonl") for name in names})
+    manifest_path = storage.join(directory, "manifest.json")
+    if storage.exists(manifest_path) and all(storage.exists(p) for p in paths.values()):
+        if json.loads(storage.read_text(manifest_path)) == manifest:
+            return paths
 
     world = make_world(num_people, seed)
     pretrain = pretraining_corpus(num_people, seed)
@@ -501,7 +496,4 @@ def write_world(
 
 
 def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    storage.write_atomic(path, json.dumps(obj, indent=1))

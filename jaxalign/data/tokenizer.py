@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import sentencepiece as spm
 
+from jaxalign import storage
 from jaxalign.errors import ConfigError
 
 # Markers of the chat templates in data/chat.py: ChatML (Qwen, SmolLM), Llama 3 and Gemma. Their BOS is the
@@ -68,11 +69,12 @@ class SentencePieceTokenizer:
     """A SentencePiece model file. Pickles as its serialized model (no file needed on the receiving side)."""
 
     def __init__(self, model_path: str):
-        if not os.path.exists(model_path):
+        if not storage.exists(model_path):
             raise ConfigError(f"tokenizer model {model_path!r} does not exist")
         self.path = model_path
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+            # Read as bytes, so the file can be on an object store too.
+            self.sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(model_path))
         except (OSError, RuntimeError) as e:
             raise ConfigError(f"tokenizer model {model_path!r} is not a SentencePiece model ({e})") from None
         self._set_ids()
@@ -137,8 +139,9 @@ def train_sentencepiece(
 ) -> SentencePieceTokenizer:
     """Trains a BPE model on `texts` and writes `model_path` (atomically). The vocabulary may come out smaller than
     `vocab_size` on a small corpus; it is never larger."""
-    os.makedirs(os.path.dirname(model_path) or ".", exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(model_path) or ".") as tmp:
+    # SentencePiece trains from and into local files: a local scratch directory, then the model is written where
+    # it belongs (`storage.write_atomic`, local or object store).
+    with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "corpus.txt")
         with open(corpus, "w", encoding="utf-8") as f:
             for t in texts:
@@ -170,5 +173,6 @@ def train_sentencepiece(
             num_threads=2,
             minloglevel=2,
         )
-        os.replace(prefix + ".model", model_path)
+        with open(prefix + ".model", "rb") as f:
+            storage.write_atomic(model_path, f.read())
     return SentencePieceTokenizer(model_path)

@@ -28,9 +28,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from etils import epath
 from flax import nnx
 
+from jaxalign import storage
 from jaxalign.config import Config
 from jaxalign.errors import ConfigError
 from jaxalign.eval import judges, mc, metrics
@@ -67,7 +67,7 @@ class WorldTasks:
 
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
-    lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
+    lines = storage.path(path).read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
 
 
@@ -184,14 +184,11 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
 
 def write_results(workdir: str, name: str, result: Mapping[str, Any]) -> dict[str, Any]:
     """Sets `name` in workdir/eval.json (keeping the other keys), atomically; returns the whole file's content."""
-    path = epath.Path(workdir) / "eval.json"
+    path = storage.path(workdir) / "eval.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     data[name] = dict(result)
     if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / "eval.json.tmp"
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        tmp.replace(path)  # rename would refuse to overwrite an existing eval.json
+        storage.write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
     return data
 
 
@@ -209,11 +206,11 @@ def _load_policy(config: Config, rules: Any, tokenizer: Any, init_from: str) -> 
 def run(config: Config) -> dict[str, Any]:
     """Evaluates `model.init_from` (random weights when empty) as `eval` configures; writes and prints eval.json."""
     # The job is a leaf like a training stage: it reuses the stages' model and tokenizer loading.
-    from jaxalign.parallel.mesh import Rules, make_mesh
+    from jaxalign.parallel.mesh import Rules
     from jaxalign.stages import common, reward
 
     ecfg = config.eval
-    rules = Rules(make_mesh(config.mesh), config.mesh.rules)
+    rules = Rules.from_config(config)
     if ecfg.batch_size % rules.data_parallel_size:
         raise ConfigError(
             f"eval.batch_size={ecfg.batch_size} is not divisible by the data-parallel size "

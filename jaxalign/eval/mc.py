@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from etils import epath
 
+from jaxalign import storage
 from jaxalign.errors import DataError
 from jaxalign.eval import metrics
 
@@ -24,7 +24,7 @@ from jaxalign.eval import metrics
 def read_records(pattern: str) -> list[dict[str, Any]]:
     """Records of every file matching `pattern` (a path or glob), checked; `answer` becomes a choice index.
     A malformed record raises a DataError naming file:line."""
-    path = epath.Path(pattern)
+    path = storage.path(pattern)
     files = sorted(path.parent.glob(path.name)) if any(c in path.name for c in "*?[") else [path]
     if not files or not all(f.exists() for f in files):
         raise DataError(f"eval.mc_input={pattern!r}: no such file")

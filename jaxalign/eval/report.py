@@ -27,11 +27,15 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from etils import epath
+
+from jaxalign import storage
+from jaxalign.train import metrics
 
 # The summary table: its rows (policy stages of eval.json, in pipeline order; others follow sorted) and columns.
 POLICY_STAGES = ("base", "sft", "dpo", "kto", "ppo", "grpo")
@@ -100,19 +104,17 @@ def read_eval(workdir: epath.Path) -> dict[str, dict[str, Any]]:
 
 
 def read_curves(workdir: epath.Path) -> Curves:
-    """Every numeric metric of W/metrics.jsonl and W/*/metrics.jsonl, as {stage: {metric: {step: value}}}."""
+    """Every numeric metric of W and W/* (metrics.jsonl, or metrics/ parts on an object store: `train.metrics`), as
+    {stage: {metric: {step: value}}}."""
     curves: Curves = {}
-    paths = [workdir / "metrics.jsonl", *sorted(workdir.glob("*/metrics.jsonl"))]
-    for path in paths:
-        if not path.is_file():
-            continue
-        default_stage = path.parent.name if path.parent != workdir else "train"
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill mid-write
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int | float):
+    subdirs = {
+        p.parent for p in [*workdir.glob("*/metrics.jsonl"), *workdir.glob(f"*/{metrics.PARTS}/*.jsonl")]
+    }
+    subdirs = {p.parent if p.name == metrics.PARTS else p for p in subdirs}
+    for directory in [workdir, *sorted(subdirs)]:
+        default_stage = directory.name if directory != workdir else "train"
+        for record in metrics.read(os.fspath(directory)):
+            if not isinstance(record.get("step"), int | float):
                 continue
             stage = str(record.get("stage", default_stage))
             step = int(record["step"])
@@ -261,7 +263,7 @@ def plot_rm_accuracy(curves: Curves, path: epath.Path) -> bool:
 def write_report(workdir: str | epath.Path) -> str:
     """Writes workdir/report.md and its PNG plots from workdir/eval.json and the metrics.jsonl files (module doc);
     returns the summary table (Markdown, also readable as plain text; "" when eval.json has no policy stage)."""
-    workdir = epath.Path(workdir)
+    workdir = storage.path(workdir)
     results = read_eval(workdir)
     curves = read_curves(workdir)
     summary = summary_table(results) if policy_stages(results) else ""

@@ -13,18 +13,21 @@ Training configs set `model.init_from="hf:/path/to/hf_dir"`; `pretrain.run` then
 
 Loading streams: each checkpoint tensor is memory-mapped (`safetensors.safe_open`) and every device reads only its
 own slice of it (`jax.make_array_from_callback` with the parameter's rule-given `NamedSharding`), so no host ever holds
-a full copy of the model, and the parameters land directly in their shardings. Pickle checkpoints (`*.bin`, `*.pt`,
+a full copy of the model, and the parameters land directly in their shardings. A directory on an object store (`gs://...`, through
+`jaxalign.storage`), where nothing can be memory-mapped, is read one tensor per ranged read, the latest tensors kept
+(up to 1 GiB) while the devices take their slices. Pickle checkpoints (`*.bin`, `*.pt`,
 `*.pth`) are refused: jaxalign never unpickles.
 
 Saving writes shards of at most `max_shard_bytes` (5 GB like transformers; one tensor larger than that gets a shard of
-its own) with `model.safetensors.index.json`, gathering one tensor (one layer of a stacked tensor) at a time.
+its own) with `model.safetensors.index.json`, gathering one tensor (one layer of a stacked tensor) at a time. On an object
+store each shard is serialized in memory (`safetensors.numpy.save`) and written in one PUT.
 Config and tensor-name mappings live in `hf_mappings.py`.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import glob
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -37,6 +40,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxalign import storage
 from jaxalign.config import DEFAULT_RULES, MeshConfig, ModelConfig
 from jaxalign.errors import CheckpointError, ConfigError
 from jaxalign.models.hf_mappings import (
@@ -78,23 +82,21 @@ def _checkpoint_dir(init_from: str) -> str:
 
 def read_config(path: str) -> dict[str, Any]:
     """The checkpoint's config.json as a dict."""
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
+    config_path = storage.join(path, "config.json")
+    if not storage.path(path).is_dir():
         raise CheckpointError(f"Hugging Face checkpoint directory {path!r} does not exist")
-    if not os.path.exists(config_path):
+    if not storage.exists(config_path):
         raise CheckpointError(
             f"{config_path} does not exist: a Hugging Face checkpoint needs its config.json"
         )
-    with open(config_path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(storage.read_text(config_path))
 
 
 def _weight_files(path: str) -> dict[str, str]:
     """Tensor name -> safetensors file, from the index when there is one, else from every `*.safetensors`."""
-    index_path = os.path.join(path, INDEX_FILE)
-    if os.path.exists(index_path):
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
+    index_path = storage.join(path, INDEX_FILE)
+    if storage.exists(index_path):
+        weight_map = json.loads(storage.read_text(index_path))["weight_map"]
         # The index is data from the checkpoint: it may only name files inside the checkpoint directory. The check
         # is on the names (no absolute path, no `..`), not on resolved links: a Hugging Face cache snapshot's files
         # are links into its blobs directory.
@@ -113,15 +115,17 @@ def _weight_files(path: str) -> dict[str, str]:
                 "files in its own directory"
             )
         missing = sorted(
-            {file for file in weight_map.values() if not os.path.exists(os.path.join(path, file))}
+            {file for file in weight_map.values() if not storage.exists(storage.join(path, file))}
         )
         if missing:
             raise CheckpointError(f"{index_path} names files that do not exist: {missing}")
-        return {name: os.path.join(path, file) for name, file in weight_map.items()}
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        return {name: storage.join(path, file) for name, file in weight_map.items()}
+    files = storage.glob(storage.join(path, "*.safetensors"))
     if not files:
         pickles = sorted(
-            os.path.basename(p) for pattern in PICKLE_PATTERNS for p in glob.glob(os.path.join(path, pattern))
+            os.path.basename(p)
+            for pattern in PICKLE_PATTERNS
+            for p in storage.glob(storage.join(path, pattern))
         )
         if pickles:
             raise CheckpointError(
@@ -130,20 +134,54 @@ def _weight_files(path: str) -> dict[str, str]:
                 f"AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir, safe_serialization=True)"
             )
         raise CheckpointError(f"{path} holds no *.safetensors weights")
-    from safetensors import safe_open
-
     names: dict[str, str] = {}
     for file in files:
-        with safe_open(file, framework="numpy") as f:
-            names.update({name: file for name in f.keys()})
+        names.update({name: file for name in _header(file)[0] if name != "__metadata__"})
     return names
 
 
 def _header(file: str) -> tuple[dict[str, Any], int]:
-    """A safetensors file's JSON header and the byte offset where its data starts."""
-    with open(file, "rb") as f:
+    """A safetensors file's JSON header and the byte offset where its data starts (two ranged reads)."""
+    with storage.open_binary(file) as f:
         size = int.from_bytes(f.read(8), "little")
         return json.loads(f.read(size)), 8 + size
+
+
+class _ObjectTensors:
+    """Tensors of safetensors files on an object store (no memory map there): each tensor is one ranged read,
+    and the most recently read ones are kept up to `cache_bytes`, since every device's callback asks for its slice
+    of the same tensors in turn."""
+
+    def __init__(self, cache_bytes: int = 2**30):
+        self._headers: dict[str, tuple[dict[str, Any], int]] = {}
+        self._cache: collections.OrderedDict[tuple[str, str], np.ndarray] = collections.OrderedDict()
+        self.cache_bytes = cache_bytes
+
+    def info(self, file: str, name: str) -> tuple[dict[str, Any], int]:
+        if file not in self._headers:
+            self._headers[file] = _header(file)
+        header, start = self._headers[file]
+        return header[name], start
+
+    def tensor(self, file: str, name: str) -> np.ndarray:
+        key = (file, name)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        info, start = self.info(file, name)
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"{file}: tensor {name} has dtype {info['dtype']}; accepted: {sorted(_SAFETENSORS_DTYPES)}"
+            )
+        begin, end = info["data_offsets"]
+        with storage.open_binary(file) as f:
+            f.seek(start + begin)
+            data = f.read(end - begin)
+        array = np.frombuffer(data, np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])).reshape(info["shape"])
+        self._cache[key] = array
+        while sum(a.nbytes for a in self._cache.values()) > self.cache_bytes and len(self._cache) > 1:
+            self._cache.popitem(last=False)
+        return array
 
 
 class _Reader:
@@ -156,17 +194,24 @@ class _Reader:
         self.files = files
         self._stack = contextlib.ExitStack()
         self._handles = {
-            f: self._stack.enter_context(safe_open(f, framework="numpy")) for f in set(files.values())
+            f: self._stack.enter_context(safe_open(f, framework="numpy"))
+            for f in set(files.values())
+            if storage.is_local(f)
         }
+        self._objects = _ObjectTensors()  # files on an object store
         self._memmaps: dict[str, np.ndarray] = {}
 
     def close(self) -> None:
         self._stack.close()
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if self.files[name] not in self._handles:
+            return tuple(self._objects.info(self.files[name], name)[0]["shape"])
         return tuple(self._handles[self.files[name]].get_slice(name).get_shape())
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        if self.files[name] not in self._handles:
+            return np.asarray(self._objects.tensor(self.files[name], name)[index])
         try:
             return np.asarray(self._handles[self.files[name]].get_slice(name)[index])
         except TypeError:
@@ -273,7 +318,7 @@ def load(
     (default `config.DEFAULT_RULES`). `adapter` names a PEFT LoRA adapter directory applied on top (its
     adapters are float32 and sharded by their base weights' rules)."""
     overrides.setdefault("compute_dtype", _dtype_name(dtype))
-    cfg = model_config(read_config(path), where=os.path.join(path, "config.json"), **overrides)
+    cfg = model_config(read_config(path), where=storage.join(path, "config.json"), **overrides)
     table = _rules(mesh, rules)
     graphdef, params = _load_state(cfg, table, path, dtype)
     model = nnx.merge(graphdef, params)
@@ -300,7 +345,7 @@ def load_params(cfg: ModelConfig, rules: Rules) -> tuple[nnx.GraphDef, nnx.State
     """(graphdef, float32 params) for a training config with `model.init_from="hf:/path"`, placed directly in their
     rule-given shardings. The checkpoint's config.json must agree with `cfg` on every architecture field."""
     path = _checkpoint_dir(cfg.init_from)
-    check_matches(cfg, read_config(path), where=os.path.join(path, "config.json"))
+    check_matches(cfg, read_config(path), where=storage.join(path, "config.json"))
     return _load_state(cfg, rules, path, jnp.float32)
 
 
@@ -376,13 +421,12 @@ def save(
 
     write = jax.process_index() == 0
     if write:
-        os.makedirs(out_dir, exist_ok=True)
-        shards_glob = glob.glob(os.path.join(out_dir, "model-*-of-*.safetensors"))
+        storage.path(out_dir).mkdir(parents=True, exist_ok=True)
+        shards_glob = storage.glob(storage.join(out_dir, "model-*-of-*.safetensors"))
         # Names relative to out_dir (glob returns them joined to it, relative when out_dir is).
         for stale in [SINGLE_FILE, INDEX_FILE, *(os.path.basename(p) for p in shards_glob)]:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(out_dir, stale))
-    from safetensors.numpy import save_file
+            storage.path(storage.join(out_dir, stale)).unlink(missing_ok=True)
+    from safetensors.numpy import save, save_file
 
     weight_map: dict[str, str] = {}
     total = 0
@@ -391,14 +435,16 @@ def save(
         arrays = {tensors[i][0]: tensors[i][2]() for i in shard}
         total += sum(a.nbytes for a in arrays.values())
         weight_map.update({name: file for name in arrays})
-        if write:
+        if write and storage.is_local(out_dir):
             save_file(arrays, os.path.join(out_dir, file), metadata={"format": "pt"})
+        elif write:  # an object store: the shard's bytes in one PUT
+            storage.write_atomic(storage.join(out_dir, file), save(arrays, metadata={"format": "pt"}))
     if not write:
         return
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _write_json(os.path.join(out_dir, INDEX_FILE), index)
-    _write_json(os.path.join(out_dir, "config.json"), config)
+        _write_json(storage.join(out_dir, INDEX_FILE), index)
+    _write_json(storage.join(out_dir, "config.json"), config)
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -407,6 +453,4 @@ def _natural_key(name: str) -> list[Any]:
 
 
 def _write_json(path: str, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+    storage.write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

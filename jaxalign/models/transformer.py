@@ -9,6 +9,9 @@ Dh head dim, F MLP width, V vocabulary, L layers.
 Dense layers act on flattened (N, D) activations: on XLA:CPU the backward of a matmul on a 3-D activation is about
 2x slower than on the flattened one, and on accelerators it is the same matmul.
 
+With a `stage` mesh axis of more than one device, `hidden` runs the (then always stacked) layers as a pipeline
+(`jaxalign/parallel/pipeline.py`); `prefill` and `decode_step` keep the plain scan over the stage-sharded layers.
+
 Every parameter carries logical axis names in its `axes` metadata; `param_shardings` maps them to the mesh through
 `Rules`. Activations are constrained at block boundaries only; XLA propagates the rest.
 
@@ -20,6 +23,7 @@ training path (`hidden`, `logits`, `__call__`) traces to the same jaxpr as befor
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -30,6 +34,7 @@ from flax import nnx
 
 from jaxalign.config import ModelConfig
 from jaxalign.models.attention import attention, decode_attention
+from jaxalign.parallel import pipeline
 from jaxalign.parallel.mesh import Rules
 from jaxalign.peft.lora import dense, has_adapters
 
@@ -251,6 +256,9 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules: Rules | None = None, lm_head: bool = True):
         """`lm_head=False` leaves out the untied output projection: the trunk of a scalar-head model
         (`models/heads.py`), which never computes vocabulary logits."""
+        if pipeline.active(rules) and not cfg.scan_layers:
+            # A pipeline splits the stacked layer dimension over `stage`, so any config runs with mesh.stage > 1.
+            cfg = dataclasses.replace(cfg, scan_layers=True)
         self.cfg = cfg
         self.rules = rules
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
@@ -288,6 +296,8 @@ class Transformer(nnx.Module):
             positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = self._rope(positions_BxT)
         x_NxD = self._embed(tokens_BxT)
+        if pipeline.active(self.rules):
+            return self.final_norm(self._pipelined(x_NxD, positions_BxT, segment_ids_BxT))
 
         def apply(graphdef, state, x_NxD):
             y = nnx.merge(graphdef, state)(x_NxD, cos, sin, segment_ids_BxT, (B, T))
@@ -302,6 +312,26 @@ class Transformer(nnx.Module):
             for block in self.blocks:
                 x_NxD = apply(*nnx.split(block), x_NxD)
         return self.final_norm(x_NxD)
+
+    def _pipelined(self, x_NxD, positions_BxT, segment_ids_BxT):
+        """The layers of `hidden` as a pipeline over the `stage` mesh axis (`parallel/pipeline.py`)."""
+        graphdef, state = nnx.split(self.blocks)
+
+        def layer(graphdef, p, x_nxD, cos, sin, segment_ids_bxT):
+            y = nnx.merge(graphdef, p)(x_nxD, cos, sin, segment_ids_bxT, cos.shape[:2])
+            return self._constrain(y, ("batch", "act_embed"))
+
+        if self.cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat], static_argnums=(0,))
+        return pipeline.run_layers(
+            functools.partial(layer, graphdef),
+            state,
+            x_NxD,
+            positions_BxT,
+            segment_ids_BxT,
+            self._rope,
+            self.rules,
+        )
 
     def prefill(
         self,

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxalign.config import MeshConfig
+from jaxalign.config import Config, MeshConfig
 from jaxalign.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor", "stage")
@@ -60,11 +60,29 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
 
 
 @dataclasses.dataclass(frozen=True)
+class PipelineSchedule:
+    """How the layers run over the `stage` mesh axis when it has more than one device (`parallel/pipeline.py`):
+    the `pipeline.schedule`, `pipeline.microbatches` (0 = the number of stages) and `pipeline.repeats` keys."""
+
+    schedule: str = "gpipe"
+    microbatches: int = 0
+    repeats: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class Rules:
-    """Logical axis name -> mesh axes, bound to a mesh."""
+    """Logical axis name -> mesh axes, bound to a mesh; and the pipeline schedule the `stage` axis runs."""
 
     mesh: Mesh
     table: tuple[tuple[str, tuple[str, ...]], ...]
+    pipeline: PipelineSchedule = PipelineSchedule()
+
+    @classmethod
+    def from_config(cls, config: Config, devices: Sequence[jax.Device] | None = None) -> Rules:
+        """The job's mesh (over `devices`, default all), rules table and pipeline schedule."""
+        p = config.pipeline
+        schedule = PipelineSchedule(p.schedule, p.microbatches, p.repeats)
+        return cls(make_mesh(config.mesh, devices), config.mesh.rules, schedule)
 
     def spec(self, names: Sequence[str | None], shape: Sequence[int] | None = None) -> PartitionSpec:
         """PartitionSpec for logical `names`. With `shape`, mesh axes that do not divide a dimension are dropped

@@ -19,9 +19,9 @@ import re
 
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from flax import nnx
 
+from jaxalign import storage
 from jaxalign.config import LoraConfig
 from jaxalign.errors import CheckpointError
 from jaxalign.models.hf_mappings import tensor_map
@@ -46,7 +46,7 @@ def _module_names(path: tuple, cfg) -> list[str]:
 
 
 def read_config(adapter_dir: str) -> dict:
-    directory = epath.Path(adapter_dir)
+    directory = storage.path(adapter_dir)
     config_path = directory / CONFIG_FILE
     if not (directory / WEIGHTS_FILE).exists():
         pickles = [p.name for p in directory.glob("*.bin")] if directory.is_dir() else []
@@ -71,17 +71,16 @@ def read_config(adapter_dir: str) -> dict:
 
 def apply_adapter(model: nnx.Module, adapter_dir: str) -> nnx.Module:
     """Adds the PEFT adapter in `adapter_dir` to `model` (a plain `Transformer`) in place and returns it."""
-    from safetensors import safe_open
+    from safetensors.numpy import load
 
     config = read_config(adapter_dir)
-    file = str(epath.Path(adapter_dir) / WEIGHTS_FILE)
+    file = storage.join(adapter_dir, WEIGHTS_FILE)
     rank = int(config["r"])
     alpha = float(config["lora_alpha"])
     if config.get("use_rslora"):  # scale alpha / sqrt(r), written as our alpha / r
         alpha = alpha * math.sqrt(rank)
     cfg = model.cfg
-    with safe_open(file, "np") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = load(storage.read_bytes(file))  # adapters are small: one read, also from an object store
     modules = {k[len(PREFIX) : -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")}
     # Which jaxalign weights (by path) carry an adapter, and their per-layer module names.
     flat = [(p, v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if p[-1] in lora.PROJECTIONS]
@@ -121,7 +120,7 @@ def apply_adapter(model: nnx.Module, adapter_dir: str) -> nnx.Module:
 
 def save_adapter(model: nnx.Module, out_dir: str, base_model_name_or_path: str = "") -> None:
     """Writes `model`'s adapters as a PEFT LoRA adapter directory (module doc) that `peft.PeftModel` loads."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     adapters = lora.adapters(model)
     if not adapters:
@@ -164,9 +163,8 @@ def save_adapter(model: nnx.Module, out_dir: str, base_model_name_or_path: str =
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    directory = epath.Path(out_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(
-        json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    storage.path(out_dir).mkdir(parents=True, exist_ok=True)
+    storage.write_atomic(storage.join(out_dir, WEIGHTS_FILE), save(tensors, metadata={"format": "pt"}))
+    storage.write_atomic(
+        storage.join(out_dir, CONFIG_FILE), json.dumps(config, indent=2, sort_keys=True) + "\n"
     )

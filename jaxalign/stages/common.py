@@ -18,6 +18,7 @@ reading its own shards; weights the checkpoint lacks (a new head) start at rando
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,9 +28,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from flax import nnx
 
+from jaxalign import storage
 from jaxalign.config import Config, ModelConfig
 from jaxalign.data import synthetic
 from jaxalign.data.tokenizer import SentencePieceTokenizer, Tokenizer, train_sentencepiece
@@ -37,7 +38,7 @@ from jaxalign.errors import CheckpointError, ConfigError
 from jaxalign.models.heads import ScalarModel
 from jaxalign.models.logps import target_logps
 from jaxalign.models.transformer import Transformer, param_shardings
-from jaxalign.parallel.mesh import Rules, make_mesh
+from jaxalign.parallel.mesh import Rules
 from jaxalign.train import checkpoint, loop, perf
 
 # ModelConfig fields that do not change the parameters (how the model runs, not what it is).
@@ -65,12 +66,25 @@ def check_batch(config: Config, rules: Rules, rows: int | None = None) -> None:
             f"{config.train.grad_accum}) is not divisible by the data-parallel size {dp} "
             f"(mesh {dict(rules.mesh.shape)})"
         )
+    stages = rules.mesh.shape["stage"]
+    if stages > 1:
+        # The pipeline splits each (accumulation) microbatch again, into pipeline.microbatches row groups that
+        # each stay spread over the data-parallel devices.
+        from jaxalign.config import check_pipeline
+
+        check_pipeline(config.model, dataclasses.replace(config.mesh, stage=stages), config.pipeline)
+        pipe = config.pipeline.microbatches or stages
+        if micro % (pipe * dp):
+            raise ConfigError(
+                f"train.batch_size={config.train.batch_size}: {micro} rows per step (train.grad_accum="
+                f"{config.train.grad_accum}) do not split into pipeline.microbatches={pipe} microbatches of a "
+                f"multiple of the data-parallel size {dp} rows"
+            )
 
 
 def setup(config: Config) -> Rules:
     """The mesh and its rules; checks the batch; measures the matmul peak for MFU before any loader starts."""
-    mesh = make_mesh(config.mesh)
-    rules = Rules(mesh, config.mesh.rules)
+    rules = Rules.from_config(config)
     check_batch(config, rules)
     if not config.train.peak_flops:
         perf.peak_flops()
@@ -89,7 +103,7 @@ def barrier(name: str) -> None:
 
 def world(config: Config) -> dict[str, str]:
     """The synthetic world's files under workdir/data (process 0 writes them once; the others wait)."""
-    directory = os.path.join(config.workdir, "data")
+    directory = storage.join(config.workdir, "data")
     if jax.process_index() == 0:
         synthetic.write_world(directory, config.data.synthetic_entities, config.data.synthetic_seed)
     barrier("synthetic world")
@@ -144,9 +158,9 @@ def tokenizer_path(config: Config) -> str:
         return init_from[3:]
     if init_from.startswith("ckpt:"):
         step_dir = checkpoint.find_step_dir(init_from[5:])
-        source_workdir = os.path.dirname(os.path.dirname(os.path.dirname(step_dir)))
-        if os.path.exists(os.path.join(source_workdir, "tokenizer.model")):
-            return os.path.join(source_workdir, "tokenizer.model")
+        source_workdir = os.fspath(storage.path(step_dir).parent.parent.parent)
+        if storage.exists(storage.join(source_workdir, "tokenizer.model")):
+            return storage.join(source_workdir, "tokenizer.model")
         saved = checkpoint.saved_config(step_dir)
         if saved["data"]["tokenizer"]:
             return saved["data"]["tokenizer"]
@@ -154,12 +168,12 @@ def tokenizer_path(config: Config) -> str:
             f"model.init_from={init_from!r}: the checkpoint's run has no tokenizer at "
             f"{source_workdir}/tokenizer.model; set data.tokenizer"
         )
-    return os.path.join(config.workdir, "tokenizer.model")
+    return storage.join(config.workdir, "tokenizer.model")
 
 
 def load_tokenizer(path: str) -> Tokenizer:
     """A Hugging Face directory or tokenizer.json through `tokenizers`, else a SentencePiece .model."""
-    if os.path.isdir(path) or path.endswith(".json"):
+    if storage.path(path).is_dir() or path.endswith(".json"):
         from jaxalign.data.hf_tokenizer import HFTokenizer
 
         return HFTokenizer(path)
@@ -169,7 +183,7 @@ def load_tokenizer(path: str) -> Tokenizer:
 def tokenizer(config: Config) -> Tokenizer:
     """The run's tokenizer (see `tokenizer_path`); checks that the model's vocabulary holds it."""
     path = tokenizer_path(config)
-    if path == os.path.join(config.workdir, "tokenizer.model") and not os.path.exists(path):
+    if path == storage.join(config.workdir, "tokenizer.model") and not storage.exists(path):
         if jax.process_index() == 0:
             train_sentencepiece(_training_texts(config), path, config.model.vocab_size)
     barrier("tokenizer")
@@ -198,10 +212,10 @@ def _check_tokenizer_record(config: Config, path: str, tok: Tokenizer) -> None:
     """The run directory records the tokenizer its checkpoints are trained with (`tokenizer_record.json`: path and
     digest). A run that resumes in a directory holding committed checkpoints must use a tokenizer with the same
     digest (a CheckpointError names both); otherwise process 0 (re)writes the record."""
-    workdir = epath.Path(config.workdir)
+    workdir = storage.path(config.workdir)
     record_path = workdir / TOKENIZER_RECORD
     current = {"path": path, "sha256": tokenizer_digest(tok)}
-    checkpoints = workdir / "checkpoints"
+    checkpoints = storage.path(config.checkpoint.directory or workdir / "checkpoints")
     resuming = checkpoints.is_dir() and any(
         checkpoint.has_committed_step(str(d)) for d in checkpoints.iterdir() if d.is_dir()
     )
@@ -215,10 +229,7 @@ def _check_tokenizer_record(config: Config, path: str, tok: Tokenizer) -> None:
             )
         return
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        tmp = workdir / f"{TOKENIZER_RECORD}.tmp"
-        tmp.write_text(json.dumps(current, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(record_path)
+        storage.write_atomic(record_path, json.dumps(current, indent=1) + "\n")
 
 
 # --- model ---------------------------------------------------------------------------------------------------------
@@ -294,7 +305,7 @@ def train_state(
     from jaxalign.train import state as state_lib
 
     steps = config.train.steps if total_steps is None else total_steps
-    stage_dir = os.path.join(config.workdir, "checkpoints", stage)
+    stage_dir = checkpoint.stage_directory(config, stage)
     # With LoRA the checkpoint holds only the adapters and their optimizer state: the frozen base is always read
     # from `model.init_from`, and the loop restores the trainable part over the fresh state.
     lora_resume = config.lora.rank > 0

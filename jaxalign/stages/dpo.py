@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from typing import Any
 
 import jax
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign import losses
+from jaxalign import losses, storage
 from jaxalign.config import Config, DpoConfig, OptimConfig
 from jaxalign.data import pipelines
 from jaxalign.data.sources import open_source
@@ -159,7 +158,7 @@ def train_step(
 
 
 def _cache_dir(config: Config) -> str:
-    return os.path.join(config.workdir, "reference_logps")
+    return storage.join(config.workdir, "reference_logps")
 
 
 def precompute_reference(
@@ -171,12 +170,12 @@ def precompute_reference(
 
     # One cache per input pattern (the train and eval splits each have theirs).
     key = hashlib.sha256(pattern.encode()).hexdigest()[:16]
-    directory = os.path.join(_cache_dir(config), key)
+    directory = storage.join(_cache_dir(config), key)
     pid, count = jax.process_index(), jax.process_count()
-    done = os.path.join(directory, "done.json")
+    done = storage.join(directory, "done.json")
     source = open_source(pattern, on_error=config.data.on_error)
     fingerprint = {"files": list(source.files), "records": len(source), "init_from": config.model.init_from}
-    if not (os.path.exists(done) and json.load(open(done, encoding="utf-8")) == fingerprint):
+    if not (storage.exists(done) and json.loads(storage.read_text(done)) == fingerprint):
         encode = pipelines.preference_encoder(
             tokenizer,
             seq_len=config.train.seq_len,
@@ -193,43 +192,40 @@ def precompute_reference(
         mine = list(range(pid, len(source), count))
         # Every process runs the same number of (collective) steps; short batches are padded with row 0.
         steps = -(-len(range(0, len(source), count)) // rows_per_process)
-        os.makedirs(directory, exist_ok=True)
-        out_path = os.path.join(directory, f"part-{pid:05d}-of-{count:05d}.jsonl")
-        with open(out_path + ".tmp", "w", encoding="utf-8") as out:
-            for s in range(steps):
-                rows = []
-                for i in mine[s * rows_per_process : (s + 1) * rows_per_process]:
-                    record = source.read(i)
-                    try:
-                        (row,), _ = encode(record, record["_where"])
-                    except DataError:
-                        if config.data.on_error != "skip":
-                            raise
-                        continue
-                    rows.append(row)
-                wheres = [row.pop("where") for row in rows]
-                template = rows[0] if rows else _empty_row(encode)
-                rows = rows + [template] * (rows_per_process - len(rows))
-                host = {k: np.stack([row[k] for row in rows]) for k in BATCH_KEYS}
-                c, r = ref_jit(ref_params, loop.to_global(host, {k: batch_shardings[k] for k in BATCH_KEYS}))
-                c, r = common.host_rows(c), common.host_rows(r)
-                for j, where in enumerate(wheres):
-                    out.write(
-                        json.dumps({"where": where, "chosen": float(c[j]), "rejected": float(r[j])}) + "\n"
-                    )
-        os.replace(out_path + ".tmp", out_path)
+        out_path = storage.join(directory, f"part-{pid:05d}-of-{count:05d}.jsonl")
+        out: list[str] = []  # small (two floats a record), written whole: object stores have no append
+        for s in range(steps):
+            rows = []
+            for i in mine[s * rows_per_process : (s + 1) * rows_per_process]:
+                record = source.read(i)
+                try:
+                    (row,), _ = encode(record, record["_where"])
+                except DataError:
+                    if config.data.on_error != "skip":
+                        raise
+                    continue
+                rows.append(row)
+            wheres = [row.pop("where") for row in rows]
+            template = rows[0] if rows else _empty_row(encode)
+            rows = rows + [template] * (rows_per_process - len(rows))
+            host = {k: np.stack([row[k] for row in rows]) for k in BATCH_KEYS}
+            c, r = ref_jit(ref_params, loop.to_global(host, {k: batch_shardings[k] for k in BATCH_KEYS}))
+            c, r = common.host_rows(c), common.host_rows(r)
+            for j, where in enumerate(wheres):
+                out.append(
+                    json.dumps({"where": where, "chosen": float(c[j]), "rejected": float(r[j])}) + "\n"
+                )
+        storage.write_atomic(out_path, "".join(out))
         common.barrier("reference log-probs")
         if pid == 0:
-            with open(done, "w", encoding="utf-8") as f:
-                json.dump(fingerprint, f)
+            storage.write_atomic(done, json.dumps(fingerprint))
         common.barrier("reference log-probs written")
     cache: dict[str, tuple[float, float]] = {}
-    for name in sorted(os.listdir(directory)):
+    for name in sorted(p.name for p in storage.path(directory).iterdir()):
         if name.startswith("part-") and name.endswith(f"-of-{count:05d}.jsonl"):
-            with open(os.path.join(directory, name), encoding="utf-8") as f:
-                for line in f:
-                    r = json.loads(line)
-                    cache[r["where"]] = (r["chosen"], r["rejected"])
+            for line in storage.read_text(storage.join(directory, name)).splitlines():
+                r = json.loads(line)
+                cache[r["where"]] = (r["chosen"], r["rejected"])
     return cache
 
 

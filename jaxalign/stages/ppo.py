@@ -48,11 +48,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from flax import nnx
 
 from jaxalign import config as config_lib
-from jaxalign import losses
+from jaxalign import losses, storage
 from jaxalign.config import Config, ModelConfig, OptimConfig, PpoConfig
 from jaxalign.data import pipelines
 from jaxalign.errors import ConfigError
@@ -279,9 +278,9 @@ def train_step(
 
 def _same_file(a: str, b: str) -> bool:
     """Two tokenizers are the same if their paths or their files' bytes are (a directory: its tokenizer.json)."""
-    if os.path.abspath(a) == os.path.abspath(b):
+    if a == b or (storage.is_local(a) and storage.is_local(b) and os.path.abspath(a) == os.path.abspath(b)):
         return True
-    pa, pb = epath.Path(a), epath.Path(b)
+    pa, pb = storage.path(a), storage.path(b)
     pa, pb = (p / "tokenizer.json" if p.is_dir() else p for p in (pa, pb))
     return pa.exists() and pb.exists() and pa.read_bytes() == pb.read_bytes()
 
@@ -451,7 +450,7 @@ def value_model_config(config: Config) -> ModelConfig:
 def train_state(config: Config, rules: Rules, total_steps: int):
     """(graphdefs, state, state shardings, fresh), as `common.train_state` for the pair policy + value model."""
     vcfg = value_model_config(config)
-    stage_dir = os.path.join(config.workdir, "checkpoints", "ppo")
+    stage_dir = checkpoint.stage_directory(config, "ppo")
     make = lambda gd, p: state_lib.create(gd, p, config.optim, total_steps, config.seed)
     # With LoRA the base is read again and the loop restores the adapters over it (`common.train_state`).
     if config.checkpoint.enabled and checkpoint.has_committed_step(stage_dir) and config.lora.rank == 0:
@@ -474,7 +473,7 @@ def bootstrap(config: Config) -> Config:
     """With `ppo.bootstrap_steps` > 0: trains, in this workdir, the SFT policy (when model.init_from is empty) and
     the RM (when ppo.reward_model is empty) for that many steps each (a finished one is not redone), and returns the
     config pointing at them."""
-    steps, workdir = config.ppo.bootstrap_steps, config.workdir
+    steps = config.ppo.bootstrap_steps
     if not steps:
         if not config.ppo.reward_model:
             raise ConfigError(
@@ -502,12 +501,12 @@ def bootstrap(config: Config) -> Config:
                 data={"assistant_only_loss": True, "completion_only_loss": True, "packing": True},
             )
         )
-        model["init_from"] = f"ckpt:{workdir}/checkpoints/sft"
+        model["init_from"] = f"ckpt:{checkpoint.stage_directory(config, 'sft')}"
     if not config.ppo.reward_model:
         from jaxalign.stages import reward
 
         reward.run(config_lib.replace(config, job="reward", **sub, optim={"lr": 1e-3, "warmup_steps": 5}))
-        ppo["reward_model"] = f"{workdir}/checkpoints/reward"
+        ppo["reward_model"] = checkpoint.stage_directory(config, "reward")
     return config_lib.replace(config, model=model, ppo=ppo)
 
 

@@ -33,14 +33,14 @@ import jax
 import numpy as np
 from absl import app, flags
 from flax import nnx
-from jax.sharding import AbstractMesh, AxisType, Mesh
+from jax.sharding import AbstractMesh, AxisType
 
 from jaxalign import config as config_lib
 from jaxalign.config import Config, ModelConfig
 from jaxalign.errors import ConfigError, UserError
 from jaxalign.main import _CONFIG, _parse_flags
 from jaxalign.models.transformer import Transformer
-from jaxalign.parallel.mesh import AXES, Rules, make_mesh, mesh_shape
+from jaxalign.parallel.mesh import AXES, Rules, mesh_shape
 from jaxalign.train import state as state_lib
 
 _DEVICES = flags.DEFINE_integer(
@@ -191,8 +191,7 @@ def compiled_memory(config: Config, devices: list[jax.Device] | None = None) -> 
     # The tool is an entry point like main, so it may use the stage's step.
     from jaxalign.stages import common, pretrain
 
-    mesh: Mesh = make_mesh(config.mesh, devices)
-    rules = Rules(mesh, config.mesh.rules)
+    rules = Rules.from_config(config, devices)
     common.check_batch(config, rules)
     state, shardings = abstract_state(config, rules)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)

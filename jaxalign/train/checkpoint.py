@@ -20,6 +20,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jaxalign import storage
 from jaxalign.config import CheckpointConfig, Config
 from jaxalign.errors import CheckpointError
 from jaxalign.peft import lora
@@ -72,11 +73,21 @@ class _IteratorSnapshot:
         return self._state
 
 
+def _absolute(directory: str) -> str:
+    """Orbax wants absolute local paths; a URL stays as it is (`os.path.abspath` would make `gs://b` `./gs:/b`)."""
+    return os.path.abspath(os.path.expanduser(directory)) if storage.is_local(directory) else directory
+
+
+def stage_directory(config: Config, stage: str) -> str:
+    """Where `stage`'s checkpoints are: `checkpoint.directory/<stage>`, by default `<workdir>/checkpoints/<stage>`."""
+    return storage.join(config.checkpoint.directory or storage.join(config.workdir, "checkpoints"), stage)
+
+
 class Checkpointer:
     """Saves and restores one stage's checkpoints under `directory`. Always `close()` it (use `with`)."""
 
     def __init__(self, directory: str, cfg: CheckpointConfig, config: Config):
-        self.directory = os.path.abspath(directory)
+        self.directory = _absolute(directory)
         self.cfg = cfg
         self.config_dict = json.loads(config.to_json())
         options = ocp.CheckpointManagerOptions(
@@ -104,7 +115,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         step = self.manager.latest_step()
         if step is None:
-            leftovers = [d for d in os.listdir(self.directory) if ".orbax-checkpoint-tmp" in d]
+            leftovers = [
+                p.name for p in storage.path(self.directory).iterdir() if ".orbax-checkpoint-tmp" in p.name
+            ]
             if leftovers:
                 print(
                     f"checkpoint: {self.directory} holds only uncommitted temporary checkpoints {sorted(leftovers)}; "
@@ -172,49 +185,43 @@ def _trainable(state: Any) -> Any:
 
 def has_committed_step(directory: str) -> bool:
     """True when `directory` (a stage's checkpoint directory) holds a committed step to resume from."""
-    if not os.path.isdir(directory):
+    root = storage.path(directory)
+    if not root.is_dir():
         return False
-    return any(
-        d.isdigit() and os.path.exists(os.path.join(directory, d, "commit_success.txt"))
-        for d in os.listdir(directory)
-    )
+    return any(d.name.isdigit() and (d / "commit_success.txt").exists() for d in root.iterdir())
 
 
 def find_step_dir(path: str) -> str:
     """The step directory a `ckpt:` path names: a step directory itself (it holds `state/`), the latest committed
     step of a stage's checkpoint directory, or of the one stage under a run directory's `checkpoints/`."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "state")):
+    path = _absolute(path)
+    root = storage.path(path)
+    if (root / "state").is_dir():
         return path
-    if not os.path.isdir(path):
+    if not root.is_dir():
         raise CheckpointError(f"model.init_from: checkpoint path {path} does not exist")
-    stages_dir = os.path.join(path, "checkpoints")
-    if os.path.isdir(stages_dir):
-        stages = sorted(d for d in os.listdir(stages_dir) if os.path.isdir(os.path.join(stages_dir, d)))
+    stages_dir = storage.join(path, "checkpoints")
+    if storage.path(stages_dir).is_dir():
+        stages = sorted(d.name for d in storage.path(stages_dir).iterdir() if d.is_dir())
         if len(stages) != 1:
             raise CheckpointError(
                 f"model.init_from: run directory {path} has checkpoints of stages {stages}; name one: "
                 f"'ckpt:{stages_dir}/<stage>'"
             )
-        path = os.path.join(stages_dir, stages[0])
-    steps = sorted(
-        int(d)
-        for d in os.listdir(path)
-        if d.isdigit() and os.path.exists(os.path.join(path, d, "commit_success.txt"))
-    )
+        path = storage.join(stages_dir, stages[0])
+    numbered = [d for d in storage.path(path).iterdir() if d.name.isdigit()]
+    steps = sorted(int(d.name) for d in numbered if (d / "commit_success.txt").exists())
     if not steps:
-        steps = sorted(
-            int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d, "state"))
-        )
+        steps = sorted(int(d.name) for d in numbered if (d / "state").is_dir())
     if not steps:
         raise CheckpointError(f"model.init_from: {path} holds no committed checkpoint step")
-    return os.path.join(path, str(steps[-1]))
+    return storage.join(path, str(steps[-1]))
 
 
 def saved_config(step_dir: str) -> dict:
     """The resolved config a checkpoint step was saved with (JSON data, never executed)."""
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
-        return ckptr.restore(os.path.join(step_dir, "config"))
+        return ckptr.restore(storage.path(step_dir) / "config")
 
 
 @contextlib.contextmanager
@@ -233,7 +240,7 @@ def _quiet():
 def saved_params_metadata(step_dir: str) -> dict:
     """The saved parameter tree (nested dicts of Orbax array metadata with `.shape` and `.dtype`)."""
     with _quiet():
-        meta = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state"))
+        meta = ocp.PyTreeCheckpointer().metadata(storage.path(step_dir) / "state")
     tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
     return tree["params"]
 
@@ -243,7 +250,7 @@ def restore_params(step_dir: str, target: dict) -> dict:
     tree, of `jax.ShapeDtypeStruct`s with shardings): only those arrays are read, each device its own shards."""
     with _quiet(), ocp.PyTreeCheckpointer() as ckptr:
         restored = ckptr.restore(
-            os.path.join(step_dir, "state"),
+            storage.path(step_dir) / "state",
             args=ocp.args.PyTreeRestore(
                 item={"params": target},
                 restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}),

@@ -10,7 +10,6 @@ periodically, saves at the next step boundary on SIGTERM/SIGINT, and always clos
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -26,7 +25,8 @@ from jax.sharding import NamedSharding
 from jaxalign.config import Config
 from jaxalign.errors import TrainingError
 from jaxalign.train import perf
-from jaxalign.train.checkpoint import Checkpointer
+from jaxalign.train.checkpoint import Checkpointer, stage_directory
+from jaxalign.train.metrics import MetricsLog
 
 StepFn = Callable[..., tuple[Any, dict[str, jax.Array]]]
 # `prepare(state, host_batch, step) -> (device batch, host metrics)`: turns what the loader yields into the step's
@@ -40,59 +40,6 @@ class Result:
     last_step: int
     preempted: bool
     history: list[dict[str, float]]
-
-
-class MetricsLog:
-    """Appends one JSON object per logged step to `metrics.jsonl` and mirrors scalars to TensorBoard."""
-
-    def __init__(self, workdir: str, stage: str, resume_step: int):
-        self.stage = stage
-        self.primary = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.writer = None
-        if not self.primary:
-            return
-        os.makedirs(workdir, exist_ok=True)
-        self._drop_after(resume_step)
-        from tensorboardX import SummaryWriter
-
-        self.writer = SummaryWriter(os.path.join(workdir, "tb", stage))
-
-    def _drop_after(self, resume_step: int) -> None:
-        """On resume, forget this stage's lines logged after the restored step: they are about to be redone."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path, encoding="utf-8") as f:
-            lines = f.readlines()
-        kept = [line for line in lines if not self._redone(line, resume_step)]
-        if len(kept) != len(lines):
-            tmp = self.path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(kept)
-            os.replace(tmp, self.path)
-
-    def _redone(self, line: str, resume_step: int) -> bool:
-        """True for this stage's lines after the restored step, and for a line torn by a kill mid-write."""
-        if not line.strip():
-            return True
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            return True
-        return record.get("stage") == self.stage and record.get("step", 0) > resume_step
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.primary:
-            return
-        record = {"stage": self.stage, "step": step, **metrics}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        for k, v in metrics.items():
-            self.writer.add_scalar(f"{self.stage}/{k}", v, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 class Preemption:
@@ -188,7 +135,7 @@ def train(
     tcfg = config.train
     workdir = config.workdir
     checkpointer = (
-        Checkpointer(os.path.join(workdir, "checkpoints", stage), config.checkpoint, config)
+        Checkpointer(stage_directory(config, stage), config.checkpoint, config)
         if config.checkpoint.enabled
         else None
     )
@@ -287,6 +234,7 @@ def train(
             if checkpointer is not None and step % config.checkpoint.every_steps == 0:
                 # Log everything up to the checkpoint first: a run killed after this save resumes after `step`.
                 flush()
+                log.flush()
                 checkpointer.save(step, state, loader)
                 last_saved = step
                 _inject_fault(step, checkpointer)
@@ -294,6 +242,7 @@ def train(
                 preempted = True
                 break
         flush()
+        log.flush()
         if checkpointer is not None and last_saved != step:
             checkpointer.save(step, state, loader, force=True)
         if preempted:

@@ -1,5 +1,6 @@
-"""Checkpoints and resume through the real command line: bitwise resume after SIGKILL (pretraining, SFT, reward model,
-DPO), SIGTERM preemption, a kill during an async save, mismatched checkpoints, and NaN handling."""
+"""Checkpoints and resume through the real command line: bitwise resume after SIGKILL (pretraining, pipelined
+pretraining, SFT, reward model, DPO), SIGTERM preemption, a kill during an async save, mismatched checkpoints, and
+NaN handling."""
 
 import json
 import os
@@ -97,6 +98,32 @@ def test_resume_after_sigkill_is_bitwise_identical(corpus, straight, tmp_path):
     assert params_bytes(tmp_path, 12) == params_bytes(straight, 12)
     resumed, reference = losses(tmp_path), losses(straight)
     assert sorted(resumed) == list(range(1, 13))  # steps 9.. were logged once, after the resume
+    assert [resumed[s] for s in range(9, 13)] == [reference[s] for s in range(9, 13)]
+
+
+# Pipeline parallelism over 2 stages (one layer each), 2 microbatches per step: the flag alone turns it on.
+PIPELINED = ("--config.mesh.stage=2", "--config.mesh.fsdp=1")
+
+
+def test_pipelined_resume_after_sigkill_is_bitwise_identical(corpus, tmp_path_factory):
+    straight_dir, resumed_dir = (
+        tmp_path_factory.mktemp("pipe_straight"),
+        tmp_path_factory.mktemp("pipe_resumed"),
+    )
+    # One persistent compilation cache for the three runs (same programs: only the first compiles).
+    cache = dict(
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("pipe_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    run(straight_dir, corpus, *PIPELINED, **cache)
+    saved = json.loads((straight_dir / "config.json").read_text())
+    assert saved["mesh"]["stage"] == 2 and saved["model"]["scan_layers"]
+    run(resumed_dir, corpus, *PIPELINED, expect=-signal.SIGKILL, JAXALIGN_FAULT_KILL_AFTER_SAVE="8", **cache)
+    assert committed_steps(resumed_dir)[-1] == 8
+    run(resumed_dir, corpus, *PIPELINED, **cache)
+    assert params_bytes(resumed_dir, 12) == params_bytes(straight_dir, 12)
+    resumed, reference = losses(resumed_dir), losses(straight_dir)
     assert [resumed[s] for s in range(9, 13)] == [reference[s] for s in range(9, 13)]
 
 
