@@ -200,6 +200,13 @@ class DataConfig:
     # Size of the synthetic world (number of entities); more entities means more documents.
     synthetic_entities: int = 400
     synthetic_seed: int = 0
+    # The synthetic world's arithmetic operands are drawn from [0, synthetic_arith_max).
+    synthetic_arith_max: int = 100
+    # Arithmetic prompts of the world's RL data (train and eval together; held-out arith_accuracy scores the eval
+    # tenth); 0 = one per entity. At most the 3 * synthetic_arith_max**2 distinct problems there are.
+    synthetic_rl_arithmetic: int = 0
+    # Arithmetic documents (4 lines each) in the world's pretraining text; 0 = two per entity.
+    synthetic_arith_docs: int = 0
     # How conversational records (message lists) become tokens: "chatml", "llama3" or "gemma" (data/chat.py), or
     # "tokenizer": the tokenizer's own template (a Hugging Face tokenizer's, for imported models).
     chat_template: Literal["chatml", "llama3", "gemma", "tokenizer"] = "chatml"

@@ -56,6 +56,9 @@ RANGES: dict[str, dict[str, str]] = {
         "shards": ">= 0 (0: one per process)",
         "synthetic_entities": POSITIVE,
         "synthetic_seed": ">= 0",
+        "synthetic_arith_max": POSITIVE,
+        "synthetic_rl_arithmetic": ">= 0",
+        "synthetic_arith_docs": ">= 0",
         "max_prompt_length": POSITIVE,
     },
     "CheckpointConfig": {

@@ -2,51 +2,85 @@
 curation is scored against the world's planted duplicates, and a re-run skips finished stages."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
-from tests.test_main import ROOT, run_main
+from tests.test_main import ROOT
 
 
 def _records(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_quickstart_stages_chain_and_rerun_skips(tmp_path):
-    workdir = tmp_path / "qs"
-    args = [
+def _quickstart(workdir, cache, expect=0, **extra_env):
+    """`configs/quickstart.py:smoke` through the real command line, on one device. All runs of the test share one
+    persistent compilation cache: the programs are the same, so only the first run compiles (no result changes)."""
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        **extra_env,
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "jaxalign.main",
         "--config=configs/quickstart.py:smoke",
         f"--config.workdir={workdir}",
         "--config.train.progress=False",
-        "--config.pipeline.stages=curate,pretrain,sft",
-        "--config.pipeline.pretrain.steps=12",
-        "--config.pipeline.pretrain.eval_every=12",
-        "--config.pipeline.sft.steps=4",
-        "--config.pipeline.sft.eval_every=4",
     ]
-    proc = run_main(*args, devices=1)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    return proc
 
-    scores = json.loads((workdir / "eval.json").read_text())["curate"]
-    assert scores["planted_duplicates"] > 0
-    assert scores["dup_precision"] == 1.0 and scores["dup_recall"] >= 0.6, scores
 
-    records = _records(workdir)
+def test_quickstart_smoke_runs_every_stage_and_a_sigkilled_rerun_ends_with_the_same_eval(tmp_path):
+    """The whole main job on its :smoke config: every stage chains through its checkpoints in one workdir;
+    SIGKILL in the middle of SFT (right after its step-10 checkpoint) and a re-run of the same command finish with
+    exactly the uninterrupted run's eval.json; a re-run of a finished workdir skips every stage."""
+    cache = tmp_path / "jax_cache"
+    straight = tmp_path / "straight"
+    _quickstart(straight, cache)
+    scores = json.loads((straight / "eval.json").read_text())
+    assert {"curate", "base", "sft", "reward", "dpo", "ppo", "grpo"} <= set(scores), sorted(scores)
+    assert scores["curate"]["planted_duplicates"] > 0
+    assert scores["curate"]["dup_precision"] == 1.0 and scores["curate"]["dup_recall"] >= 0.6, scores[
+        "curate"
+    ]
+    for stage in ("sft", "dpo", "ppo", "grpo"):
+        assert {"qa_exact_match", "arith_accuracy", "mean_rm_score", "mean_length"} <= set(scores[stage])
+        assert stage == "sft" or "win_rate_vs_sft" in scores[stage]
+    assert "pair_accuracy" in scores["reward"]
+    assert (straight / "report.md").exists()
+
+    records = _records(straight)
     pretrain_eval = [r for r in records if r["stage"] == "pretrain" and "eval/loss" in r]
     sft_start = [r for r in records if r["stage"] == "sft" and r["step"] == 0][0]
-    # The SFT stage starts from the pretrained weights: its held-out pretraining loss before its first step is the
+    # SFT starts from the pretrained weights: its held-out pretraining loss before its first step is the
     # pretraining stage's last evaluation (same data, same weights).
     assert (
         abs(sft_start["eval/pretrain_loss"] - pretrain_eval[-1]["eval/loss"])
         < 1e-5 * pretrain_eval[-1]["eval/loss"]
     )
-    assert (workdir / "pipeline" / "sft.done").exists()
 
-    before = (workdir / "metrics.jsonl").read_text()
-    proc = run_main(*args, devices=1)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("finished before; skipped") == 3
-    assert (workdir / "metrics.jsonl").read_text() == before
+    killed = tmp_path / "killed"
+    _quickstart(killed, cache, expect=-signal.SIGKILL, JAXALIGN_FAULT_KILL_AFTER_SAVE="sft:10")
+    assert (killed / "pipeline" / "pretrain.done").exists() and not (
+        killed / "pipeline" / "sft.done"
+    ).exists()
+    proc = _quickstart(killed, cache)
+    assert proc.stdout.count("finished before; skipped") == 2  # curate and pretrain
+    assert json.loads((killed / "eval.json").read_text()) == scores
+
+    before = (straight / "metrics.jsonl").read_text()
+    proc = _quickstart(straight, cache)
+    assert proc.stdout.count("finished before; skipped") == 8
+    assert (straight / "metrics.jsonl").read_text() == before
 
 
 def test_unknown_or_misordered_stages_are_one_line_errors(tmp_path):

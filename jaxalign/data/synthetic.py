@@ -107,13 +107,15 @@ def person_documents(world: World, rng: np.random.Generator, per_person: int = 3
     return docs
 
 
-def arithmetic_documents(count: int, rng: np.random.Generator, per_doc: int = 4) -> list[str]:
-    """Short documents of exact additions, subtractions and multiplications of small numbers."""
+def arithmetic_documents(
+    count: int, rng: np.random.Generator, per_doc: int = 4, operand_max: int = 100
+) -> list[str]:
+    """Short documents of exact additions, subtractions and multiplications of operands in [0, operand_max)."""
     docs = []
     for _ in range(count):
         lines = []
         for _ in range(per_doc):
-            a, b = (int(x) for x in rng.integers(0, 100, size=2))
+            a, b = (int(x) for x in rng.integers(0, operand_max, size=2))
             op = rng.choice(["+", "-", "*"])
             result = a + b if op == "+" else a - b if op == "-" else a * b
             lines.append(f"{a} {op} {b} = {result}")
@@ -121,11 +123,15 @@ def arithmetic_documents(count: int, rng: np.random.Generator, per_doc: int = 4)
     return docs
 
 
-def pretraining_corpus(num_people: int, seed: int) -> list[dict]:
-    """Records `{"id", "text"}` of the pretraining corpus, shuffled deterministically."""
+def pretraining_corpus(
+    num_people: int, seed: int, operand_max: int = 100, arithmetic_docs: int | None = None
+) -> list[dict]:
+    """Records `{"id", "text"}` of the pretraining corpus, shuffled deterministically: every person's documents
+    and `arithmetic_docs` (None: 2 per person) arithmetic documents of 4 lines."""
     world = make_world(num_people, seed)
     rng = np.random.default_rng(seed + 1)
-    docs = person_documents(world, rng) + arithmetic_documents(2 * num_people, rng)
+    n_arith = 2 * num_people if arithmetic_docs is None else arithmetic_docs
+    docs = person_documents(world, rng) + arithmetic_documents(n_arith, rng, operand_max=operand_max)
     order = rng.permutation(len(docs))
     return [{"id": f"pt-{i:06d}", "text": docs[j]} for i, j in enumerate(order)]
 
@@ -173,6 +179,9 @@ class WorldSizes:
     raw_mentions_per_person: int = 3
     # Multiplies the number of planted duplicates, junk, boilerplate and PII documents.
     raw_noise: float = 1.0
+    # Arithmetic operands are drawn from [0, arith_operand_max) (pretraining text, SFT, preference and RL items).
+    arith_operand_max: int = 100
+    pretrain_arithmetic_docs: int | None = None  # None: 2 * num_people
 
 
 QUESTIONS = {
@@ -261,12 +270,15 @@ def split_people(world: World, eval_fraction: float) -> tuple[list[Person], list
     return [world.people[i] for i in order[n_eval:]], [world.people[i] for i in order[:n_eval]]
 
 
-def _arithmetic_problems(count: int, rng: np.random.Generator) -> list[tuple[int, str, int, int]]:
-    """`count` distinct (a, op, b, result) with operands in [0, 100)."""
+def _arithmetic_problems(
+    count: int, rng: np.random.Generator, operand_max: int = 100
+) -> list[tuple[int, str, int, int]]:
+    """`count` distinct (a, op, b, result) with operands in [0, operand_max); at most all 3 * operand_max**2."""
+    count = min(count, 3 * operand_max * operand_max)
     seen: set[tuple[int, str, int]] = set()
     problems = []
     while len(problems) < count:
-        a, b = (int(x) for x in rng.integers(0, 100, size=2))
+        a, b = (int(x) for x in rng.integers(0, operand_max, size=2))
         op = str(rng.choice(["+", "-", "*"]))
         if (a, op, b) in seen:
             continue
@@ -331,7 +343,9 @@ def sft_records(world: World, sizes: WorldSizes) -> dict[str, list[dict]]:
         return [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
 
     instructions = list({p: (p, a) for p, a in (_instruction(rng) for _ in range(n_instr))}.values())
-    arith_train, arith_eval = _split_items(_arithmetic_problems(n_arith, rng), sizes.eval_fraction)
+    arith_train, arith_eval = _split_items(
+        _arithmetic_problems(n_arith, rng, sizes.arith_operand_max), sizes.eval_fraction
+    )
     instr_train, instr_eval = _split_items(instructions, sizes.eval_fraction)
     out = {}
     for split, people, arith, instr in (
@@ -380,7 +394,9 @@ def preference_records(world: World, sizes: WorldSizes) -> dict[str, list[dict]]
     rng = np.random.default_rng([world.seed, 13])
     train_people, eval_people = split_people(world, sizes.eval_fraction)
     n_arith = len(world.people) if sizes.preference_arithmetic is None else sizes.preference_arithmetic
-    arith_train, arith_eval = _split_items(_arithmetic_problems(n_arith, rng), sizes.eval_fraction)
+    arith_train, arith_eval = _split_items(
+        _arithmetic_problems(n_arith, rng, sizes.arith_operand_max), sizes.eval_fraction
+    )
     out = {}
     for split, people, arith in (("train", train_people, arith_train), ("eval", eval_people, arith_eval)):
         items = []
@@ -419,7 +435,9 @@ def rl_records(world: World, sizes: WorldSizes) -> dict[str, list[dict]]:
     rng = np.random.default_rng([world.seed, 17])
     train_people, eval_people = split_people(world, sizes.eval_fraction)
     n_arith = len(world.people) if sizes.rl_arithmetic is None else sizes.rl_arithmetic
-    arith_train, arith_eval = _split_items(_arithmetic_problems(n_arith, rng), sizes.eval_fraction)
+    arith_train, arith_eval = _split_items(
+        _arithmetic_problems(n_arith, rng, sizes.arith_operand_max), sizes.eval_fraction
+    )
     out = {}
     for split, people, arith in (("train", train_people, arith_train), ("eval", eval_people, arith_eval)):
         items = []
@@ -470,7 +488,7 @@ def write_world(
             return paths
 
     world = make_world(num_people, seed)
-    pretrain = pretraining_corpus(num_people, seed)
+    pretrain = pretraining_corpus(num_people, seed, sizes.arith_operand_max, sizes.pretrain_arithmetic_docs)
     n_eval = max(1, int(len(pretrain) * 0.05))  # as write_pretraining
     data = {
         "pretrain_train": pretrain[n_eval:],

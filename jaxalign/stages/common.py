@@ -104,10 +104,16 @@ def barrier(name: str) -> None:
 def world(config: Config) -> dict[str, str]:
     """The synthetic world's files under workdir/data (process 0 writes them once; the others wait)."""
     directory = storage.join(config.workdir, "data")
+    args = (directory, config.data.synthetic_entities, config.data.synthetic_seed)
+    sizes = synthetic.WorldSizes(
+        arith_operand_max=config.data.synthetic_arith_max,
+        rl_arithmetic=config.data.synthetic_rl_arithmetic or None,
+        pretrain_arithmetic_docs=config.data.synthetic_arith_docs or None,
+    )
     if jax.process_index() == 0:
-        synthetic.write_world(directory, config.data.synthetic_entities, config.data.synthetic_seed)
+        synthetic.write_world(*args, sizes)
     barrier("synthetic world")
-    return synthetic.write_world(directory, config.data.synthetic_entities, config.data.synthetic_seed)
+    return synthetic.write_world(*args, sizes)
 
 
 def inputs(config: Config, kind: str) -> tuple[str, str]:

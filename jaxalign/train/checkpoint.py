@@ -45,7 +45,13 @@ def _get(d: dict, dotted: str) -> Any:
 
 
 # Also when the data is the synthetic world (`data.input` empty in both): which world it is.
-_MUST_MATCH_SYNTHETIC = ("data.synthetic_entities", "data.synthetic_seed")
+_MUST_MATCH_SYNTHETIC = (
+    "data.synthetic_entities",
+    "data.synthetic_seed",
+    "data.synthetic_arith_max",
+    "data.synthetic_rl_arithmetic",
+    "data.synthetic_arith_docs",
+)
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:

@@ -89,14 +89,16 @@ class Preemption:
             signal.signal(sig, handler)
 
 
-def _inject_fault(step: int, checkpointer: Checkpointer) -> None:
+def _inject_fault(stage: str, step: int, checkpointer: Checkpointer) -> None:
     """Fault injection for the resume tests: SIGKILL this process right after the save of a given step has been
     committed (`JAXALIGN_FAULT_KILL_AFTER_SAVE=<step>`) or while it is still being written in the background
-    (`JAXALIGN_FAULT_KILL_DURING_SAVE=<step>`)."""
-    if os.environ.get("JAXALIGN_FAULT_KILL_AFTER_SAVE") == str(step):
+    (`JAXALIGN_FAULT_KILL_DURING_SAVE=<step>`). `<stage>:<step>` (e.g. `sft:10`) fires in that stage only, for
+    the end-to-end job's runs of several stages."""
+    here = (str(step), f"{stage}:{step}")
+    if os.environ.get("JAXALIGN_FAULT_KILL_AFTER_SAVE") in here:
         checkpointer.wait()
         os.kill(os.getpid(), signal.SIGKILL)
-    if os.environ.get("JAXALIGN_FAULT_KILL_DURING_SAVE") == str(step):
+    if os.environ.get("JAXALIGN_FAULT_KILL_DURING_SAVE") in here:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -237,7 +239,7 @@ def train(
                 log.flush()
                 checkpointer.save(step, state, loader)
                 last_saved = step
-                _inject_fault(step, checkpointer)
+                _inject_fault(stage, step, checkpointer)
             if preemption.should_stop(step, checkpointer):
                 preempted = True
                 break
