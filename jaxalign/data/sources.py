@@ -22,9 +22,12 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from absl import logging
@@ -142,39 +145,91 @@ class Source:
             raise
 
 
+# Indexing reads a file in chunks of this many bytes: its memory is O(records + chunk), whatever the file's size.
+_INDEX_CHUNK = 1 << 20
+_WHITESPACE = np.frombuffer(b" \t\r\n\f\v", np.uint8)
+
+
+def index_lines(f: IO[bytes], sink: IO[bytes] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """([start, end) byte offsets (n, 2), 1-based line numbers (n,)) of the non-empty lines of the binary stream `f`
+    (a line is non-empty when it holds a byte other than ASCII whitespace; `end` excludes the newline), read in
+    chunks of `_INDEX_CHUNK` bytes, each also written to `sink` when given."""
+    offsets: list[np.ndarray] = []
+    numbers: list[np.ndarray] = []
+    pos = 0  # bytes read so far
+    lines = 0  # newlines seen so far
+    line_start = 0  # where the line being read started
+    line_solid = False  # whether it has a non-whitespace byte so far
+    while chunk := f.read(_INDEX_CHUNK):
+        if sink is not None:
+            sink.write(chunk)
+        data = np.frombuffer(chunk, np.uint8)
+        solid = np.concatenate([[0], np.cumsum(~np.isin(data, _WHITESPACE), dtype=np.int32)])
+        newlines = np.flatnonzero(data == ord("\n"))
+        if len(newlines):
+            starts = np.concatenate([[0], newlines[:-1] + 1])
+            nonempty = solid[newlines] > solid[starts]
+            nonempty[0] |= line_solid
+            global_starts = pos + starts
+            global_starts[0] = line_start
+            offsets.append(np.stack([global_starts, pos + newlines], axis=1)[nonempty])
+            numbers.append((lines + 1 + np.arange(len(newlines)))[nonempty])
+            lines += len(newlines)
+            line_start = pos + int(newlines[-1]) + 1
+            line_solid = bool(solid[-1] > solid[newlines[-1] + 1])
+        else:
+            line_solid |= bool(solid[-1] > 0)
+        pos += len(data)
+    if line_solid:  # a last line without a newline
+        offsets.append(np.array([[line_start, pos]], np.int64))
+        numbers.append(np.array([lines + 1], np.int64))
+    if not offsets:
+        return np.zeros((0, 2), np.int64), np.zeros((0,), np.int64)
+    return np.concatenate(offsets).astype(np.int64), np.concatenate(numbers).astype(np.int64)
+
+
+def _remove_if_owner(directory: str, owner: int) -> None:
+    if os.getpid() == owner:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 class JsonlSource(Source):
-    """The non-empty lines of JSONL(.gz) files. Plain files are indexed by byte offset and read lazily; gzip files
-    are decompressed into memory once."""
+    """The non-empty lines of JSONL(.gz) files, indexed by byte offset in one streaming pass (memory O(records), not
+    O(bytes)) and read lazily: plain local files by `pread`, object-store files by ranged reads, and gzip files
+    from a decompressed copy written once, during that pass, to a local temporary directory (removed with the source
+    by the process that made it), so neither this process nor a worker holds a whole decompressed file."""
 
     def __init__(self, pattern: str | Sequence[str], on_error: str = "error"):
         super().__init__(expand_glob(pattern) if isinstance(pattern, str) else pattern, on_error)
         self._offsets: list[np.ndarray] = []  # per file: [start, end) byte offsets of each non-empty line
         self._line_numbers: list[np.ndarray] = []
-        self._gz_data: dict[int, bytes] = {}
+        self._local: dict[int, str] = {}  # file index -> its decompressed local copy (gzip files)
         self._fds: dict[int, int] = {}
         self._remote: dict[int, Any] = {}  # object-store readers (seek + read under the lock)
         self._remote_lock = threading.Lock()
+        self._tmp = ""
         for i, path in enumerate(self.files):
-            data = np.frombuffer(self._read_all(i, path), np.uint8)
-            starts = np.concatenate([[0], np.flatnonzero(data == ord("\n")) + 1])
-            ends = np.concatenate([starts[1:] - 1, [len(data)]])
-            # A line is non-empty when it holds a byte other than ASCII whitespace.
-            solid = np.concatenate([[0], np.cumsum(~np.isin(data, np.frombuffer(b" \t\r\n\f\v", np.uint8)))])
-            nonempty = solid[ends] > solid[starts]
-            self._offsets.append(np.stack([starts[nonempty], ends[nonempty]], axis=1))
-            self._line_numbers.append(np.flatnonzero(nonempty) + 1)
+            offsets, numbers = self._index(i, path)
+            self._offsets.append(offsets)
+            self._line_numbers.append(numbers)
         self._set_lengths([len(o) for o in self._offsets])
 
-    def _read_all(self, i: int, path: str) -> bytes:
+    def _index(self, i: int, path: str) -> tuple[np.ndarray, np.ndarray]:
         try:
-            if path.endswith(".gz"):
-                with storage.open_binary(path) as raw, gzip.open(raw, "rb") as f:
-                    data = f.read()
-                self._gz_data[i] = data
-                return data
-            with storage.open_binary(path) as f:
-                return f.read()
-        except (OSError, EOFError) as e:
+            if not path.endswith(".gz"):
+                with storage.open_binary(path) as f:
+                    return index_lines(f)
+            if not self._tmp:
+                self._tmp = tempfile.mkdtemp(prefix="jaxalign-jsonl-")
+                weakref.finalize(self, _remove_if_owner, self._tmp, os.getpid())
+            self._local[i] = os.path.join(self._tmp, f"{i}.jsonl")
+            with (
+                storage.open_binary(path) as raw,
+                gzip.open(raw, "rb") as f,
+                open(self._local[i], "wb") as sink,
+            ):
+                return index_lines(f, sink)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
             raise DataError(f"{path}: cannot read ({e})") from None
 
     def locate(self, index: int) -> tuple[int, int]:
@@ -189,9 +244,7 @@ class JsonlSource(Source):
     def _line(self, index: int) -> bytes:
         f, local = self._file_of(index)
         start, end = self._offsets[f][local]
-        if f in self._gz_data:
-            return self._gz_data[f][start:end]
-        if not storage.is_local(self.files[f]):
+        if f not in self._local and not storage.is_local(self.files[f]):
             with self._remote_lock:
                 if f not in self._remote:
                     self._remote[f] = storage.open_binary(self.files[f], random_access=True)
@@ -199,7 +252,7 @@ class JsonlSource(Source):
                 return self._remote[f].read(int(end - start))
         fd = self._fds.get(f)
         if fd is None:  # one descriptor per file and process; pread needs no seek, so threads can share it
-            fd = self._fds[f] = os.open(self.files[f], os.O_RDONLY)
+            fd = self._fds[f] = os.open(self._local.get(f, self.files[f]), os.O_RDONLY)
         return os.pread(fd, int(end - start), int(start))
 
     def __getstate__(self) -> dict:

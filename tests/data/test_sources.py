@@ -159,3 +159,48 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # makes `import pyarrow.parquet` fail
     with pytest.raises(DataError, match=r"c\.parquet: reading Parquet needs pyarrow \(pip install pyarrow\)"):
         sources.open_source(path)
+
+
+def _reference_index(data: bytes):
+    """The non-empty lines of `data` by a plain split: ([start, end) offsets, 1-based line numbers)."""
+    offsets, numbers, start = [], [], 0
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if line.strip(b" \t\r\n\f\v"):
+            offsets.append((start, start + len(line)))
+            numbers.append(number)
+        start += len(line) + 1
+    return offsets, numbers
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64, 1 << 22])
+def test_streaming_index_equals_a_whole_file_split(monkeypatch, chunk):
+    """Indexing reads fixed-size chunks (memory O(records + chunk)); lines, blank and whitespace-only lines, CRLF and
+    a last line without a newline that straddle chunk borders index exactly as a split of the whole file."""
+    import io
+    import random
+
+    rng = random.Random(chunk)
+    pieces = [b"", b"  ", b"\t\r", b'{"a": 1}', b'{"text": "x y"}\r', b" {} ", b"\xc3\xa9"]
+    data = b"\n".join(rng.choice(pieces) for _ in range(300)) + b'\n{"last": true}'
+    monkeypatch.setattr(sources, "_INDEX_CHUNK", chunk)
+    offsets, numbers = sources.index_lines(io.BytesIO(data))
+    want_offsets, want_numbers = _reference_index(data)
+    assert offsets.tolist() == [list(o) for o in want_offsets] and numbers.tolist() == want_numbers
+    assert sources.index_lines(io.BytesIO(b""))[0].shape == (0, 2)
+
+
+def test_gzip_source_reads_from_a_local_copy_and_workers_get_no_file_contents(files, tmp_path):
+    source = sources.open_source(files["jsonl.gz"])
+    assert [_strip(source[i]) for i in range(len(source))] == RECORDS
+    state = pickle.dumps(source)  # what a Grain worker receives: offsets and paths only
+    assert len(state) < 4096 and b"document 3" not in state
+    worker = pickle.loads(state)
+    assert _strip(worker[3]) == RECORDS[3]
+    copy = source._local[0]
+    del worker  # a worker's copy does not remove the directory it did not make
+    assert sources.os.path.exists(copy)
+    del source
+    import gc
+
+    gc.collect()
+    assert not sources.os.path.exists(copy)
