@@ -385,19 +385,73 @@ def _check_architecture(cfg: ModelConfig, saved: dict, where: str) -> None:
         raise CheckpointError(f"model.init_from: {where} has another architecture: " + "; ".join(diffs))
 
 
+def _from_lora_checkpoint(
+    cfg: ModelConfig, step_dir: str, saved: dict, abstract: nnx.State, rules: Rules
+) -> dict[tuple, jax.Array]:
+    """The merged weights of a LoRA run's checkpoint, which holds its adapters (and trainable head) only: that run's
+    model is rebuilt from its saved config (its base from its own `model.init_from`, which may itself be a LoRA run's
+    checkpoint), its adapters restored over it, and folded into the weights (`lora.merge`; NF4 dequantised)."""
+    from jaxalign.config import from_config_dict
+    from jaxalign.peft import lora
+
+    meta = checkpoint.saved_params_metadata(step_dir)
+    if {"policy", "value"} <= set(meta):
+        raise CheckpointError(
+            f"model.init_from: {step_dir} is a LoRA PPO run's checkpoint; export its policy merged "
+            "(hf.save(model, dir, merge_lora=True)) and start from 'hf:dir'"
+        )
+    source = from_config_dict(saved)
+    if source.model.scan_layers != cfg.scan_layers:
+        raise CheckpointError(
+            f"model.init_from: {step_dir} is a LoRA run's checkpoint with model.scan_layers="
+            f"{source.model.scan_layers}; start from it with the same model.scan_layers (got {cfg.scan_layers})"
+        )
+    source_scalar = "trunk" in meta
+    graphdef, params = init_params(source, rules, scalar=source_scalar)
+    trainable, frozen = lora.split_trainable(params)
+    target: dict = {}
+    for path, var in _flat(trainable):
+        node = target
+        for part in path:
+            node = node.setdefault(str(part), {})
+        value = var.get_value()
+        node["value"] = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding)
+    restored = checkpoint.restore_params(step_dir, target)
+
+    def get(tree: dict, keys: tuple) -> Any:
+        for k in keys:
+            tree = tree[str(k)]
+        return tree["value"]
+
+    trainable = nnx.from_flat_state([(p, v.replace(get(restored, p))) for p, v in _flat(trainable)])
+    merged = nnx.state(lora.merge(nnx.merge(graphdef, lora.merge_trainable(trainable, frozen))), nnx.Param)
+    weights = {tuple(str(k) for k in p): v.get_value() for p, v in _flat(merged)}
+    out = {}
+    for tpath, var in _flat(abstract):
+        spath = tuple(str(k) for k in tpath)
+        if spath[0] == "trunk" and not source_scalar:
+            spath = spath[1:]
+        elif spath[0] != "trunk" and source_scalar and spath[0] not in ("head", "head_bias"):
+            spath = ("trunk", *spath)
+        if spath in weights:
+            if weights[spath].shape != var.shape:
+                raise CheckpointError(
+                    f"model.init_from: {step_dir}: parameter {'/'.join(spath)} has shape {weights[spath].shape}, "
+                    f"the model needs {var.shape}"
+                )
+            out[tpath] = weights[spath]
+    return out
+
+
 def _from_checkpoint(
     cfg: ModelConfig, path: str, abstract: nnx.State, rules: Rules
 ) -> dict[tuple, jax.Array]:
     """Target path -> array for every target parameter the checkpoint has (module doc)."""
     step_dir = checkpoint.find_step_dir(path)
     saved = checkpoint.saved_config(step_dir)
-    if saved.get("lora", {}).get("rank", 0):
-        raise CheckpointError(
-            f"model.init_from: {step_dir} is a LoRA run's checkpoint (lora.rank={saved['lora']['rank']}: adapters "
-            "only, its base is its own model.init_from); export it merged (hf.save(model, dir, merge_lora=True)) "
-            "and start from 'hf:dir'"
-        )
     _check_architecture(cfg, saved["model"], step_dir)
+    if saved.get("lora", {}).get("rank", 0):
+        return _from_lora_checkpoint(cfg, step_dir, saved, abstract, rules)
     meta = checkpoint.saved_params_metadata(step_dir)
     # A PPO checkpoint holds {"policy": ..., "value": ...}: its policy is what later stages start from.
     prefix: tuple[str, ...] = ("policy",) if {"policy", "value"} <= set(meta) else ()

@@ -8,7 +8,6 @@ import math
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 from flax import nnx
 
 from jaxalign.config import (
@@ -20,7 +19,6 @@ from jaxalign.config import (
     OptimConfig,
     TrainConfig,
 )
-from jaxalign.errors import CheckpointError
 from jaxalign.peft import lora
 from jaxalign.stages import common, dpo, sft
 from jaxalign.train import state as state_lib
@@ -69,15 +67,21 @@ def test_qlora_sft_resumes_bitwise_from_adapter_only_checkpoints(small_world, tm
     assert n_opt == 2 * n_adapter
     n_base = sum(x.size for x in jax.tree.leaves(lora.split_trainable(straight.state.params)[1]))
     assert n_adapter < n_base / 5
-    # A later stage cannot start from adapters alone: a one-line error says how to export them merged.
+    # A later stage starts from the run's merged weights: its base (the run's own model.init_from) with the restored
+    # adapters folded in (NF4 dequantised), exactly what merging the trained model gives.
     later = _config(tmp_path / "c", small_world, 1)
     later = dataclasses.replace(
         later, model=dataclasses.replace(MODEL, init_from=f"ckpt:{tmp_path / 'b' / 'checkpoints' / 'sft'}")
     )
-    with pytest.raises(
-        CheckpointError, match=r"is a LoRA run's checkpoint \(lora.rank=4: adapters only.*merge_lora"
-    ):
-        common.init_params(later, rules_for(devices=1))
+    _, started = common.init_params(later, rules_for(devices=1))
+    merged = nnx.state(lora.merge(nnx.merge(straight.state.graphdef, straight.state.params)), nnx.Param)
+    want = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(merged)}
+    got = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(started)}
+    assert set(got) == set(want)
+    for p in want:
+        np.testing.assert_allclose(got[p], want[p], rtol=1e-6, atol=1e-7, err_msg=str(p))
+    trained = lora.split_trainable(straight.state.params)[0]
+    assert any(np.abs(np.asarray(v[...])).max() > 0 for p, v in nnx.to_flat_state(trained) if p[-1] == "b")
 
 
 def test_dpo_reference_is_the_base_with_adapters_off(small_world, tmp_path):
