@@ -408,3 +408,22 @@ def test_grpo_steps_raise_the_mean_reward(tmp_path, world, tok):
     first, last = np.mean(rewards_per_step[:3]), np.mean(rewards_per_step[-3:])
     assert 0.3 < first < 0.7, rewards_per_step  # the random policy's level
     assert last > first + 0.2, rewards_per_step
+
+
+def test_pipelined_policy_update_equals_one_device():
+    """The RL policy update with the layers pipelined over `stage` (GPipe, 2 stages x fsdp 2 x tensor 2; the layers
+    then stacked) gives the one-device update: two clipped iterations, old log-probs and all."""
+    _, _, batch = _rollout_batch(P=4, G=4)
+    cfg = GrpoConfig(num_iterations=2, max_completion_length=8)
+    s1, m1 = _step(cfg, batch)
+    s2, m2 = _step(cfg, batch, rules=rules_for(8, stage=2, fsdp=2, tensor=2))
+    one = {tuple(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(s1.params)}
+    piped = {tuple(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(s2.params)}
+    assert len(piped) < len(one)  # stacked layers
+    for path, value in piped.items():
+        if path[0] == "blocks":  # one stacked leaf per per-layer leaf of the unpipelined model
+            want = np.stack([one[(path[0], str(i), *path[1:])] for i in range(CFG.n_layers)])
+        else:
+            want = one[path]
+        np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6, err_msg=str(path))
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
