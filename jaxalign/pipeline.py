@@ -168,7 +168,7 @@ def evaluate_stages(config: Config) -> dict[str, Any]:
 
     def policy(stage: str) -> Policy:
         cfg = dataclasses.replace(config.model, init_from=f"ckpt:{_checkpoint(config, stage)}")
-        model = nnx.merge(*common.init_params(config, rules, model_cfg=cfg))
+        model = nnx.merge(*common.init_params(config, rules, model_cfg=cfg, adapters=False))
         return Policy(model, tokenizer, config.data.chat_template, ecfg.batch_size)
 
     have = lambda stage: storage.path(_checkpoint(config, stage)).is_dir()

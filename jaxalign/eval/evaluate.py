@@ -199,7 +199,7 @@ def _load_policy(config: Config, rules: Any, tokenizer: Any, init_from: str) -> 
     from jaxalign.stages import common
 
     cfg = dataclasses.replace(config.model, init_from=init_from)
-    model = nnx.merge(*common.init_params(config, rules, model_cfg=cfg))
+    model = nnx.merge(*common.init_params(config, rules, model_cfg=cfg, adapters=False))
     return Policy(model, tokenizer, config.data.chat_template, config.eval.batch_size)
 
 
