@@ -385,6 +385,17 @@ def _check_architecture(cfg: ModelConfig, saved: dict, where: str) -> None:
         raise CheckpointError(f"model.init_from: {where} has another architecture: " + "; ".join(diffs))
 
 
+def _source_path(tpath: tuple, source_scalar: bool) -> tuple[str, ...]:
+    """A target parameter's path in a source checkpoint: a policy's leaves sit under `trunk` in a scalar model
+    (reward / value), whose `head` and `head_bias` are its own."""
+    spath = tuple(str(k) for k in tpath)
+    if spath[0] == "trunk" and not source_scalar:
+        return spath[1:]
+    if spath[0] != "trunk" and source_scalar and spath[0] not in ("head", "head_bias"):
+        return ("trunk", *spath)
+    return spath
+
+
 def _from_lora_checkpoint(
     cfg: ModelConfig, step_dir: str, saved: dict, abstract: nnx.State, rules: Rules
 ) -> dict[tuple, jax.Array]:
@@ -428,11 +439,7 @@ def _from_lora_checkpoint(
     weights = {tuple(str(k) for k in p): v.get_value() for p, v in _flat(merged)}
     out = {}
     for tpath, var in _flat(abstract):
-        spath = tuple(str(k) for k in tpath)
-        if spath[0] == "trunk" and not source_scalar:
-            spath = spath[1:]
-        elif spath[0] != "trunk" and source_scalar and spath[0] not in ("head", "head_bias"):
-            spath = ("trunk", *spath)
+        spath = _source_path(tpath, source_scalar)
         if spath in weights:
             if weights[spath].shape != var.shape:
                 raise CheckpointError(
@@ -471,11 +478,7 @@ def _from_checkpoint(
     plan: list[tuple[tuple, Any, list[tuple[str, ...]], str]] = []
     target_stacked = cfg.scan_layers
     for tpath, var in _flat(abstract):
-        spath = tuple(str(k) for k in tpath)
-        if spath[0] == "trunk" and not source_scalar:
-            spath = spath[1:]
-        elif spath[0] != "trunk" and source_scalar:
-            spath = ("trunk", *spath) if spath[0] not in ("head", "head_bias") else spath
+        spath = _source_path(tpath, source_scalar)
         how = "same"
         if "blocks" in spath and source_stacked != target_stacked:
             b = spath.index("blocks")
