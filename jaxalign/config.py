@@ -481,8 +481,10 @@ class PipelineConfig:
     stages: str = "curate,pretrain,sft,reward,dpo"
     # --- Pipeline *parallelism* over the `stage` mesh axis (jaxalign/parallel/pipeline.py), used by every job when
     # mesh.stage > 1. These three keys are not about `stages` above (the end-to-end job's list of training stages).
-    # "gpipe" (all forwards, then all backwards) or "circular" (`repeats` virtual stages per device: a smaller
-    # bubble for more stage-to-stage transfers). "1f1b" is refused with the reason (see the pipeline module).
+    # "gpipe" (all forwards, then all backwards), "circular" (`repeats` virtual stages per device: a smaller
+    # bubble for more stage-to-stage transfers) or "1f1b" (GPipe's bubble, activations of at most 2 stages - 1
+    # microbatches per stage instead of all of them: for many microbatches; not with LoRA or with objectives that
+    # run the layers twice, such as DPO with a live reference model).
     schedule: Literal["gpipe", "circular", "1f1b"] = "gpipe"
     # Microbatches the (gradient-accumulation) batch is split into as it flows through the stages; 0 = mesh.stage.
     microbatches: int = 0
@@ -596,6 +598,11 @@ class Config:
                 f"{self.model.max_seq_len}"
             )
         check_pipeline(self.model, self.mesh, self.pipeline, self.train)
+        if self.pipeline.schedule == "1f1b" and self.mesh.stage != 1 and self.lora.rank:
+            raise ConfigError(
+                f"pipeline.schedule='1f1b' with lora.rank={self.lora.rank}: the 1F1B step runs the layers outside "
+                "the objective, where adapters (dropout, NF4 bases) are not handled; use 'gpipe' or 'circular'"
+            )
         if self.mesh.stage != 1 and not self.model.scan_layers:
             # The pipeline splits the stacked layer dimension over the stages, so `--config.mesh.stage=N` works on
             # any job as it is; the resolved config (config.json) says so.
@@ -610,12 +617,6 @@ def check_pipeline(
 ) -> None:
     """The pipeline-parallel keys against the model, the mesh and the batch (one-line ConfigErrors). A `mesh.stage`
     of -1 is checked again once the mesh is built (`parallel.pipeline.check`)."""
-    if pipeline.schedule == "1f1b":
-        raise ConfigError(
-            "pipeline.schedule='1f1b' is not available: JAX derives the backward pass from the whole forward scan, so "
-            "a 1F1B order needs a hand-scheduled forward/backward that owns the loss (see jaxalign/parallel/"
-            "pipeline.py); use 'gpipe' or 'circular' and bound activation memory with train.grad_accum"
-        )
     stages = mesh.stage
     if stages in (-1, 1):
         return
@@ -629,6 +630,11 @@ def check_pipeline(
         raise ConfigError(
             f"pipeline.microbatches={micro} must be >= mesh.stage={stages} for schedule='circular' (a microbatch "
             "re-enters the first stage after leaving the last)"
+        )
+    if pipeline.schedule == "1f1b" and micro < stages:
+        raise ConfigError(
+            f"pipeline.microbatches={micro} must be >= mesh.stage={stages} for schedule='1f1b' (fewer leaves "
+            "stages idle in the steady state: use 'gpipe')"
         )
     if train is not None and (train.batch_size // train.grad_accum) % micro:
         raise ConfigError(

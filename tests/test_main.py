@@ -68,8 +68,8 @@ def test_pretrain_smoke_learns_and_records_its_config(tmp_path):
         ),
         (["--config.mesh.stage=4"], "model.n_layers=2 is not divisible by mesh.stage=4 x pipeline.repeats=1"),
         (
-            ["--config.mesh.stage=2", "--config.pipeline.schedule=1f1b"],
-            "pipeline.schedule='1f1b' is not available",
+            ["--config.mesh.stage=2", "--config.pipeline.schedule=1f1b", "--config.pipeline.microbatches=1"],
+            "pipeline.microbatches=1 must be >= mesh.stage=2 for schedule='1f1b'",
         ),
         (
             ["--config.pipeline.repeats=2"],

@@ -26,6 +26,7 @@ from flax import nnx
 from jaxalign import losses
 from jaxalign.config import OptimConfig
 from jaxalign.models.transformer import param_shardings
+from jaxalign.parallel import pipeline
 from jaxalign.parallel.mesh import Rules, replicated
 from jaxalign.peft import lora
 from jaxalign.train import optim
@@ -120,7 +121,7 @@ def grad_step(
                 **batch,
                 "_micro": jnp.tile(jnp.arange(microbatches, dtype=jnp.int32), rows // microbatches),
             }
-    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    value_and_grad = pipeline.value_and_grad(loss_fn)
     if microbatches == 1:
         (loss_sum, (weight, sums)), grads = value_and_grad(params, batch)
     else:

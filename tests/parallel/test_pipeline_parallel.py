@@ -1,7 +1,7 @@
 """Pipeline parallelism (`mesh.stage` > 1) == the unpipelined model: loss and every gradient of one step on pipelined
-meshes (GPipe and circular, alone and with data/fsdp/tensor, 1 to 8 microbatches) equal the single-device values at
+meshes (GPipe, circular and 1F1B, alone and with data/fsdp/tensor, 1 to 8 microbatches) equal the single-device values at
 fp32 rtol 1e-5; the block parameters really live per stage; checkpoints move between stage=2, stage=1 and fsdp=8; a
-DPO train step (with gradient accumulation and a live reference) matches; the stage == 1 trace is unchanged.
+DPO train step (with gradient accumulation and a live reference) matches under GPipe and 1F1B; the stage == 1 trace is unchanged.
 The SIGKILL resume of a pipelined run is in tests/train/test_resume.py."""
 
 import dataclasses
@@ -47,7 +47,8 @@ def loss_and_grads(cfg, rules, batch):
         out_shardings=(None, shardings),
     )
     def step(params, batch):
-        (loss_sum, (weight, _)), grads = jax.value_and_grad(loss, has_aux=True)(params, batch)
+        # jax.value_and_grad, or the 1F1B schedule's hand-scheduled equivalent.
+        (loss_sum, (weight, _)), grads = pipeline.value_and_grad(loss)(params, batch)
         return loss_sum / weight, jax.tree.map(lambda g: g / weight, grads)
 
     return params, *step(params, batch)
@@ -69,6 +70,10 @@ CASES = {
     "stage2xfsdp2xtensor2-gpipe-m1": (dict(stage=2, fsdp=2, tensor=2), "gpipe", 1, 1),
     "stage2xdata2xfsdp2-circular-r2-m2": (dict(stage=2, data=2, fsdp=2), "circular", 2, 2),
     "stage2xfsdp2xtensor2-circular-r2-m8": (dict(stage=2, fsdp=2, tensor=2), "circular", 8, 2),
+    "stage2-1f1b-m2": (dict(stage=2, devices=2), "1f1b", 2, 1),
+    "stage2xdata2-1f1b-m2-remat-full": (dict(stage=2, data=2, devices=4), "1f1b", 2, 1, "full"),
+    "stage4-1f1b-m8": (dict(stage=4, devices=4), "1f1b", 8, 1),
+    "stage2xfsdp2xtensor2-1f1b-m8": (dict(stage=2, fsdp=2, tensor=2), "1f1b", 8, 1),
 }
 
 
@@ -164,7 +169,8 @@ def _preference_batch(rows: int, length: int) -> dict:
     return out
 
 
-def test_dpo_train_step_pipelined_equals_unpipelined():
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_dpo_train_step_pipelined_equals_unpipelined(schedule):
     """DPO (the 2B chosen + rejected rows through the trunk, a live reference model, 2 accumulation steps) on
     stage2 x fsdp2 x tensor2 gives the single-device update, loss and metrics."""
     optim = OptimConfig(lr=1.0, eps=1.0, warmup_steps=0, weight_decay=0.0, clip_norm=0.0)
@@ -178,13 +184,30 @@ def test_dpo_train_step_pipelined_equals_unpipelined():
         state, _ = state_lib.create_sharded(graphdef, params, optim, 10, 0, rules)
         return jax.jit(step)(state, batch, ref)
 
-    (s1, m1), (sp, mp) = run(rules_for(devices=1)), run(rules_for(stage=2, fsdp=2, tensor=2))
+    (s1, m1), (sp, mp) = (
+        run(rules_for(devices=1)),
+        run(rules_for(schedule=schedule, stage=2, fsdp=2, tensor=2)),
+    )
     assert abs(float(m1["rewards/margins"])) > 1e-4 and float(m1["grad_norm"]) > 0
     assert set(mp) == set(m1)
     for k in m1:
         np.testing.assert_allclose(float(mp[k]), float(m1[k]), rtol=1e-5, atol=1e-7, err_msg=k)
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(sp.params), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+def test_1f1b_refuses_an_objective_that_runs_the_layers_twice():
+    rules = rules_for(schedule="1f1b", stage=2, devices=2)
+    graphdef, params = init_model(MODEL, rules, seed=0)
+    batch = lm_batch(np.random.default_rng(0), batch=4, length=8, vocab=MODEL.vocab_size)
+
+    def twice(params, batch):
+        model = nnx.merge(graphdef, params)
+        h = model.hidden(batch["inputs"]) + model.hidden(batch["targets"])
+        return jnp.sum(h), (jnp.float32(1), {})
+
+    with pytest.raises(ConfigError, match="runs them 2 times"):
+        pipeline.value_and_grad(twice)(params, batch)
 
 
 def _config(**sections) -> config_lib.Config:
@@ -220,8 +243,12 @@ def _config(**sections) -> config_lib.Config:
             "pipeline.microbatches=3",
         ),
         (
-            dict(mesh=dict(stage=2, fsdp=-1), pipeline=dict(schedule="1f1b")),
-            "pipeline.schedule='1f1b' is not",
+            dict(mesh=dict(stage=4, fsdp=-1), pipeline=dict(schedule="1f1b", microbatches=2)),
+            "pipeline.microbatches=2 must be >= mesh.stage=4 for schedule='1f1b'",
+        ),
+        (
+            dict(mesh=dict(stage=2, fsdp=-1), pipeline=dict(schedule="1f1b"), lora=dict(rank=8)),
+            "pipeline.schedule='1f1b' with lora.rank=8",
         ),
         (dict(pipeline=dict(microbatches=-1)), "pipeline.microbatches=-1 must be >= 0"),
     ],
