@@ -149,21 +149,40 @@ def minhash(
     return sig_DxK.astype(np.uint32)
 
 
-def candidate_pairs(sig_NxK: np.ndarray, num_bands: int, rows: int, threshold: float) -> np.ndarray:
-    """Pairs [P, 2] (i < j) that share a band and whose signatures agree on >= `threshold` of the K hashes.
+def band_keys(sig_NxK: np.ndarray, num_bands: int, rows: int) -> np.ndarray:
+    """LSH bucket keys [N, B] uint64: a 64-bit hash of each band's `rows` signature values.
 
-    Within a band's bucket (members in index order) every member is paired with the bucket's first member and its
-    predecessor, so a bucket of m records costs < 2m pairs. Band keys are 64-bit hashes of the band's rows
-    (colliding with probability ~N^2 / 2^64, and verification catches a collision anyway).
+    Keys collide across different bands' values with probability ~N^2 / 2^64; verification catches that anyway.
     """
-    n = len(sig_NxK)
-    pos = np.arange(n)
-    found = []
+    key_NxB = np.empty((len(sig_NxK), num_bands), np.uint64)
     for band in range(num_bands):
         cols = sig_NxK[:, band * rows : (band + 1) * rows].astype(np.uint64)
         key = filters.mix64(cols[:, 0] + np.uint64(1))
         for c in range(1, rows):
             key = filters.mix64(key ^ cols[:, c])
+        key_NxB[:, band] = key
+    return key_NxB
+
+
+def verified(sig_a_PxK: np.ndarray, sig_b_PxK: np.ndarray, threshold: float) -> np.ndarray:
+    """[P] bool: pair p's signatures agree on >= `threshold` of the K hashes (every pair when threshold <= 0)."""
+    if threshold <= 0:
+        return np.ones(len(sig_a_PxK), bool)
+    return (sig_a_PxK == sig_b_PxK).mean(axis=1) >= threshold
+
+
+def candidate_pairs(sig_NxK: np.ndarray, num_bands: int, rows: int, threshold: float) -> np.ndarray:
+    """Pairs [P, 2] (i < j) that share a band and whose signatures agree on >= `threshold` of the K hashes.
+
+    Within a band's bucket (members in index order) every member is paired with the bucket's first member and its
+    predecessor, so a bucket of m records costs < 2m pairs (curate_beam.py pairs its buckets by the same rule).
+    """
+    n = len(sig_NxK)
+    pos = np.arange(n)
+    found = []
+    key_NxB = band_keys(sig_NxK, num_bands, rows)
+    for band in range(num_bands):
+        key = key_NxB[:, band]
         order = np.argsort(key, kind="stable")
         k = key[order]
         is_start = np.r_[True, k[1:] != k[:-1]]
@@ -180,7 +199,7 @@ def candidate_pairs(sig_NxK: np.ndarray, num_bands: int, rows: int, threshold: f
         return pairs
     keep = np.concatenate(
         [
-            (sig_NxK[p[:, 0]] == sig_NxK[p[:, 1]]).mean(axis=1) >= threshold
+            verified(sig_NxK[p[:, 0]], sig_NxK[p[:, 1]], threshold)
             for p in np.array_split(pairs, max(1, len(pairs) // 65536))
         ]
     )
@@ -255,7 +274,7 @@ class _Shard:
     fingerprint: str  # digest of the input file's identity and every setting the map stage reads
 
 
-class _Stats:
+class Stats:
     """Documents and seconds per stage (a stage's seconds are summed over workers)."""
 
     def __init__(self):
@@ -269,7 +288,7 @@ class _Stats:
         self.seconds[stage] += time.perf_counter() - t
         self.docs[stage] += docs
 
-    def add(self, other: _Stats) -> None:
+    def add(self, other: Stats) -> None:
         self.seconds.update(other.seconds)
         self.docs.update(other.docs)
 
@@ -326,8 +345,8 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def _shards(config: Config, work_dir: str) -> list[_Shard]:
-    # The map stage reads every curate setting but these three, which act later.
-    later = ("num_workers", "exact_dedup", "near_threshold")
+    # The map stage reads every curate setting but these, which act later or choose only how it runs.
+    later = ("num_workers", "exact_dedup", "near_threshold", "runner", "beam_options")
     settings = {k: v for k, v in dataclasses.asdict(config.curate).items() if k not in later}
     shards = []
     for i, path in enumerate(sources.expand_glob(config.data.input)):
@@ -350,9 +369,51 @@ def _shards(config: Config, work_dir: str) -> list[_Shard]:
 
 
 # --- map: one shard in a worker --------------------------------------------------------------------------------------
-def _map_shard(shard: _Shard, cfg: CurateConfig, on_error: str, seed: int) -> _Stats:
+@dataclasses.dataclass(frozen=True)
+class Processed:
+    """What the map stage derives from one parsed record (both runners call `process_record`)."""
+
+    exact: bytes  # 16-byte blake2b of the normalised text: the exact-dedup key
+    words: list[bytes] | None  # MinHash words (None without near dedup); signatures are computed in batches
+    reason: str  # the first failing quality filter's reason, "" if the record passed
+    line: str  # the kept record (scrubbed text) as its curated JSONL line, "" if a filter removed it
+    pii: tuple[int, int, int]  # replacements per kind of filters.PII_KINDS in `line`
+
+
+def process_record(record: dict, cfg: CurateConfig, chain: list, stats: Stats) -> Processed:
+    """Exact hash, MinHash words, quality filters (`chain` = filters.enabled(cfg)) and PII of one record."""
+    text = record["text"]
+    with stats.timed("exact_hash"):
+        folded = text.casefold()
+        exact = hashlib.blake2b(" ".join(folded.split()).encode(), digest_size=16).digest()
+    doc_words = None
+    if cfg.near_dedup:
+        with stats.timed("minhash"):
+            doc_words = word_bytes(folded)
+    reason = ""
+    for name, fn in chain:
+        with stats.timed(name):
+            reason, text = fn(text)
+        if reason:
+            return Processed(exact, doc_words, reason, "", (0, 0, 0))
+    counts = (0, 0, 0)
+    if cfg.pii:
+        with stats.timed("pii"):
+            text, counts = filters.scrub_pii(text)
+    line = json.dumps({**record, "text": text}, ensure_ascii=False) + "\n"
+    return Processed(exact, doc_words, "", line, counts)
+
+
+def signatures(
+    doc_words: list[list[bytes]], cfg: CurateConfig, a_K: np.ndarray, b_K: np.ndarray
+) -> np.ndarray:
+    """MinHash signatures [D, K] uint32 of D documents' words (`Processed.words`)."""
+    return minhash(*shingles(doc_words, cfg.ngram), len(doc_words), a_K, b_K)
+
+
+def _map_shard(shard: _Shard, cfg: CurateConfig, on_error: str, seed: int) -> Stats:
     """Reads one shard; writes per-record hashes, signatures and filter reasons, and the scrubbed passing records."""
-    stats, bad, chain = _Stats(), [], filters.enabled(cfg)
+    stats, bad, chain = Stats(), [], filters.enabled(cfg)
     ids, lines, reasons, exact, has_words, kept_index, pii, sigs, pending = [], [], [], [], [], [], [], [], []
     a_K, b_K = permutations(cfg.num_bands * cfg.rows_per_band, seed)
     records = _records(shard.path, on_error, bad)
@@ -366,36 +427,25 @@ def _map_shard(shard: _Shard, cfg: CurateConfig, on_error: str, seed: int) -> _S
             stats.docs["read"] += 1
             ids.append(record["id"])
             lines.append(line_no)
-            text = record["text"]
-            with stats.timed("exact_hash"):
-                folded = text.casefold()
-                exact.append(hashlib.blake2b(" ".join(folded.split()).encode(), digest_size=16).digest())
+            done = process_record(record, cfg, chain, stats)
+            exact.append(done.exact)
             if cfg.near_dedup:
-                with stats.timed("minhash"):
-                    pending.append(word_bytes(folded))
-                    has_words.append(len(pending[-1]) > 0)
-                    if len(pending) == _SIG_BATCH_DOCS:
-                        sigs.append(minhash(*shingles(pending, cfg.ngram), len(pending), a_K, b_K))
-                        pending = []
-            reason = ""
-            for name, fn in chain:
-                with stats.timed(name):
-                    reason, text = fn(text)
-                if reason:
-                    break
-            reasons.append(reason)
-            if reason:
+                pending.append(done.words)
+                has_words.append(len(done.words) > 0)
+                if len(pending) == _SIG_BATCH_DOCS:
+                    with stats.timed("minhash", 0):
+                        sigs.append(signatures(pending, cfg, a_K, b_K))
+                    pending = []
+            reasons.append(done.reason)
+            if done.reason:
                 continue
             if cfg.pii:
-                with stats.timed("pii"):
-                    text, counts = filters.scrub_pii(text)
-                pii.append(counts)
-            record["text"] = text
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                pii.append(done.pii)
+            out.write(done.line)
             kept_index.append(len(ids) - 1)
         if pending:
             with stats.timed("minhash", 0):
-                sigs.append(minhash(*shingles(pending, cfg.ngram), len(pending), a_K, b_K))
+                sigs.append(signatures(pending, cfg, a_K, b_K))
     storage.path(shard.work + ".docs.jsonl.tmp").replace(shard.work + ".docs.jsonl")
 
     n, k = len(ids), cfg.num_bands * cfg.rows_per_band if cfg.near_dedup else 0
@@ -424,13 +474,18 @@ class _Decision:
     bad: list[str]  # "file:line: message" of every skipped record
 
 
+def duplicate_id_message(record_id: Any, at: str, first_at: str) -> str:
+    """The bad-record line of a repeated id ("file:line" of this record and of the id's first record)."""
+    return f"{at}: duplicate id {record_id!r} (first at {first_at}); ids must be unique"
+
+
 def _check_ids(ids: list, where: Callable[[int], str], on_error: str, bad: list[str]) -> np.ndarray:
     skipped = np.zeros(len(ids), bool)
     first_seen: dict[Any, int] = {}
     for k, record_id in enumerate(ids):
         first = first_seen.setdefault(record_id, k)
         if first != k:
-            message = f"{where(k)}: duplicate id {record_id!r} (first at {where(first)}); ids must be unique"
+            message = duplicate_id_message(record_id, where(k), where(first))
             if on_error == "error":
                 raise DataError(message)
             bad.append(message)
@@ -438,7 +493,7 @@ def _check_ids(ids: list, where: Callable[[int], str], on_error: str, bad: list[
     return skipped
 
 
-def _decide(shards: list[_Shard], arrays: dict, cfg: CurateConfig, on_error: str, stats: _Stats) -> _Decision:
+def _decide(shards: list[_Shard], arrays: dict, cfg: CurateConfig, on_error: str, stats: Stats) -> _Decision:
     metas = []
     for shard in shards:
         metas.append(json.loads(storage.read_text(shard.work + ".meta.json")))
@@ -490,8 +545,8 @@ class _Write:
     key: str  # digest of the map fingerprint and `drop`: the marker goes stale when either changes
 
 
-def _write_shard(task: _Write) -> _Stats:
-    stats, drop = _Stats(), set(task.drop)
+def _write_shard(task: _Write) -> Stats:
+    stats, drop = Stats(), set(task.drop)
     kept_index = _load_npz(task.work + ".npz")["kept_index"].tolist()
 
     def copy(out):
@@ -540,12 +595,16 @@ def run(config: Config) -> None:
     cfg, start = config.curate, time.perf_counter()
     if not config.data.input:
         raise ConfigError("data.input is empty: curation needs --config.data.input=GLOB of JSONL(.gz) files")
+    if cfg.runner == "beam":  # the same stages as an Apache Beam pipeline (the `beam` extra)
+        from jaxalign.data import curate_beam
+
+        return curate_beam.run(config)
     work_dir, out_dir = storage.join(config.workdir, "curate_work"), storage.join(config.workdir, "curated")
     shards = _shards(config, work_dir)
     storage.path(work_dir).mkdir(parents=True, exist_ok=True)
     storage.path(out_dir).mkdir(parents=True, exist_ok=True)
     _write_atomic(storage.join(config.workdir, "config.json"), lambda f: f.write(config.to_json()))
-    sizes, stats = [_size(s.path) for s in shards], _Stats()
+    sizes, stats = [_size(s.path) for s in shards], Stats()
     with _Pool(cfg.num_workers) as pool:
         to_map = [k for k, s in enumerate(shards) if not _done(s.work + ".map.done", s.fingerprint)]
         logging.info("curate: %d shards, %d mapped before", len(shards), len(shards) - len(to_map))
@@ -593,6 +652,7 @@ def run(config: Config) -> None:
     n_valid = len(d.ids) - int(d.skipped.sum())
     report = {
         "input": config.data.input,
+        "runner": "local",
         "shards": {"total": len(shards), "mapped": len(to_map), "written": len(to_write)},
         "records": {
             "input": n_valid + len(d.bad),
