@@ -62,9 +62,9 @@ from jaxalign.errors import ConfigError, DataError
 # Bump when the map stage's output changes meaning: finished shards of older versions are then re-processed.
 _FORMAT_VERSION = 1
 _WORD_RE = re.compile(r"\w+")
-_SIG_BATCH_DOCS = 256  # documents per vectorised MinHash call
+SIG_BATCH_DOCS = 256  # documents per vectorised MinHash call
 _SIG_CHUNK_ROWS = 4096  # shingles per [rows, K] block: 4096 x 112 x 8 B = 3.7 MB stays in cache
-_MAX_BAD_LISTED = 100
+MAX_BAD_LISTED = 100
 
 # --- MinHash -------------------------------------------------------------------------------------------------------
 _word_hash_cache: dict[bytes, int] = {}
@@ -245,7 +245,7 @@ def _parse(raw: bytes, where: str) -> dict:
     return record
 
 
-def _records(path: str, on_error: str, bad: list[str]) -> Iterator[tuple[int, dict]]:
+def read_records(path: str, on_error: str, bad: list[str]) -> Iterator[tuple[int, dict]]:
     """Yields (line number, record) of one JSONL(.gz) file; bad lines raise DataError or, with "skip", go to `bad`."""
     line_no = 0
     try:
@@ -344,7 +344,7 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def _shards(config: Config, work_dir: str) -> list[_Shard]:
+def input_shards(config: Config, work_dir: str) -> list[_Shard]:
     # The map stage reads every curate setting but these, which act later or choose only how it runs.
     later = ("num_workers", "exact_dedup", "near_threshold", "runner", "beam_options")
     settings = {k: v for k, v in dataclasses.asdict(config.curate).items() if k not in later}
@@ -416,7 +416,7 @@ def _map_shard(shard: _Shard, cfg: CurateConfig, on_error: str, seed: int) -> St
     stats, bad, chain = Stats(), [], filters.enabled(cfg)
     ids, lines, reasons, exact, has_words, kept_index, pii, sigs, pending = [], [], [], [], [], [], [], [], []
     a_K, b_K = permutations(cfg.num_bands * cfg.rows_per_band, seed)
-    records = _records(shard.path, on_error, bad)
+    records = read_records(shard.path, on_error, bad)
     # Streamed: a local file, or an object uploaded as it is written (published by the rename below).
     with storage.path(shard.work + ".docs.jsonl.tmp").open("w", encoding="utf-8") as out:
         while True:
@@ -432,7 +432,7 @@ def _map_shard(shard: _Shard, cfg: CurateConfig, on_error: str, seed: int) -> St
             if cfg.near_dedup:
                 pending.append(done.words)
                 has_words.append(len(done.words) > 0)
-                if len(pending) == _SIG_BATCH_DOCS:
+                if len(pending) == SIG_BATCH_DOCS:
                     with stats.timed("minhash", 0):
                         sigs.append(signatures(pending, cfg, a_K, b_K))
                     pending = []
@@ -600,7 +600,7 @@ def run(config: Config) -> None:
 
         return curate_beam.run(config)
     work_dir, out_dir = storage.join(config.workdir, "curate_work"), storage.join(config.workdir, "curated")
-    shards = _shards(config, work_dir)
+    shards = input_shards(config, work_dir)
     storage.path(work_dir).mkdir(parents=True, exist_ok=True)
     storage.path(out_dir).mkdir(parents=True, exist_ok=True)
     _write_atomic(storage.join(config.workdir, "config.json"), lambda f: f.write(config.to_json()))
@@ -660,12 +660,12 @@ def run(config: Config) -> None:
             "kept": n_valid - len(removed),
             "removed": len(removed),
         },
-        "removed_by_reason": {r: by_reason[r] for r in sorted(by_reason, key=_reason_order)},
+        "removed_by_reason": {r: by_reason[r] for r in sorted(by_reason, key=reason_order)},
         "pii_replacements": dict(zip(filters.PII_KINDS, pii.tolist(), strict=True)),
         # This run's work only; a stage's seconds are summed over workers, so docs_per_s is a per-process rate.
         "stages": stats.table(),
         "wall_seconds": round(time.perf_counter() - start, 3),
-        "bad_records": d.bad[:_MAX_BAD_LISTED],
+        "bad_records": d.bad[:MAX_BAD_LISTED],
     }
     _write_atomic(
         storage.join(config.workdir, "curate_report.json"), lambda f: json.dump(report, f, indent=2)
@@ -673,6 +673,6 @@ def run(config: Config) -> None:
     logging.info("curate: kept %d of %d records in %s", n_valid - len(removed), len(d.ids), config.workdir)
 
 
-def _reason_order(reason: str) -> tuple[int, str]:
+def reason_order(reason: str) -> tuple[int, str]:
     families = ("exact_duplicate", "near_duplicate", "gopher_repetition", "gopher_quality", "c4", "fineweb")
     return families.index(reason.split(":")[0]), reason

@@ -400,6 +400,17 @@ def test_missing_input_is_a_one_line_error(tmp_path):
         curate.run(make_config("", tmp_path / "w"))
 
 
+def test_runner_choice_errors_are_one_line(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"id": 1, "text": "fine"}])
+    with pytest.raises(ConfigError, match=r"curate\.runner='spark'"):
+        make_config(str(tmp_path / "a.jsonl"), tmp_path / "w", runner="spark")
+    if importlib.util.find_spec("apache_beam") is None:  # the main environment: the extra is not installed
+        with pytest.raises(
+            ConfigError, match=r"^curate\.runner='beam' needs Apache Beam .*jaxalign\[beam\]'$"
+        ):
+            curate.run(make_config(str(tmp_path / "a.jsonl"), tmp_path / "w", runner="beam"))
+
+
 # --- the real command line ------------------------------------------------------------------------------------------
 def test_cli_curates_a_generated_corpus(tmp_path):
     pattern = corpus(tmp_path)
