@@ -23,6 +23,9 @@ Markers are written last, atomically (`storage.write_atomic`), and name the inpu
 and the output sizes; a re-run skips every shard whose marker still matches. Every step is a function of its shard
 and the global decision only, so 1 and N workers write byte-identical files.
 
+`curate.runner="beam"` runs the same stages, through the same per-record function (`process_record`), as an Apache
+Beam pipeline with byte-identical outputs (curate_beam.py; no per-shard resume there).
+
 Outputs: W/curated/*.jsonl (kept records, all fields, scrubbed text), W/removed.jsonl (one
 `{"id", "reason", "duplicate_of"?}` per removed record, input order), W/curate_report.json (counts per reason,
 docs/s per stage), W/config.json.

@@ -2,7 +2,9 @@
 
 Runs on any Beam runner chosen by `curate.beam_options` (flags for `PipelineOptions`): "" is Beam's local default,
 "--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing" uses local processes, and
-Dataflow / Flink / Spark take their usual flags (see the README). Every record goes through
+Dataflow / Flink / Spark take their usual flags (see the README). Beam's DirectRunner first tries Prism, whose binary
+it downloads from GitHub on first use (offline it falls back to the FnApiRunner after a few seconds);
+"--runner=FnApiRunner" runs the same in-process engine directly. Every record goes through
 `curate.process_record`, the local runner's per-record function (parse checks, exact hash, MinHash words, quality
 filters with C4 line drops, PII), and MinHash signatures through `curate.signatures`; LSH keys
 (`curate.band_keys`), pair verification (`curate.verified`) and clustering (`curate.components`) are shared too.
@@ -18,9 +20,9 @@ is the local runner's input order: files in `sources.expand_glob` order, lines i
              so both runners verify the same pairs) -> pairs kept if their signatures agree on >= near_threshold.
   cluster    every verified pair goes to ONE worker, which runs union-find (`curate.components`) over them and
              emits (member, the cluster's first record) for every non-first member. Its memory is O(P) for P
-             verified duplicate pairs (~3 x 8 B per pair end plus two ids), not O(N) records: datatrove's
+             verified duplicate pairs (two positions and two ids per pair), not O(N) records: datatrove's
              MinhashDedupCluster does the same. No other step holds more than one file, one id, one exact hash or
-             one LSH bucket.
+             one LSH bucket (`check_ids` and `exact_groups` stream their group twice instead of holding it).
   resolve    CoGroupByKey of exact duplicates with the near decision of their representative: copies of a record
              near dedup removed point at that record's representative (as the local runner does).
   write      GroupByKey per file: its kept lines minus dropped records -> W/curated/<shard>.jsonl, its removed
@@ -38,6 +40,8 @@ Shapes: K = num_bands * rows_per_band signature values (uint32), B = num_bands, 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shlex
 import time
@@ -61,12 +65,26 @@ _LINE_BITS = 32  # pos = shard << 32 | line: files of up to 2^32 - 1 lines
 def _import_beam():
     try:
         import apache_beam as beam
-        from apache_beam.options.pipeline_options import PipelineOptions
     except ImportError as e:
         raise ConfigError(
             f"curate.runner='beam' needs Apache Beam ({e}); install the extra: {_INSTALL}"
         ) from None
-    return beam, PipelineOptions
+    return beam
+
+
+def _options(flags: str):
+    """`PipelineOptions` of curate.beam_options; a flag Beam cannot parse is a one-line ConfigError."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    stderr = io.StringIO()
+    try:
+        options = PipelineOptions(shlex.split(flags))
+        with contextlib.redirect_stderr(stderr):  # argparse prints usage and exits on a bad value
+            options.get_all_options()
+    except (ValueError, SystemExit) as e:
+        message = (stderr.getvalue().strip().splitlines() or [str(e)])[-1].split("error: ")[-1]
+        raise ConfigError(f"curate.beam_options={flags!r}: {message}") from None
+    return options
 
 
 def _where(paths: list[str], pos: int) -> str:
@@ -128,24 +146,30 @@ def _stage_counts(stats: curate.Stats) -> dict[str, float]:
     }
 
 
+def _pos(element: tuple) -> int:
+    return element[0]
+
+
 def check_ids(group: tuple[str, list], paths: list[str], on_error: str) -> Iterator[tuple[str, Any]]:
     """Records sharing an id: the first stays ("meta"); later ones are bad records ("bad")."""
     id_json, metas = group
-    metas = sorted(metas)
-    yield "meta", metas[0]
-    for meta in metas[1:]:
-        message = curate.duplicate_id_message(
-            json.loads(id_json), _where(paths, meta[0]), _where(paths, metas[0][0])
-        )
-        yield "bad", ((1, meta[0]), message, on_error == "error")
+    first = min(metas, key=_pos)  # two passes over the (re-iterable) group: never all of it in memory
+    yield "meta", first
+    for meta in metas:
+        if meta[0] != first[0]:
+            message = curate.duplicate_id_message(
+                json.loads(id_json), _where(paths, meta[0]), _where(paths, first[0])
+            )
+            yield "bad", ((1, meta[0]), message, on_error == "error")
 
 
 def exact_groups(group: tuple[bytes, list]) -> Iterator[tuple[str, Any]]:
     """Records with one exact hash: the first stays ("meta"); later ones -> ("dup", (first pos, (pos, first id)))."""
-    metas = sorted(group[1])
-    yield "meta", metas[0]
-    for meta in metas[1:]:
-        yield "dup", (metas[0][0], (meta[0], metas[0][1]))
+    first = min(group[1], key=_pos)  # two passes, as in check_ids
+    yield "meta", first
+    for meta in group[1]:
+        if meta[0] != first[0]:
+            yield "dup", (first[0], (meta[0], first[1]))
 
 
 def band_entries(meta: tuple, cfg: CurateConfig) -> Iterator[tuple[tuple[int, int], tuple]]:
@@ -156,8 +180,11 @@ def band_entries(meta: tuple, cfg: CurateConfig) -> Iterator[tuple[tuple[int, in
 
 
 def bucket_pairs(group: tuple[Any, list], threshold: float) -> Iterator[tuple[int, tuple]]:
-    """Verified pairs of one LSH bucket: each member (input order) with the first member and its predecessor."""
-    members = sorted(group[1])
+    """Verified pairs of one LSH bucket: each member (input order) with the first member and its predecessor.
+
+    Holds the bucket (its members' signatures, 4K bytes each): buckets are near-duplicate groups after exact dedup.
+    """
+    members = sorted(group[1], key=_pos)
     if len(members) < 2:
         return
     pairs = sorted({(a, b) for b in range(1, len(members)) for a in (0, b - 1)})
@@ -328,11 +355,7 @@ def _build(beam, p, config: Config, shards: list, out_dir: str, part_dir: str) -
 def run(config: Config) -> None:
     """Curates `config.data.input` into `config.workdir` on Beam (see the module docstring); no resume."""
     cfg, start = config.curate, time.perf_counter()
-    beam, pipeline_options = _import_beam()
-    try:
-        options = pipeline_options(shlex.split(cfg.beam_options))
-    except ValueError as e:
-        raise ConfigError(f"curate.beam_options={cfg.beam_options!r}: {e}") from None
+    beam, options = _import_beam(), _options(cfg.beam_options)
     work_dir, out_dir = storage.join(config.workdir, "curate_work"), storage.join(config.workdir, "curated")
     part_dir = storage.join(config.workdir, "curate_beam")
     shards = curate.input_shards(config, work_dir)

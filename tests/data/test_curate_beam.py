@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -13,8 +14,10 @@ from jaxalign.data import curate, synthetic  # noqa: E402
 from jaxalign.errors import ConfigError, DataError  # noqa: E402
 from tests.data.test_curate import edit_one_word, make_config, outputs, write_jsonl  # noqa: E402
 
+# The engine the DirectRunner runs batch pipelines on, named so that it does not first try to download Prism.
+LOCAL = "--runner=FnApiRunner"
 # Two worker processes: every step is pickled and run outside the test process, as on a real runner.
-MULTI = "--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing"
+MULTI = f"{LOCAL} --direct_num_workers=2 --direct_running_mode=multi_processing"
 
 
 def report(workdir) -> dict:
@@ -22,7 +25,7 @@ def report(workdir) -> dict:
         return json.load(f)
 
 
-def run_both(pattern: str, tmp_path, on_error: str = "error", beam_options: str = "", **overrides):
+def run_both(pattern: str, tmp_path, on_error: str = "error", beam_options: str = LOCAL, **overrides):
     """Curates `pattern` with the local runner and the Beam runner; returns both reports after comparing files."""
     local, beam = tmp_path / "local", tmp_path / "beam"
     curate.run(make_config(pattern, local, on_error=on_error, **overrides))
@@ -102,16 +105,28 @@ def test_beam_matches_local_with_duplicates_across_files_and_bad_records(raw_rec
 
 
 def test_beam_raises_the_first_bad_record_and_writes_no_curated_file(tmp_path):
-    write_jsonl(tmp_path / "a.jsonl", [{"id": 1, "text": "fine"}, "{not json", {"id": 2}])
-    with pytest.raises(DataError, match=r"a\.jsonl:2: "):
-        curate.run(make_config(str(tmp_path / "a.jsonl"), tmp_path / "w", runner="beam"))
+    write_jsonl(
+        tmp_path / "a.jsonl", [{"id": 1, "text": "fine"}, "{not json", {"id": 2}, {"id": 1, "text": "x"}]
+    )
+    pattern = str(tmp_path / "a.jsonl")
+    with pytest.raises(DataError) as local:
+        curate.run(make_config(pattern, tmp_path / "local"))
+    with pytest.raises(DataError, match=r"a\.jsonl:2: ") as beam:
+        curate.run(make_config(pattern, tmp_path / "w", runner="beam", beam_options=LOCAL))
+    assert str(beam.value) == str(local.value)
     assert os.listdir(tmp_path / "w" / "curated") == []
 
 
-def test_unknown_beam_runner_is_a_one_line_config_error(tmp_path):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ("--runner=NoSuch", "Unexpected pipeline runner: NoSuch"),
+        (f"{MULTI}x", "argument --direct_running_mode: invalid choice: 'multi_processingx'"),
+    ],
+)
+def test_bad_beam_options_are_one_line_config_errors(tmp_path, flags, message):
     write_jsonl(tmp_path / "a.jsonl", [{"id": 1, "text": "fine"}])
-    config = make_config(
-        str(tmp_path / "a.jsonl"), tmp_path / "w", runner="beam", beam_options="--runner=NoSuch"
-    )
-    with pytest.raises(ConfigError, match=r"^curate\.beam_options='--runner=NoSuch': [^\n]*$"):
+    config = make_config(str(tmp_path / "a.jsonl"), tmp_path / "w", runner="beam", beam_options=flags)
+    pattern = rf"^curate\.beam_options={re.escape(repr(flags))}: {re.escape(message)}[^\n]*$"
+    with pytest.raises(ConfigError, match=pattern):
         curate.run(config)
