@@ -8,7 +8,7 @@ randomly chosen originals: exact copies, case and whitespace variants (removed b
 (substitute, delete or insert a word with probability 1-30%, each variant with its own seed). Everything is shuffled
 into 8 shards (half gzipped), so duplicates cross shards.
 
-Figures, with the true Jaccard computed exactly on word 5-gram sets (words as in curate.words):
+Figures, with the true Jaccard computed exactly on word 5-gram sets (words as in curate_minhash.words):
 - recall: planted variants with Jaccard >= 0.8 to their original that end in the original's cluster (one of the
   two removed as a duplicate of the other, or both of the same representative);
 - precision: records removed as duplicates whose Jaccard to the record named by `duplicate_of` is >= 0.7 (natural
@@ -40,7 +40,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from jaxalign import config as config_lib  # noqa: E402
-from jaxalign.data import curate  # noqa: E402
+from jaxalign.data import curate, curate_minhash  # noqa: E402
 from jaxalign.data import curate_filters as filters  # noqa: E402
 
 EDIT_RATES = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3)
@@ -59,7 +59,7 @@ def base_documents(num_docs: int, seed: int) -> list[str]:
             lines = f.read().splitlines()
         for start in range(0, len(lines), LINES_PER_DOC):
             piece = "\n".join(lines[start : start + LINES_PER_DOC])
-            if len(curate.words(piece)) >= 50:
+            if len(curate_minhash.words(piece)) >= 50:
                 pieces.append(piece)
     topics = [text for _, text in sorted(pydoc_data.topics.topics.items())]
     rng = random.Random(seed)
@@ -101,7 +101,7 @@ def plant(base: list[str], num_planted: int, seed: int) -> tuple[list[dict], lis
 
 
 def grams(text: str, n: int = 5) -> frozenset:
-    w = curate.words(text)
+    w = curate_minhash.words(text)
     return frozenset(tuple(w[i : i + n]) for i in range(max(1, len(w) - n + 1)))
 
 
@@ -181,14 +181,14 @@ def signature_speed(texts: list[str], num_perm: int = 112) -> dict[str, float]:
     """Docs/s of word 5-gram MinHash signatures (words to signature, one process): ours, and datasketch and rensa
     when importable (they are not dependencies: `pip install --target DIR datasketch rensa`, then PYTHONPATH=DIR)."""
     rates = {}
-    a_K, b_K = curate.permutations(num_perm, seed=0)
+    a_K, b_K = curate_minhash.permutations(num_perm, seed=0)
     t = time.perf_counter()
     for i in range(0, len(texts), 256):
-        batch = [curate.word_bytes(text.casefold()) for text in texts[i : i + 256]]
-        curate.minhash(*curate.shingles(batch, 5), len(batch), a_K, b_K)
+        batch = [curate_minhash.word_bytes(text.casefold()) for text in texts[i : i + 256]]
+        curate_minhash.minhash(*curate_minhash.shingles(batch, 5), len(batch), a_K, b_K)
     rates["jaxalign (numpy)"] = len(texts) / (time.perf_counter() - t)
     grams = lambda text: [
-        " ".join(w[i : i + 5]) for w in [curate.words(text)] for i in range(max(1, len(w) - 4))
+        " ".join(w[i : i + 5]) for w in [curate_minhash.words(text)] for i in range(max(1, len(w) - 4))
     ]
     try:
         import datasketch

@@ -6,8 +6,8 @@ Dataflow / Flink / Spark take their usual flags (see the README). Beam's DirectR
 it downloads from GitHub on first use (offline it falls back to the FnApiRunner after a few seconds);
 "--runner=FnApiRunner" runs the same in-process engine directly. Every record goes through
 `curate.process_record`, the local runner's per-record function (parse checks, exact hash, MinHash words, quality
-filters with C4 line drops, PII), and MinHash signatures through `curate.signatures`; LSH keys
-(`curate.band_keys`), pair verification (`curate.verified`) and clustering (`curate.components`) are shared too.
+filters with C4 line drops, PII), and MinHash signatures through `mh.signatures`; LSH keys
+(`mh.band_keys`), pair verification (`mh.verified`) and clustering (`mh.components`) are shared too.
 
 Pipeline (records are keyed by their global position pos = shard index << 32 | line number, so sorting positions
 is the local runner's input order: files in `sources.expand_glob` order, lines in file order):
@@ -18,7 +18,7 @@ is the local runner's input order: files in `sources.expand_glob` order, lines i
   near       each remaining record with words emits one (band, key) per LSH band -> GroupByKey -> each bucket, in
              input order, pairs every member with the bucket's first member and its predecessor (the local rule,
              so both runners verify the same pairs) -> pairs kept if their signatures agree on >= near_threshold.
-  cluster    every verified pair goes to ONE worker, which runs union-find (`curate.components`) over them and
+  cluster    every verified pair goes to ONE worker, which runs union-find (`mh.components`) over them and
              emits (member, the cluster's first record) for every non-first member. Its memory is O(P) for P
              verified duplicate pairs (two positions and two ids per pair), not O(N) records: datatrove's
              MinhashDedupCluster does the same. No other step holds more than one file, one id, one exact hash or
@@ -50,12 +50,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from absl import logging
 
 from jaxalign import storage
 from jaxalign.config import Config, CurateConfig
 from jaxalign.data import curate
 from jaxalign.data import curate_filters as filters
+from jaxalign.data import curate_minhash as mh
 from jaxalign.errors import ConfigError, DataError
 
 _INSTALL = "pip install 'jaxalign[beam]'"
@@ -100,12 +100,12 @@ def map_shard(
     (line_no, line, pii))), ("bad", (sort key, message, fatal)) and one ("counts", {stage timings})."""
     index, path = task
     stats, bad, chain = curate.Stats(), [], filters.enabled(cfg)
-    a_K, b_K = curate.permutations(cfg.num_bands * cfg.rows_per_band, seed)
+    a_K, b_K = mh.permutations(cfg.num_bands * cfg.rows_per_band, seed)
     pending: list[tuple[tuple, list[bytes]]] = []  # (meta without signature, words) awaiting a MinHash batch
 
     def flush() -> Iterator[tuple[str, Any]]:
         with stats.timed("minhash", 0):
-            sig_DxK = curate.signatures([w for _, w in pending], cfg, a_K, b_K)
+            sig_DxK = mh.signatures([w for _, w in pending], cfg, a_K, b_K)
         for (meta, words), sig in zip(pending, sig_DxK, strict=True):
             yield "meta", (*meta, sig.tobytes() if words else b"")
         pending.clear()
@@ -175,7 +175,7 @@ def exact_groups(group: tuple[bytes, list]) -> Iterator[tuple[str, Any]]:
 def band_entries(meta: tuple, cfg: CurateConfig) -> Iterator[tuple[tuple[int, int], tuple]]:
     """((band, LSH key), (pos, id_json, signature)) for each band of a record with words."""
     sig_1xK = np.frombuffer(meta[4], np.uint32)[None]
-    for band, key in enumerate(curate.band_keys(sig_1xK, cfg.num_bands, cfg.rows_per_band)[0].tolist()):
+    for band, key in enumerate(mh.band_keys(sig_1xK, cfg.num_bands, cfg.rows_per_band)[0].tolist()):
         yield (band, key), (meta[0], meta[1], meta[4])
 
 
@@ -190,7 +190,7 @@ def bucket_pairs(group: tuple[Any, list], threshold: float) -> Iterator[tuple[in
     pairs = sorted({(a, b) for b in range(1, len(members)) for a in (0, b - 1)})
     sig_MxK = np.stack([np.frombuffer(m[2], np.uint32) for m in members])
     a, b = np.array(pairs).T
-    for i, j in np.array(pairs)[curate.verified(sig_MxK[a], sig_MxK[b], threshold)].tolist():
+    for i, j in np.array(pairs)[mh.verified(sig_MxK[a], sig_MxK[b], threshold)].tolist():
         yield 0, (members[i][:2], members[j][:2])  # ((pos, id), (pos, id)), one key: see `cluster`
 
 
@@ -201,7 +201,7 @@ def cluster(group: tuple[int, list]) -> Iterator[tuple[int, tuple[int, str]]]:
         ids[p], ids[q] = pid, qid
     nodes = np.array(sorted(ids), np.int64)
     pairs = np.searchsorted(nodes, np.array([(p, q) for (p, _), (q, _) in verified_pairs], np.int64))
-    label = curate.components(len(nodes), pairs)
+    label = mh.components(len(nodes), pairs)
     for k in np.flatnonzero(label != np.arange(len(nodes))).tolist():
         first = int(nodes[label[k]])
         yield int(nodes[k]), (first, ids[first])
@@ -235,12 +235,9 @@ def write_shard(
     removed, counts = [], Counter(valid=len(valid), kept=len(kept))
     for line_no in sorted(valid):
         id_json, reason = valid[line_no]
-        reason, duplicate_of = dedup.get(line_no, (reason, None))
+        reason, duplicate_of = dedup.get(line_no, (reason, "null"))  # ids are never null
         if reason:
-            entry = {"id": json.loads(id_json), "reason": reason}
-            if duplicate_of is not None:
-                entry["duplicate_of"] = json.loads(duplicate_of)
-            removed.append(json.dumps(entry, ensure_ascii=False) + "\n")
+            removed.append(curate.removed_line(json.loads(id_json), reason, json.loads(duplicate_of)))
             counts[f"reason:{reason}"] += 1
     storage.write_atomic(storage.join(out_dir, names[index] + ".jsonl"), "".join(kept))
     storage.write_atomic(storage.join(part_dir, names[index] + ".removed.jsonl"), "".join(removed))
@@ -385,32 +382,15 @@ def run(config: Config) -> None:
     )
     for part in parts:
         storage.path(part).unlink()
-    listed = {q.name for q in storage.path(out_dir).iterdir()}
-    for stale in listed - {s.name + ".jsonl" for s in shards}:  # inputs the glob lost
-        storage.path(storage.join(out_dir, stale)).unlink()
+    curate.remove_stale_outputs(out_dir, shards)
 
-    reasons = {k.split(":", 1)[1]: int(v) for k, v in counts.items() if k.startswith("reason:")}
-    n_valid, n_kept = int(counts["valid"]), int(counts["kept"])
+    reasons = Counter({k.split(":", 1)[1]: int(v) for k, v in counts.items() if k.startswith("reason:")})
     stats = curate.Stats()
     for key, value in counts.items():
         kind, _, stage = key.partition(":")
         if kind in ("seconds", "docs"):
             getattr(stats, kind)[stage] += value
-    report = {
-        "input": config.data.input,
-        "runner": "beam",
-        "shards": {"total": len(shards), "mapped": len(shards), "written": len(shards)},
-        "records": {
-            "input": n_valid + int(counts["bad"]),
-            "bad": int(counts["bad"]),
-            "kept": n_kept,
-            "removed": n_valid - n_kept,
-        },
-        "removed_by_reason": {r: reasons[r] for r in sorted(reasons, key=curate.reason_order)},
-        "pii_replacements": {kind: int(counts[f"pii:{kind}"]) for kind in filters.PII_KINDS},
-        "stages": stats.table(),
-        "wall_seconds": round(time.perf_counter() - start, 3),
-        "bad_records": bad,
-    }
-    storage.write_atomic(storage.join(config.workdir, "curate_report.json"), json.dumps(report, indent=2))
-    logging.info("curate (beam): kept %d of %d records in %s", n_kept, n_valid, config.workdir)
+    shard_counts = {"total": len(shards), "mapped": len(shards), "written": len(shards)}
+    totals = {k: int(counts[k]) for k in ("valid", "bad", "kept")}
+    pii = [int(counts[f"pii:{kind}"]) for kind in filters.PII_KINDS]
+    curate.write_report(config, "beam", shard_counts, totals, reasons, pii, stats, start, bad)
