@@ -118,12 +118,12 @@ def write_shards(records: list[dict], directory: str) -> None:
                 f.write(json.dumps(record) + "\n")
 
 
-def run_curation(input_glob: str, workdir: str, workers: int) -> dict:
+def run_curation(input_glob: str, workdir: str, workers: int, **curate_overrides) -> dict:
     values = {
         "job": "curate",
         "workdir": workdir,
         "data": {"input": input_glob},
-        "curate": {"num_workers": workers},
+        "curate": {"num_workers": workers, **curate_overrides},
     }
     curate.run(config_lib.from_config_dict(values))
     with open(os.path.join(workdir, "curate_report.json")) as f:
@@ -216,6 +216,9 @@ def main() -> None:
     parser.add_argument("--planted", type=int, default=900)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="")
+    # Also curate on Apache Beam with these pipeline flags (needs the `beam` extra), e.g. "--runner=FnApiRunner
+    # --direct_num_workers=2 --direct_running_mode=multi_processing": its wall docs/s and byte-identity to 1 worker.
+    parser.add_argument("--beam_options", default="")
     args = parser.parse_args()
     root = args.workdir or tempfile.mkdtemp(prefix="curate_bench_")
     t = time.perf_counter()
@@ -234,9 +237,24 @@ def main() -> None:
     outputs = ["removed.jsonl"] + [
         os.path.join("curated", f) for f in sorted(os.listdir(os.path.join(root, "w1", "curated")))
     ]
-    identical = all(
-        filecmp.cmp(os.path.join(root, "w1", f), os.path.join(root, "w2", f), shallow=False) for f in outputs
+    same = lambda other: all(
+        filecmp.cmp(os.path.join(root, "w1", f), os.path.join(root, other, f), shallow=False) for f in outputs
     )
+    identical = same("w2")
+    beam = {}
+    if args.beam_options:
+        report = run_curation(
+            os.path.join(root, "input", "part-*"),
+            os.path.join(root, "beam"),
+            1,
+            runner="beam",
+            beam_options=args.beam_options,
+        )
+        beam = {
+            "identical_beam_vs_local": same("beam")
+            and len(os.listdir(os.path.join(root, "beam", "curated"))) == len(outputs) - 1,
+            "docs_per_s_wall_beam": round(report["records"]["input"] / report["wall_seconds"], 1),
+        }
 
     one = results[1]
     print(f"\nplanted with J>=0.8: {one['planted_j08']} ({one['recall_by_kind']} detected by kind)")
@@ -263,6 +281,11 @@ def main() -> None:
     print(f"{'docs/s overall (wall)':28s}" + "".join(f"{x:14.0f}" for x in walls))
     print(f"{'wall seconds':28s}" + "".join(f"{r['report']['wall_seconds']:14.1f}" for r in results.values()))
     print(f"1 and 2 workers byte-identical outputs: {identical}")
+    if beam:
+        print(
+            f"Beam ({args.beam_options}): {beam['docs_per_s_wall_beam']:.0f} docs/s (wall), byte-identical "
+            f"to 1 worker: {beam['identical_beam_vs_local']}"
+        )
     alone = filter_speed([r["text"] for r in records[:600]])
     print("alone on 600 docs, docs/s (1 process): " + ", ".join(f"{k} {v:.0f}" for k, v in alone.items()))
     speed = signature_speed([r["text"] for r in records[:1000]])
@@ -279,6 +302,7 @@ def main() -> None:
         "precision_j07": round(one["precision_j07"], 4),
         "near_precision_j07": round(one["near_precision_j07"], 4),
         "identical_1_vs_2_workers": identical,
+        **beam,
         "signature_docs_per_s": {k: round(v, 1) for k, v in speed.items()},
         "filter_alone_docs_per_s": {k: round(v, 1) for k, v in alone.items()},
     }

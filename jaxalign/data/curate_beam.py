@@ -96,7 +96,8 @@ def _where(paths: list[str], pos: int) -> str:
 def map_shard(
     task: tuple[int, str], cfg: CurateConfig, on_error: str, seed: int
 ) -> Iterator[tuple[str, Any]]:
-    """One input file -> tagged elements: ("meta", (pos, id_json, reason, exact, sig)), ("line", (shard,
+    """One input file -> tagged elements: ("meta", (pos, id_json, reason, exact, sig, band
+    keys)), ("line", (shard,
     (line_no, line, pii))), ("bad", (sort key, message, fatal)) and one ("counts", {stage timings})."""
     index, path = task
     stats, bad, chain = curate.Stats(), [], filters.enabled(cfg)
@@ -106,8 +107,9 @@ def map_shard(
     def flush() -> Iterator[tuple[str, Any]]:
         with stats.timed("minhash", 0):
             sig_DxK = mh.signatures([w for _, w in pending], cfg, a_K, b_K)
-        for (meta, words), sig in zip(pending, sig_DxK, strict=True):
-            yield "meta", (*meta, sig.tobytes() if words else b"")
+            key_DxB = mh.band_keys(sig_DxK, cfg.num_bands, cfg.rows_per_band)  # vectorised here, per batch
+        for (meta, words), sig, keys in zip(pending, sig_DxK, key_DxB.tolist(), strict=True):
+            yield "meta", (*meta, sig.tobytes() if words else b"", keys if words else [])
         pending.clear()
 
     records = curate.read_records(path, "skip", bad)
@@ -128,7 +130,7 @@ def map_shard(
                 if len(pending) == curate.SIG_BATCH_DOCS:
                     yield from flush()
             else:
-                yield "meta", (*meta, b"")
+                yield "meta", (*meta, b"", [])
     except DataError as e:  # an unreadable file fails the run whatever data.on_error says
         bad.append((str(e), True))
     if pending:
@@ -172,11 +174,10 @@ def exact_groups(group: tuple[bytes, list]) -> Iterator[tuple[str, Any]]:
             yield "dup", (first[0], (meta[0], first[1]))
 
 
-def band_entries(meta: tuple, cfg: CurateConfig) -> Iterator[tuple[tuple[int, int], tuple]]:
+def band_entries(meta: tuple) -> Iterator[tuple[tuple[int, int], tuple]]:
     """((band, LSH key), (pos, id_json, signature)) for each band of a record with words."""
-    sig_1xK = np.frombuffer(meta[4], np.uint32)[None]
-    for band, key in enumerate(mh.band_keys(sig_1xK, cfg.num_bands, cfg.rows_per_band)[0].tolist()):
-        yield (band, key), (meta[0], meta[1], meta[4])
+    for band, key in enumerate(meta[5]):
+        yield (band, key), meta[:2] + meta[4:5]
 
 
 def bucket_pairs(group: tuple[Any, list], threshold: float) -> Iterator[tuple[int, tuple]]:
@@ -299,7 +300,7 @@ def _build(beam, p, config: Config, shards: list, out_dir: str, part_dir: str) -
         near = (
             reps
             | "with words" >> beam.Filter(lambda m: len(m[4]) > 0)
-            | "bands" >> beam.FlatMap(band_entries, cfg=cfg)
+            | "bands" >> beam.FlatMap(band_entries)
             | "group buckets" >> beam.GroupByKey()
             | "pairs" >> beam.FlatMap(bucket_pairs, threshold=cfg.near_threshold)
             | "gather pairs" >> beam.GroupByKey()
