@@ -108,6 +108,18 @@ def read_records(path: str, on_error: str, bad: list[str]) -> Iterator[tuple[int
         raise DataError(f"{path}:{line_no + 1}: cannot read the file ({e})") from None
 
 
+def timed_records(path: str, on_error: str, bad: list[str], stats: Stats) -> Iterator[tuple[int, dict]]:
+    """`read_records`, its time and count added to `stats` as the "read" stage."""
+    records = read_records(path, on_error, bad)
+    while True:
+        with stats.timed("read", 0):
+            line_no, record = next(records, (0, None))
+        if record is None:
+            return
+        stats.docs["read"] += 1
+        yield line_no, record
+
+
 # --- shard bookkeeping ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Shard:
@@ -252,15 +264,9 @@ def _map_shard(shard: _Shard, cfg: CurateConfig, on_error: str, seed: int) -> St
     stats, bad, chain = Stats(), [], filters.enabled(cfg)
     ids, lines, reasons, exact, has_words, kept_index, pii, sigs, pending = [], [], [], [], [], [], [], [], []
     a_K, b_K = mh.permutations(cfg.num_bands * cfg.rows_per_band, seed)
-    records = read_records(shard.path, on_error, bad)
     # Streamed: a local file, or an object uploaded as it is written (published by the rename below).
     with storage.path(shard.work + ".docs.jsonl.tmp").open("w", encoding="utf-8") as out:
-        while True:
-            with stats.timed("read", 0):
-                line_no, record = next(records, (0, None))
-            if record is None:
-                break
-            stats.docs["read"] += 1
+        for line_no, record in timed_records(shard.path, on_error, bad, stats):
             ids.append(record["id"])
             lines.append(line_no)
             done = process_record(record, cfg, chain, stats)

@@ -35,6 +35,10 @@ as the usual DataError and no curated file is written; with "skip" bad records a
 Unlike the local runner the Beam runner does not resume finished shards: a run recomputes everything (a Beam runner
 retries failed work itself). Workers need jaxalign installed (on Dataflow: --setup_file or --extra_package).
 
+A record's metadata flows as a tuple `meta` = (pos, id_json, filter reason ("" = passed), exact hash (16 bytes),
+signature (K uint32 as bytes, b"" without words or near dedup), band keys (B ints, [] likewise)); id_json is the
+id as JSON, which keeps 1 and "1" apart as the local runner does.
+
 Shapes: K = num_bands * rows_per_band signature values (uint32), B = num_bands, P verified pairs.
 """
 
@@ -88,7 +92,7 @@ def _options(flags: str):
 
 
 def _where(paths: list[str], pos: int) -> str:
-    """ "file:line" of global position `pos`."""
+    """The "file:line" of global position `pos`."""
     return f"{paths[pos >> _LINE_BITS]}:{pos & ((1 << _LINE_BITS) - 1)}"
 
 
@@ -96,9 +100,9 @@ def _where(paths: list[str], pos: int) -> str:
 def map_shard(
     task: tuple[int, str], cfg: CurateConfig, on_error: str, seed: int
 ) -> Iterator[tuple[str, Any]]:
-    """One input file -> tagged elements: ("meta", (pos, id_json, reason, exact, sig, band
-    keys)), ("line", (shard,
-    (line_no, line, pii))), ("bad", (sort key, message, fatal)) and one ("counts", {stage timings})."""
+    """One input file -> tagged elements: ("meta", meta) per record (see the module docstring), ("line", (shard,
+    (line, JSONL line, pii counts))) per record the filters kept, ("bad", (sort key, message, fatal)) per bad line
+    and one ("counts", {stage: seconds or docs})."""
     index, path = task
     stats, bad, chain = curate.Stats(), [], filters.enabled(cfg)
     a_K, b_K = mh.permutations(cfg.num_bands * cfg.rows_per_band, seed)
@@ -112,14 +116,8 @@ def map_shard(
             yield "meta", (*meta, sig.tobytes() if words else b"", keys if words else [])
         pending.clear()
 
-    records = curate.read_records(path, "skip", bad)
     try:
-        while True:
-            with stats.timed("read", 0):
-                line_no, record = next(records, (0, None))
-            if record is None:
-                break
-            stats.docs["read"] += 1
+        for line_no, record in curate.timed_records(path, "skip", bad, stats):
             pos = index << _LINE_BITS | line_no
             done = curate.process_record(record, cfg, chain, stats)
             meta = (pos, json.dumps(record["id"], ensure_ascii=False), done.reason, done.exact)
