@@ -27,7 +27,8 @@ is the local runner's input order: files in `sources.expand_glob` order, lines i
              near dedup removed point at that record's representative (as the local runner does).
   write      GroupByKey per file: its kept lines minus dropped records -> W/curated/<shard>.jsonl, its removed
              entries -> a part of W/removed.jsonl, counts -> one combined summary.
-The driver then concatenates the removed parts in file order into W/removed.jsonl and writes W/curate_report.json
+The driver then concatenates the removed parts (W/curate_beam/<shard>.removed.jsonl, deleted after) in file order
+into W/removed.jsonl, reads the summaries (W/curate_beam/{counts,bad,fatal}.json) and writes W/curate_report.json
 (the local runner's counts, "runner": "beam"; timings are summed over workers). Outputs are byte-identical to the
 local runner's. Bad input: with data.on_error="error" the first bad record (in the local runner's order) is raised
 as the usual DataError and no curated file is written; with "skip" bad records are counted and listed.
