@@ -8,7 +8,7 @@ randomly chosen originals: exact copies, case and whitespace variants (removed b
 (substitute, delete or insert a word with probability 1-30%, each variant with its own seed). Everything is shuffled
 into 8 shards (half gzipped), so duplicates cross shards.
 
-Figures, with the true Jaccard computed exactly on word 5-gram sets (words as in curate.words):
+Figures, with the true Jaccard computed exactly on word 5-gram sets (words as in curate_minhash.words):
 - recall: planted variants with Jaccard >= 0.8 to their original that end in the original's cluster (one of the
   two removed as a duplicate of the other, or both of the same representative);
 - precision: records removed as duplicates whose Jaccard to the record named by `duplicate_of` is >= 0.7 (natural
@@ -40,7 +40,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from jaxalign import config as config_lib  # noqa: E402
-from jaxalign.data import curate  # noqa: E402
+from jaxalign.data import curate, curate_minhash  # noqa: E402
 from jaxalign.data import curate_filters as filters  # noqa: E402
 
 EDIT_RATES = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3)
@@ -59,7 +59,7 @@ def base_documents(num_docs: int, seed: int) -> list[str]:
             lines = f.read().splitlines()
         for start in range(0, len(lines), LINES_PER_DOC):
             piece = "\n".join(lines[start : start + LINES_PER_DOC])
-            if len(curate.words(piece)) >= 50:
+            if len(curate_minhash.words(piece)) >= 50:
                 pieces.append(piece)
     topics = [text for _, text in sorted(pydoc_data.topics.topics.items())]
     rng = random.Random(seed)
@@ -101,7 +101,7 @@ def plant(base: list[str], num_planted: int, seed: int) -> tuple[list[dict], lis
 
 
 def grams(text: str, n: int = 5) -> frozenset:
-    w = curate.words(text)
+    w = curate_minhash.words(text)
     return frozenset(tuple(w[i : i + n]) for i in range(max(1, len(w) - n + 1)))
 
 
@@ -118,12 +118,12 @@ def write_shards(records: list[dict], directory: str) -> None:
                 f.write(json.dumps(record) + "\n")
 
 
-def run_curation(input_glob: str, workdir: str, workers: int) -> dict:
+def run_curation(input_glob: str, workdir: str, workers: int, **curate_overrides) -> dict:
     values = {
         "job": "curate",
         "workdir": workdir,
         "data": {"input": input_glob},
-        "curate": {"num_workers": workers},
+        "curate": {"num_workers": workers, **curate_overrides},
     }
     curate.run(config_lib.from_config_dict(values))
     with open(os.path.join(workdir, "curate_report.json")) as f:
@@ -181,14 +181,14 @@ def signature_speed(texts: list[str], num_perm: int = 112) -> dict[str, float]:
     """Docs/s of word 5-gram MinHash signatures (words to signature, one process): ours, and datasketch and rensa
     when importable (they are not dependencies: `pip install --target DIR datasketch rensa`, then PYTHONPATH=DIR)."""
     rates = {}
-    a_K, b_K = curate.permutations(num_perm, seed=0)
+    a_K, b_K = curate_minhash.permutations(num_perm, seed=0)
     t = time.perf_counter()
     for i in range(0, len(texts), 256):
-        batch = [curate.word_bytes(text.casefold()) for text in texts[i : i + 256]]
-        curate.minhash(*curate.shingles(batch, 5), len(batch), a_K, b_K)
+        batch = [curate_minhash.word_bytes(text.casefold()) for text in texts[i : i + 256]]
+        curate_minhash.minhash(*curate_minhash.shingles(batch, 5), len(batch), a_K, b_K)
     rates["jaxalign (numpy)"] = len(texts) / (time.perf_counter() - t)
     grams = lambda text: [
-        " ".join(w[i : i + 5]) for w in [curate.words(text)] for i in range(max(1, len(w) - 4))
+        " ".join(w[i : i + 5]) for w in [curate_minhash.words(text)] for i in range(max(1, len(w) - 4))
     ]
     try:
         import datasketch
@@ -216,6 +216,9 @@ def main() -> None:
     parser.add_argument("--planted", type=int, default=900)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="")
+    # Also curate on Apache Beam with these pipeline flags (needs the `beam` extra), e.g. "--runner=FnApiRunner
+    # --direct_num_workers=2 --direct_running_mode=multi_processing": its wall docs/s and byte-identity to 1 worker.
+    parser.add_argument("--beam_options", default="")
     args = parser.parse_args()
     root = args.workdir or tempfile.mkdtemp(prefix="curate_bench_")
     t = time.perf_counter()
@@ -234,9 +237,24 @@ def main() -> None:
     outputs = ["removed.jsonl"] + [
         os.path.join("curated", f) for f in sorted(os.listdir(os.path.join(root, "w1", "curated")))
     ]
-    identical = all(
-        filecmp.cmp(os.path.join(root, "w1", f), os.path.join(root, "w2", f), shallow=False) for f in outputs
+    same = lambda other: all(
+        filecmp.cmp(os.path.join(root, "w1", f), os.path.join(root, other, f), shallow=False) for f in outputs
     )
+    identical = same("w2")
+    beam = {}
+    if args.beam_options:
+        report = run_curation(
+            os.path.join(root, "input", "part-*"),
+            os.path.join(root, "beam"),
+            1,
+            runner="beam",
+            beam_options=args.beam_options,
+        )
+        beam = {
+            "identical_beam_vs_local": same("beam")
+            and len(os.listdir(os.path.join(root, "beam", "curated"))) == len(outputs) - 1,
+            "docs_per_s_wall_beam": round(report["records"]["input"] / report["wall_seconds"], 1),
+        }
 
     one = results[1]
     print(f"\nplanted with J>=0.8: {one['planted_j08']} ({one['recall_by_kind']} detected by kind)")
@@ -263,6 +281,11 @@ def main() -> None:
     print(f"{'docs/s overall (wall)':28s}" + "".join(f"{x:14.0f}" for x in walls))
     print(f"{'wall seconds':28s}" + "".join(f"{r['report']['wall_seconds']:14.1f}" for r in results.values()))
     print(f"1 and 2 workers byte-identical outputs: {identical}")
+    if beam:
+        print(
+            f"Beam ({args.beam_options}): {beam['docs_per_s_wall_beam']:.0f} docs/s (wall), byte-identical "
+            f"to 1 worker: {beam['identical_beam_vs_local']}"
+        )
     alone = filter_speed([r["text"] for r in records[:600]])
     print("alone on 600 docs, docs/s (1 process): " + ", ".join(f"{k} {v:.0f}" for k, v in alone.items()))
     speed = signature_speed([r["text"] for r in records[:1000]])
@@ -279,6 +302,7 @@ def main() -> None:
         "precision_j07": round(one["precision_j07"], 4),
         "near_precision_j07": round(one["near_precision_j07"], 4),
         "identical_1_vs_2_workers": identical,
+        **beam,
         "signature_docs_per_s": {k: round(v, 1) for k, v in speed.items()},
         "filter_alone_docs_per_s": {k: round(v, 1) for k, v in alone.items()},
     }

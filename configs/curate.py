@@ -36,6 +36,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "fineweb_filters": True,
             "pii": True,
             "num_workers": 2,
+            # "beam": the same stages on Apache Beam (pip install 'jaxalign[beam]'), e.g. on Dataflow with
+            # beam_options="--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp".
+            "runner": "local",
+            "beam_options": "",
         }
     )
     if arg == "smoke":  # one process, 32 permutations

@@ -261,6 +261,11 @@ class CurateConfig:
     fineweb_filters: bool = True
     pii: bool = True
     num_workers: int = 2
+    # Where the stages run: "local" (num_workers processes, resumable per shard) or "beam" (an Apache Beam
+    # pipeline, jaxalign/data/curate_beam.py; needs the `beam` extra). beam_options: Beam pipeline flags
+    # (e.g. "--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp"); "" = Beam's local runner.
+    runner: Literal["local", "beam"] = "local"
+    beam_options: str = ""
 
     def __post_init__(self):
         _check_ranges(CurateConfig, vars(self), "curate")

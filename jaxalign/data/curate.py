@@ -23,11 +23,14 @@ Markers are written last, atomically (`storage.write_atomic`), and name the inpu
 and the output sizes; a re-run skips every shard whose marker still matches. Every step is a function of its shard
 and the global decision only, so 1 and N workers write byte-identical files.
 
+`curate.runner="beam"` runs the same stages, through the same per-record function (`process_record`), as an Apache
+Beam pipeline with byte-identical outputs (curate_beam.py; no per-shard resume there).
+
 Outputs: W/curated/*.jsonl (kept records, all fields, scrubbed text), W/removed.jsonl (one
 `{"id", "reason", "duplicate_of"?}` per removed record, input order), W/curate_report.json (counts per reason,
 docs/s per stage), W/config.json.
 
-Shapes: N records, K = num_bands * rows_per_band permutations, S shingles, P candidate pairs.
+Shapes: N records, K = num_bands * rows_per_band permutations (MinHash itself: curate_minhash.py).
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ import functools
 import gzip
 import hashlib
 import io
-import itertools
 import json
 import multiprocessing
 import os
@@ -56,154 +58,14 @@ from absl import logging
 from jaxalign import storage
 from jaxalign.config import Config, CurateConfig
 from jaxalign.data import curate_filters as filters
+from jaxalign.data import curate_minhash as mh
 from jaxalign.data import sources
 from jaxalign.errors import ConfigError, DataError
 
 # Bump when the map stage's output changes meaning: finished shards of older versions are then re-processed.
 _FORMAT_VERSION = 1
-_WORD_RE = re.compile(r"\w+")
-_SIG_BATCH_DOCS = 256  # documents per vectorised MinHash call
-_SIG_CHUNK_ROWS = 4096  # shingles per [rows, K] block: 4096 x 112 x 8 B = 3.7 MB stays in cache
-_MAX_BAD_LISTED = 100
-
-# --- MinHash -------------------------------------------------------------------------------------------------------
-_word_hash_cache: dict[bytes, int] = {}
-# ASCII bytes -> itself for [A-Za-z0-9_] (what `\w` matches in ASCII), else a space: words by bytes.split().
-_ASCII_WORDS = bytes(c if chr(c).isalnum() and c < 128 or c == ord("_") else 32 for c in range(256))
-
-
-def words(text: str) -> list[str]:
-    """The words MinHash and the benchmark's true Jaccard use: `\\w+` runs of the casefolded text."""
-    return _WORD_RE.findall(text.casefold())
-
-
-def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Parameters (a_K odd, b_K) of K multiply-add-shift hashes h(x) = (a x + b mod 2^64) >> 32 of 32-bit x.
-
-    Multiply-add-shift is strongly universal from 32 to 32 bits (Dietzfelbinger 1996), the standard stand-in for
-    random permutations in MinHash, and needs only wrapping uint64 arithmetic.
-    """
-    rng = np.random.default_rng([seed, 0x6D696E68617368])
-    a = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64) | np.uint64(1)
-    b = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64)
-    return a, b
-
-
-def word_bytes(folded: str) -> list[bytes]:
-    """`\\w+` words of casefolded text as UTF-8; ASCII text is split as bytes (8x faster than the regex, same words)."""
-    if folded.isascii():
-        return folded.encode().translate(_ASCII_WORDS).split()
-    return [w.encode("utf-8", "surrogatepass") for w in _WORD_RE.findall(folded)]
-
-
-def shingles(doc_words: list[list[bytes]], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """32-bit hashes x_S (as uint64) of D documents' word n-grams and their document index doc_S, sorted by document.
-
-    A document with fewer than n words has one shingle, of all its words; one without words has none. The n-gram keys
-    of all documents are computed together on the concatenated words, and keys crossing a document end dropped.
-    """
-    cache = _word_hash_cache
-    if len(cache) > 2_000_000:
-        cache.clear()
-    all_words = list(itertools.chain.from_iterable(doc_words))
-    for w in set(all_words).difference(cache):
-        cache[w] = int.from_bytes(hashlib.blake2b(w, digest_size=8).digest())
-    ids_T = np.fromiter(map(cache.__getitem__, all_words), np.uint64, len(all_words))
-    length_D = np.array([len(w) for w in doc_words], np.int64)
-    start_D = np.cumsum(length_D) - length_D
-    doc_T = np.repeat(np.arange(len(doc_words)), length_D)
-    keys = filters.mix64(ids_T + np.uint64(1))  # k-gram keys at every position, k = 1 ... n (see ngram_keys)
-    x, doc = [], []
-    for k in range(1, n + 1):
-        if k > 1:
-            keys = filters.mix64(keys[:-1] ^ ids_T[k - 1 :])
-        if k < n:
-            short = np.flatnonzero(length_D == k)
-            x.append(keys[start_D[short]])
-            doc.append(short)
-    d = doc_T[: len(keys)]
-    inside = np.arange(len(keys)) - start_D[d] <= length_D[d] - n
-    x.append(keys[inside])
-    doc.append(d[inside])
-    x_S, doc_S = np.concatenate(x), np.concatenate(doc)
-    order = np.argsort(doc_S, kind="stable")
-    return x_S[order] >> np.uint64(32), doc_S[order]
-
-
-def minhash(
-    x_S: np.ndarray, doc_S: np.ndarray, num_docs: int, a_K: np.ndarray, b_K: np.ndarray
-) -> np.ndarray:
-    """MinHash signatures [D, K] uint32 of shingles x_S grouped by (sorted) doc_S, hashed in [rows, K] blocks.
-
-    A document without shingles keeps the all-ones signature (never used: it is not near-deduplicated).
-    """
-    sig_DxK = np.full((num_docs, len(a_K)), np.iinfo(np.uint32).max, np.uint64)
-    for start in range(0, len(x_S), _SIG_CHUNK_ROWS):
-        x, doc = x_S[start : start + _SIG_CHUNK_ROWS], doc_S[start : start + _SIG_CHUNK_ROWS]
-        h_RxK = np.multiply.outer(x, a_K)
-        h_RxK += b_K
-        h_RxK >>= np.uint64(32)
-        seg = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])  # each document's run of rows in this block
-        d = doc[seg]
-        sig_DxK[d] = np.minimum(sig_DxK[d], np.minimum.reduceat(h_RxK, seg, axis=0))
-    return sig_DxK.astype(np.uint32)
-
-
-def candidate_pairs(sig_NxK: np.ndarray, num_bands: int, rows: int, threshold: float) -> np.ndarray:
-    """Pairs [P, 2] (i < j) that share a band and whose signatures agree on >= `threshold` of the K hashes.
-
-    Within a band's bucket (members in index order) every member is paired with the bucket's first member and its
-    predecessor, so a bucket of m records costs < 2m pairs. Band keys are 64-bit hashes of the band's rows
-    (colliding with probability ~N^2 / 2^64, and verification catches a collision anyway).
-    """
-    n = len(sig_NxK)
-    pos = np.arange(n)
-    found = []
-    for band in range(num_bands):
-        cols = sig_NxK[:, band * rows : (band + 1) * rows].astype(np.uint64)
-        key = filters.mix64(cols[:, 0] + np.uint64(1))
-        for c in range(1, rows):
-            key = filters.mix64(key ^ cols[:, c])
-        order = np.argsort(key, kind="stable")
-        k = key[order]
-        is_start = np.r_[True, k[1:] != k[:-1]]
-        if is_start.all():
-            continue
-        first = order[np.maximum.accumulate(np.where(is_start, pos, 0))]
-        member = np.flatnonzero(~is_start)
-        found.append(np.stack([first[member], order[member]], 1))
-        found.append(np.stack([order[member - 1], order[member]], 1))
-    if not found:
-        return np.zeros((0, 2), np.int64)
-    pairs = np.unique(np.concatenate(found).astype(np.int64), axis=0)
-    if threshold <= 0:
-        return pairs
-    keep = np.concatenate(
-        [
-            (sig_NxK[p[:, 0]] == sig_NxK[p[:, 1]]).mean(axis=1) >= threshold
-            for p in np.array_split(pairs, max(1, len(pairs) // 65536))
-        ]
-    )
-    return pairs[keep]
-
-
-def components(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Connected components [N] of the graph with edges `pairs`, each labelled by its smallest member.
-
-    Vectorised union-find: every round hooks each edge's two roots to the smaller one, then pointer-jumps until every
-    node points at its root. Labels only decrease, so no cycles form and the root is the component's minimum.
-    """
-    label = np.arange(n)
-    i, j = pairs[:, 0], pairs[:, 1]
-    while True:
-        li, lj = label[i], label[j]
-        if np.array_equal(li, lj):
-            return label
-        low = np.minimum(li, lj)
-        np.minimum.at(label, li, low)
-        np.minimum.at(label, lj, low)
-        while not np.array_equal(label[label], label):
-            label = label[label]
+SIG_BATCH_DOCS = 256  # documents per vectorised MinHash call
+MAX_BAD_LISTED = 100
 
 
 # --- reading input --------------------------------------------------------------------------------------------------
@@ -226,7 +88,7 @@ def _parse(raw: bytes, where: str) -> dict:
     return record
 
 
-def _records(path: str, on_error: str, bad: list[str]) -> Iterator[tuple[int, dict]]:
+def read_records(path: str, on_error: str, bad: list[str]) -> Iterator[tuple[int, dict]]:
     """Yields (line number, record) of one JSONL(.gz) file; bad lines raise DataError or, with "skip", go to `bad`."""
     line_no = 0
     try:
@@ -246,6 +108,18 @@ def _records(path: str, on_error: str, bad: list[str]) -> Iterator[tuple[int, di
         raise DataError(f"{path}:{line_no + 1}: cannot read the file ({e})") from None
 
 
+def timed_records(path: str, on_error: str, bad: list[str], stats: Stats) -> Iterator[tuple[int, dict]]:
+    """`read_records`, its time and count added to `stats` as the "read" stage."""
+    records = read_records(path, on_error, bad)
+    while True:
+        with stats.timed("read", 0):
+            line_no, record = next(records, (0, None))
+        if record is None:
+            return
+        stats.docs["read"] += 1
+        yield line_no, record
+
+
 # --- shard bookkeeping ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Shard:
@@ -255,7 +129,7 @@ class _Shard:
     fingerprint: str  # digest of the input file's identity and every setting the map stage reads
 
 
-class _Stats:
+class Stats:
     """Documents and seconds per stage (a stage's seconds are summed over workers)."""
 
     def __init__(self):
@@ -269,7 +143,7 @@ class _Stats:
         self.seconds[stage] += time.perf_counter() - t
         self.docs[stage] += docs
 
-    def add(self, other: _Stats) -> None:
+    def add(self, other: Stats) -> None:
         self.seconds.update(other.seconds)
         self.docs.update(other.docs)
 
@@ -325,9 +199,9 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def _shards(config: Config, work_dir: str) -> list[_Shard]:
-    # The map stage reads every curate setting but these three, which act later.
-    later = ("num_workers", "exact_dedup", "near_threshold")
+def input_shards(config: Config, work_dir: str) -> list[_Shard]:
+    # The map stage reads every curate setting but these, which act later or choose only how it runs.
+    later = ("num_workers", "exact_dedup", "near_threshold", "runner", "beam_options")
     settings = {k: v for k, v in dataclasses.asdict(config.curate).items() if k not in later}
     shards = []
     for i, path in enumerate(sources.expand_glob(config.data.input)):
@@ -350,52 +224,70 @@ def _shards(config: Config, work_dir: str) -> list[_Shard]:
 
 
 # --- map: one shard in a worker --------------------------------------------------------------------------------------
-def _map_shard(shard: _Shard, cfg: CurateConfig, on_error: str, seed: int) -> _Stats:
+@dataclasses.dataclass(frozen=True)
+class Processed:
+    """What the map stage derives from one parsed record (both runners call `process_record`)."""
+
+    exact: bytes  # 16-byte blake2b of the normalised text: the exact-dedup key
+    words: list[bytes] | None  # MinHash words (None without near dedup); signatures are computed in batches
+    reason: str  # the first failing quality filter's reason, "" if the record passed
+    line: str  # the kept record (scrubbed text) as its curated JSONL line, "" if a filter removed it
+    pii: tuple[int, int, int]  # replacements per kind of filters.PII_KINDS in `line`
+
+
+def process_record(record: dict, cfg: CurateConfig, chain: list, stats: Stats) -> Processed:
+    """Exact hash, MinHash words, quality filters (`chain` = filters.enabled(cfg)) and PII of one record."""
+    text = record["text"]
+    with stats.timed("exact_hash"):
+        folded = text.casefold()
+        exact = hashlib.blake2b(" ".join(folded.split()).encode(), digest_size=16).digest()
+    doc_words = None
+    if cfg.near_dedup:
+        with stats.timed("minhash"):
+            doc_words = mh.word_bytes(folded)
+    reason = ""
+    for name, fn in chain:
+        with stats.timed(name):
+            reason, text = fn(text)
+        if reason:
+            return Processed(exact, doc_words, reason, "", (0, 0, 0))
+    counts = (0, 0, 0)
+    if cfg.pii:
+        with stats.timed("pii"):
+            text, counts = filters.scrub_pii(text)
+    line = json.dumps({**record, "text": text}, ensure_ascii=False) + "\n"
+    return Processed(exact, doc_words, "", line, counts)
+
+
+def _map_shard(shard: _Shard, cfg: CurateConfig, on_error: str, seed: int) -> Stats:
     """Reads one shard; writes per-record hashes, signatures and filter reasons, and the scrubbed passing records."""
-    stats, bad, chain = _Stats(), [], filters.enabled(cfg)
+    stats, bad, chain = Stats(), [], filters.enabled(cfg)
     ids, lines, reasons, exact, has_words, kept_index, pii, sigs, pending = [], [], [], [], [], [], [], [], []
-    a_K, b_K = permutations(cfg.num_bands * cfg.rows_per_band, seed)
-    records = _records(shard.path, on_error, bad)
+    a_K, b_K = mh.permutations(cfg.num_bands * cfg.rows_per_band, seed)
     # Streamed: a local file, or an object uploaded as it is written (published by the rename below).
     with storage.path(shard.work + ".docs.jsonl.tmp").open("w", encoding="utf-8") as out:
-        while True:
-            with stats.timed("read", 0):
-                line_no, record = next(records, (0, None))
-            if record is None:
-                break
-            stats.docs["read"] += 1
+        for line_no, record in timed_records(shard.path, on_error, bad, stats):
             ids.append(record["id"])
             lines.append(line_no)
-            text = record["text"]
-            with stats.timed("exact_hash"):
-                folded = text.casefold()
-                exact.append(hashlib.blake2b(" ".join(folded.split()).encode(), digest_size=16).digest())
+            done = process_record(record, cfg, chain, stats)
+            exact.append(done.exact)
             if cfg.near_dedup:
-                with stats.timed("minhash"):
-                    pending.append(word_bytes(folded))
-                    has_words.append(len(pending[-1]) > 0)
-                    if len(pending) == _SIG_BATCH_DOCS:
-                        sigs.append(minhash(*shingles(pending, cfg.ngram), len(pending), a_K, b_K))
-                        pending = []
-            reason = ""
-            for name, fn in chain:
-                with stats.timed(name):
-                    reason, text = fn(text)
-                if reason:
-                    break
-            reasons.append(reason)
-            if reason:
+                pending.append(done.words)
+                has_words.append(len(done.words) > 0)
+                if len(pending) == SIG_BATCH_DOCS:
+                    with stats.timed("minhash", 0):
+                        sigs.append(mh.signatures(pending, cfg, a_K, b_K))
+                    pending = []
+            reasons.append(done.reason)
+            if done.reason:
                 continue
             if cfg.pii:
-                with stats.timed("pii"):
-                    text, counts = filters.scrub_pii(text)
-                pii.append(counts)
-            record["text"] = text
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                pii.append(done.pii)
+            out.write(done.line)
             kept_index.append(len(ids) - 1)
         if pending:
             with stats.timed("minhash", 0):
-                sigs.append(minhash(*shingles(pending, cfg.ngram), len(pending), a_K, b_K))
+                sigs.append(mh.signatures(pending, cfg, a_K, b_K))
     storage.path(shard.work + ".docs.jsonl.tmp").replace(shard.work + ".docs.jsonl")
 
     n, k = len(ids), cfg.num_bands * cfg.rows_per_band if cfg.near_dedup else 0
@@ -424,13 +316,18 @@ class _Decision:
     bad: list[str]  # "file:line: message" of every skipped record
 
 
+def duplicate_id_message(record_id: Any, at: str, first_at: str) -> str:
+    """The bad-record line of a repeated id ("file:line" of this record and of the id's first record)."""
+    return f"{at}: duplicate id {record_id!r} (first at {first_at}); ids must be unique"
+
+
 def _check_ids(ids: list, where: Callable[[int], str], on_error: str, bad: list[str]) -> np.ndarray:
     skipped = np.zeros(len(ids), bool)
     first_seen: dict[Any, int] = {}
     for k, record_id in enumerate(ids):
         first = first_seen.setdefault(record_id, k)
         if first != k:
-            message = f"{where(k)}: duplicate id {record_id!r} (first at {where(first)}); ids must be unique"
+            message = duplicate_id_message(record_id, where(k), where(first))
             if on_error == "error":
                 raise DataError(message)
             bad.append(message)
@@ -438,7 +335,7 @@ def _check_ids(ids: list, where: Callable[[int], str], on_error: str, bad: list[
     return skipped
 
 
-def _decide(shards: list[_Shard], arrays: dict, cfg: CurateConfig, on_error: str, stats: _Stats) -> _Decision:
+def _decide(shards: list[_Shard], arrays: dict, cfg: CurateConfig, on_error: str, stats: Stats) -> _Decision:
     metas = []
     for shard in shards:
         metas.append(json.loads(storage.read_text(shard.work + ".meta.json")))
@@ -464,10 +361,10 @@ def _decide(shards: list[_Shard], arrays: dict, cfg: CurateConfig, on_error: str
     if cfg.near_dedup:
         idx = np.flatnonzero(~skipped & arrays["has_words_N"] & (duplicate_of < 0))
         with stats.timed("near_dedup", len(idx)):
-            pairs = candidate_pairs(
+            pairs = mh.candidate_pairs(
                 arrays["sig_NxK"][idx], cfg.num_bands, cfg.rows_per_band, cfg.near_threshold
             )
-            label = components(len(idx), pairs)
+            label = mh.components(len(idx), pairs)
             removed = label != np.arange(len(idx))
             duplicate_of[idx[removed]] = idx[label[removed]]
             near[idx[removed]] = True
@@ -490,8 +387,8 @@ class _Write:
     key: str  # digest of the map fingerprint and `drop`: the marker goes stale when either changes
 
 
-def _write_shard(task: _Write) -> _Stats:
-    stats, drop = _Stats(), set(task.drop)
+def _write_shard(task: _Write) -> Stats:
+    stats, drop = Stats(), set(task.drop)
     kept_index = _load_npz(task.work + ".npz")["kept_index"].tolist()
 
     def copy(out):
@@ -540,12 +437,16 @@ def run(config: Config) -> None:
     cfg, start = config.curate, time.perf_counter()
     if not config.data.input:
         raise ConfigError("data.input is empty: curation needs --config.data.input=GLOB of JSONL(.gz) files")
+    if cfg.runner == "beam":  # the same stages as an Apache Beam pipeline (the `beam` extra)
+        from jaxalign.data import curate_beam
+
+        return curate_beam.run(config)
     work_dir, out_dir = storage.join(config.workdir, "curate_work"), storage.join(config.workdir, "curated")
-    shards = _shards(config, work_dir)
+    shards = input_shards(config, work_dir)
     storage.path(work_dir).mkdir(parents=True, exist_ok=True)
     storage.path(out_dir).mkdir(parents=True, exist_ok=True)
     _write_atomic(storage.join(config.workdir, "config.json"), lambda f: f.write(config.to_json()))
-    sizes, stats = [_size(s.path) for s in shards], _Stats()
+    sizes, stats = [_size(s.path) for s in shards], Stats()
     with _Pool(cfg.num_workers) as pool:
         to_map = [k for k, s in enumerate(shards) if not _done(s.work + ".map.done", s.fingerprint)]
         logging.info("curate: %d shards, %d mapped before", len(shards), len(shards) - len(to_map))
@@ -575,44 +476,76 @@ def run(config: Config) -> None:
             _write_shard, [writes[k] for k in to_write], [sizes[k] for k in to_write]
         ):
             stats.add(shard_stats)
-    listed = {p.name for p in storage.path(out_dir).iterdir()}
-    for stale in listed - {s.name + ".jsonl" for s in shards}:  # inputs the glob lost
-        storage.path(storage.join(out_dir, stale)).unlink()
+    remove_stale_outputs(out_dir, shards)
 
     removed = [k for k, r in enumerate(d.reasons) if r and not d.skipped[k]]
 
     def removed_lines(f):
         for k in removed:
-            entry = {"id": d.ids[k], "reason": d.reasons[k]}
-            if d.duplicate_of[k] >= 0:
-                entry["duplicate_of"] = d.ids[d.duplicate_of[k]]
-            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            dup = d.ids[d.duplicate_of[k]] if d.duplicate_of[k] >= 0 else None
+            f.write(removed_line(d.ids[k], d.reasons[k], dup))
 
     _write_atomic(storage.join(config.workdir, "removed.jsonl"), removed_lines)
-    by_reason = Counter(d.reasons[k] for k in removed)
     n_valid = len(d.ids) - int(d.skipped.sum())
+    counts = {"valid": n_valid, "bad": len(d.bad), "kept": n_valid - len(removed)}
+    shard_counts = {"total": len(shards), "mapped": len(to_map), "written": len(to_write)}
+    reasons = Counter(d.reasons[k] for k in removed)
+    write_report(config, "local", shard_counts, counts, reasons, pii.tolist(), stats, start, d.bad)
+
+
+def removed_line(record_id: Any, reason: str, duplicate_of: Any = None) -> str:
+    """One line of W/removed.jsonl: `{"id", "reason", "duplicate_of"?}` (duplicate_of: the kept record's id)."""
+    entry = {"id": record_id, "reason": reason}
+    if duplicate_of is not None:
+        entry["duplicate_of"] = duplicate_of
+    return json.dumps(entry, ensure_ascii=False) + "\n"
+
+
+def remove_stale_outputs(out_dir: str, shards: list[_Shard]) -> None:
+    """Deletes curated files of inputs the glob no longer matches."""
+    listed = {p.name for p in storage.path(out_dir).iterdir()}
+    for stale in listed - {s.name + ".jsonl" for s in shards}:
+        storage.path(storage.join(out_dir, stale)).unlink()
+
+
+def write_report(
+    config: Config,
+    runner: str,
+    shards: dict[str, int],
+    counts: dict[str, int],
+    reasons: Counter,
+    pii: list[int],
+    stats: Stats,
+    start: float,
+    bad: list[str],
+) -> None:
+    """W/curate_report.json. counts: "valid" (parsed, unique-id records), "bad", "kept"; reasons: removed records
+    per reason; pii: replacements per filters.PII_KINDS; bad: the first bad-record messages; start: perf_counter."""
     report = {
         "input": config.data.input,
-        "shards": {"total": len(shards), "mapped": len(to_map), "written": len(to_write)},
+        "runner": runner,
+        "shards": shards,
         "records": {
-            "input": n_valid + len(d.bad),
-            "bad": len(d.bad),
-            "kept": n_valid - len(removed),
-            "removed": len(removed),
+            "input": counts["valid"] + counts["bad"],
+            "bad": counts["bad"],
+            "kept": counts["kept"],
+            "removed": counts["valid"] - counts["kept"],
         },
-        "removed_by_reason": {r: by_reason[r] for r in sorted(by_reason, key=_reason_order)},
-        "pii_replacements": dict(zip(filters.PII_KINDS, pii.tolist(), strict=True)),
+        "removed_by_reason": {r: reasons[r] for r in sorted(reasons, key=reason_order)},
+        "pii_replacements": dict(zip(filters.PII_KINDS, pii, strict=True)),
         # This run's work only; a stage's seconds are summed over workers, so docs_per_s is a per-process rate.
         "stages": stats.table(),
         "wall_seconds": round(time.perf_counter() - start, 3),
-        "bad_records": d.bad[:_MAX_BAD_LISTED],
+        "bad_records": bad[:MAX_BAD_LISTED],
     }
     _write_atomic(
         storage.join(config.workdir, "curate_report.json"), lambda f: json.dump(report, f, indent=2)
     )
-    logging.info("curate: kept %d of %d records in %s", n_valid - len(removed), len(d.ids), config.workdir)
+    logging.info(
+        "curate (%s): kept %d of %d records in %s", runner, counts["kept"], counts["valid"], config.workdir
+    )
 
 
-def _reason_order(reason: str) -> tuple[int, str]:
+def reason_order(reason: str) -> tuple[int, str]:
     families = ("exact_duplicate", "near_duplicate", "gopher_repetition", "gopher_quality", "c4", "fineweb")
     return families.index(reason.split(":")[0]), reason

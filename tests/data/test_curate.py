@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from jaxalign import config as config_lib
-from jaxalign.data import curate
+from jaxalign.data import curate, curate_minhash
 from jaxalign.data import curate_filters as filters
 from jaxalign.errors import ConfigError, DataError
 
@@ -140,14 +140,14 @@ def test_near_duplicates_are_removed_and_unrelated_documents_kept(tmp_path):
 def test_minhash_estimates_jaccard_and_components_match_union_find():
     rng = random.Random(2)
     base = document(rng, 6).split(" ")
-    a_K, b_K = curate.permutations(256, seed=0)
+    a_K, b_K = curate_minhash.permutations(256, seed=0)
     docs = [" ".join(base)]
     for rate in (0.02, 0.05, 0.1, 0.2, 0.4):
         words = [w if rng.random() > rate else rng.choice(CONTENT) for w in base]
         docs.append(" ".join(words))
-    x_S, doc_S = curate.shingles([curate.word_bytes(d.casefold()) for d in docs], 5)
-    sig = curate.minhash(x_S, doc_S, len(docs), a_K, b_K)
-    grams = [{tuple(w[i : i + 5]) for i in range(len(w) - 4)} for w in map(curate.words, docs)]
+    x_S, doc_S = curate_minhash.shingles([curate_minhash.word_bytes(d.casefold()) for d in docs], 5)
+    sig = curate_minhash.minhash(x_S, doc_S, len(docs), a_K, b_K)
+    grams = [{tuple(w[i : i + 5]) for i in range(len(w) - 4)} for w in map(curate_minhash.words, docs)]
     for k in range(1, len(docs)):
         true = len(grams[0] & grams[k]) / len(grams[0] | grams[k])
         estimate = (sig[0] == sig[k]).mean()
@@ -164,7 +164,7 @@ def test_minhash_estimates_jaccard_and_components_match_union_find():
     for i, j in pairs:
         ri, rj = find(i), find(j)
         parent[max(ri, rj)] = min(ri, rj)
-    assert curate.components(n, pairs).tolist() == [find(x) for x in range(n)]
+    assert curate_minhash.components(n, pairs).tolist() == [find(x) for x in range(n)]
 
 
 # --- quality filters --------------------------------------------------------------------------------------------------
@@ -398,6 +398,17 @@ def test_missing_input_is_a_one_line_error(tmp_path):
         curate.run(make_config(str(tmp_path / "*.parquet"), tmp_path / "w"))
     with pytest.raises(ConfigError, match="--config.data.input"):
         curate.run(make_config("", tmp_path / "w"))
+
+
+def test_runner_choice_errors_are_one_line(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"id": 1, "text": "fine"}])
+    with pytest.raises(ConfigError, match=r"curate\.runner='spark'"):
+        make_config(str(tmp_path / "a.jsonl"), tmp_path / "w", runner="spark")
+    if importlib.util.find_spec("apache_beam") is None:  # the main environment: the extra is not installed
+        with pytest.raises(
+            ConfigError, match=r"^curate\.runner='beam' needs Apache Beam .*jaxalign\[beam\]'$"
+        ):
+            curate.run(make_config(str(tmp_path / "a.jsonl"), tmp_path / "w", runner="beam"))
 
 
 # --- the real command line ------------------------------------------------------------------------------------------
