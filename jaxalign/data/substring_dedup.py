@@ -20,8 +20,10 @@ Tokens to bytes: `curate.substring_dedup_tokens` counts tokens of `BYTES_PER_TOK
 GPT-2 BPE token on English text, so Lee et al.'s 50 tokens (100 bytes of their 2-byte token-id stream) is 200
 bytes of text here. A byte threshold needs no tokenizer and makes the suffix array one pass over raw bytes.
 
-Cost: the stream (1 B per byte), the suffix array and LCP (int32, 4 B each per byte below 2 GiB, int64 above) and
-the positions in repeated groups: ~10 B per byte of kept text in the curate parent, O(n log n) time.
+Cost, in the curate parent: the texts and the stream (1 B per byte each), the suffix array and LCP (int32, 4 B each
+per byte below 2 GiB, int64 above), Kasai's rank array and masks; benchmarks/substring_dedup_bench.py measures the
+peak at 13 B per byte of kept text above the texts (1.3 GB for 100 MiB). libdivsufsort and Kasai's LCP dominate the
+time (O(n log n) and O(n)). Corpora beyond one machine's memory would need Lee et al.'s sharded suffix arrays.
 
 Shapes: n stream bytes, D documents, F flagged window starts, R removed spans.
 """
