@@ -260,6 +260,9 @@ class CurateConfig:
     c4_drop_lines: bool = True
     fineweb_filters: bool = True
     pii: bool = True
+    # Exact-substring dedup (Lee et al. 2021): cut spans of >= this many tokens (4 bytes each, substring_dedup.py)
+    # that occur in an earlier kept record from later ones; 0 = off. Lee et al. use 50.
+    substring_dedup_tokens: int = 0
     num_workers: int = 2
     # Where the stages run: "local" (num_workers processes, resumable per shard) or "beam" (an Apache Beam
     # pipeline, jaxalign/data/curate_beam.py; needs the `beam` extra). beam_options: Beam pipeline flags

@@ -69,6 +69,7 @@ RANGES: dict[str, dict[str, str]] = {
     "CurateConfig": {
         **dict.fromkeys(("ngram", "num_bands", "rows_per_band", "num_workers"), POSITIVE),
         "near_threshold": "in [0, 1]",
+        "substring_dedup_tokens": ">= 0 (0: off)",
     },
     "SftConfig": {"replay_fraction": "in [0, 1)"},
     "LoraConfig": {"rank": ">= 0 (0: full fine-tuning)", "alpha": POSITIVE, "dropout": "in [0, 1)"},

@@ -10,6 +10,12 @@ Stages, in the order that decides a removed record's reason:
   3. quality filters (curate_filters.py): Gopher quality, Gopher repetition, C4, FineWeb, with datatrove's defaults;
      a record gets the first failing filter's reason. C4 also drops the lines its rules reject (`c4_drop_lines`).
   4. PII scrubbing of the kept text (e-mails, public IPv4 addresses, phone numbers -> <EMAIL>, <IP>, <PHONE>).
+  5. exact-substring dedup (substring_dedup.py, `substring_dedup_tokens` > 0): spans of >= 4 x tokens bytes that
+     occur in an earlier kept record are cut from later ones; records left (nearly) empty get reason
+     `substring_dup`. It needs every kept text at once, so it runs in the parent after the global dedup decision,
+     on the texts the map stage wrote: after the filters (a record a filter drops holds no first occurrence) and
+     after PII (the spans are cut from the text actually written, and templates that differ only in a scrubbed
+     address count as the repeats they are). The write stage cuts the spans.
 
 Execution. Each input file is a shard; files in `sources.expand_glob` order (comma-separated globs, each sorted) and
 lines in file order make the global input order.
@@ -60,6 +66,7 @@ from jaxalign.config import Config, CurateConfig
 from jaxalign.data import curate_filters as filters
 from jaxalign.data import curate_minhash as mh
 from jaxalign.data import sources
+from jaxalign.data import substring_dedup as substr
 from jaxalign.errors import ConfigError, DataError
 
 # Bump when the map stage's output changes meaning: finished shards of older versions are then re-processed.
@@ -201,7 +208,8 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
 
 def input_shards(config: Config, work_dir: str) -> list[_Shard]:
     # The map stage reads every curate setting but these, which act later or choose only how it runs.
-    later = ("num_workers", "exact_dedup", "near_threshold", "runner", "beam_options")
+    later = ("num_workers", "exact_dedup", "near_threshold", "substring_dedup_tokens")
+    later += ("runner", "beam_options")
     settings = {k: v for k, v in dataclasses.asdict(config.curate).items() if k not in later}
     shards = []
     for i, path in enumerate(sources.expand_glob(config.data.input)):
@@ -384,16 +392,19 @@ class _Write:
     work: str
     out: str  # W/curated/<name>.jsonl
     drop: tuple[int, ...]  # local indices of filter-passing records that dedup removed or the parent skipped
-    key: str  # digest of the map fingerprint and `drop`: the marker goes stale when either changes
+    key: str  # digest of the map fingerprint and `drop` (and `edits`): the marker goes stale when either changes
+    edits: tuple = ()  # (local index, ((start, end), ...) UTF-8 byte spans to cut) from exact-substring dedup
 
 
 def _write_shard(task: _Write) -> Stats:
     stats, drop = Stats(), set(task.drop)
     kept_index = _load_npz(task.work + ".npz")["kept_index"].tolist()
+    edits = dict(task.edits)
 
     def copy(out):
         with storage.open_binary(task.work + ".docs.jsonl") as src:
-            out.writelines(line for k, line in zip(kept_index, src, strict=True) if k not in drop)
+            pairs = zip(kept_index, src, strict=True)
+            out.writelines(substr.cut_line(line, edits.get(k)) for k, line in pairs if k not in drop)
 
     with stats.timed("write", len(kept_index)):
         _write_atomic(task.out, copy, binary=True)
@@ -440,6 +451,11 @@ def run(config: Config) -> None:
     if cfg.runner == "beam":  # the same stages as an Apache Beam pipeline (the `beam` extra)
         from jaxalign.data import curate_beam
 
+        if cfg.substring_dedup_tokens:
+            raise ConfigError(
+                f"curate.substring_dedup_tokens={cfg.substring_dedup_tokens} needs curate.runner='local' (its suffix "
+                "array holds every kept text in one process; the Beam runner has no such step)"
+            )
         return curate_beam.run(config)
     work_dir, out_dir = storage.join(config.workdir, "curate_work"), storage.join(config.workdir, "curated")
     shards = input_shards(config, work_dir)
@@ -461,16 +477,25 @@ def run(config: Config) -> None:
             k: np.concatenate([a[k] for a in per_shard]) for k in ("exact_Nx16", "sig_NxK", "has_words_N")
         }
         d = _decide(shards, arrays, cfg, config.data.on_error, stats)
+        offsets = np.cumsum([0] + [len(a["exact_Nx16"]) for a in per_shard])
+        # Of the filter-passing records, those substring dedup sees.
+        alive_N = (d.duplicate_of < 0) & ~d.skipped
+        paths = [shard.work + ".docs.jsonl" for shard in shards]
+        edits, substr_report = substr.curate_stage(paths, per_shard, offsets, alive_N, d.reasons, cfg)
+        if substr_report:
+            stats.seconds["substring_dedup"] += substr_report["seconds"]
+            stats.docs["substring_dedup"] += substr_report["docs_in"]
 
-        writes, pii, offset = [], np.zeros(3, np.int64), 0
-        for shard, a in zip(shards, per_shard, strict=True):
+        writes, pii = [], np.zeros(3, np.int64)
+        for shard, a, offset, shard_edits in zip(shards, per_shard, offsets[:-1], edits, strict=True):
             kept = a["kept_index"]
             drop = (d.duplicate_of[offset + kept] >= 0) | d.skipped[offset + kept]
-            offset += len(a["exact_Nx16"])
+            drop |= np.array([d.reasons[offset + k] == substr.REASON for k in kept.tolist()], bool)
             pii += a["pii_Mx3"][~drop].sum(axis=0)
-            key = hashlib.sha256(json.dumps([shard.fingerprint, kept[drop].tolist()]).encode()).hexdigest()
+            identity = [shard.fingerprint, kept[drop].tolist()] + ([shard_edits] if shard_edits else [])
+            key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
             out = storage.join(out_dir, shard.name + ".jsonl")
-            writes.append(_Write(shard.work, out, tuple(kept[drop].tolist()), key))
+            writes.append(_Write(shard.work, out, tuple(kept[drop].tolist()), key, shard_edits))
         to_write = [k for k, w in enumerate(writes) if not _done(w.work + ".write.done", w.key)]
         for shard_stats in pool.run(
             _write_shard, [writes[k] for k in to_write], [sizes[k] for k in to_write]
@@ -490,7 +515,8 @@ def run(config: Config) -> None:
     counts = {"valid": n_valid, "bad": len(d.bad), "kept": n_valid - len(removed)}
     shard_counts = {"total": len(shards), "mapped": len(to_map), "written": len(to_write)}
     reasons = Counter(d.reasons[k] for k in removed)
-    write_report(config, "local", shard_counts, counts, reasons, pii.tolist(), stats, start, d.bad)
+    extra = {"substring_dedup": substr_report} if substr_report else {}
+    write_report(config, "local", shard_counts, counts, reasons, pii.tolist(), stats, start, d.bad, extra)
 
 
 def removed_line(record_id: Any, reason: str, duplicate_of: Any = None) -> str:
@@ -518,9 +544,11 @@ def write_report(
     stats: Stats,
     start: float,
     bad: list[str],
+    extra: dict | None = None,
 ) -> None:
     """W/curate_report.json. counts: "valid" (parsed, unique-id records), "bad", "kept"; reasons: removed records
-    per reason; pii: replacements per filters.PII_KINDS; bad: the first bad-record messages; start: perf_counter."""
+    per reason; pii: replacements per filters.PII_KINDS; bad: the first bad-record messages; start: perf_counter;
+    extra: sections of the stages that ran (e.g. "substring_dedup")."""
     report = {
         "input": config.data.input,
         "runner": runner,
@@ -533,6 +561,7 @@ def write_report(
         },
         "removed_by_reason": {r: reasons[r] for r in sorted(reasons, key=reason_order)},
         "pii_replacements": dict(zip(filters.PII_KINDS, pii, strict=True)),
+        **(extra or {}),
         # This run's work only; a stage's seconds are summed over workers, so docs_per_s is a per-process rate.
         "stages": stats.table(),
         "wall_seconds": round(time.perf_counter() - start, 3),
@@ -548,4 +577,5 @@ def write_report(
 
 def reason_order(reason: str) -> tuple[int, str]:
     families = ("exact_duplicate", "near_duplicate", "gopher_repetition", "gopher_quality", "c4", "fineweb")
+    families += (substr.REASON,)
     return families.index(reason.split(":")[0]), reason

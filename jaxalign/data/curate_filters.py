@@ -4,9 +4,12 @@ Every filter takes a document's text and returns `""` to keep it or a reason `"<
 it. Thresholds and reason names are datatrove's defaults (huggingface/datatrove, src/datatrove/pipeline/filters/:
 gopher_repetition_filter.py, gopher_quality_filter.py, c4_filters.py, fineweb_quality_filter.py), which follow
 Gopher (Rae et al. 2021, Table A1 and Sec. A.1.1), C4 (Raffel et al. 2020, tfds c4_utils.py) and FineWeb
-(Penedo et al. 2024). Where datatrove calls nltk's `word_tokenize`/`sent_tokenize` we use regexes: a token is a run
-of word characters (inner hyphens, dots and apostrophes kept), an ellipsis, or one other non-space character;
-sentences end at `.`, `!` or `?` followed by a space or the end of the line.
+(Penedo et al. 2024). Where datatrove tokenizes (for English, spaCy's rule-based `spacy.blank("en")` tokenizer and
+sentencizer in datatrove 0.10) we use regexes: TOKEN_RE follows spaCy's rules where prose needs them (URLs, dotted
+abbreviations, contractions, hyphens), and a line has one sentence more than it has `.`/`!`/`?` runs followed by a
+space. On 644 real documents (pydoc topics and stdlib docstrings, tests/data/test_curate_datatrove.py) the keep/drop
+decisions equal datatrove's for 640 (Gopher quality), 636 (Gopher repetition) and 644 (C4); every difference is
+code, where spaCy keeps chunks like `print(x` whole.
 
 Also here: `scrub_pii` (e-mails, public IPv4 addresses, phone numbers) and `mix64`/`ngram_keys`, the 64-bit n-gram
 hashing that the repetition filter and MinHash share.
@@ -23,9 +26,20 @@ import numpy as np
 
 from jaxalign.config import CurateConfig
 
-# A token: a word (inner hyphens, dots and apostrophes kept, as nltk keeps "e-mail", "3.14", "example.org"), an
-# ellipsis, or one other non-space character.
-TOKEN_RE = re.compile(r"\w+(?:[-.'’]\w+)*|\.\.\.|[^\w\s]")
+# A token, following spaCy's English rules (datatrove's English word tokenizer) where they matter on prose: a URL or
+# an e-mail address; a dotted abbreviation ("e.g.", "U.S."); a contraction's parts ("do" "n't", "it" "'s"); a word
+# led by hyphens or dots at the start of a chunk ("-n", "--verbose", ".py"); a word (inner dots kept: "3.14",
+# "example.org"; inner hyphens split off as spaCy's infix rule does: "built-in" is 3 tokens; leading and trailing
+# underscores split off one by one: "__init__" is 5 tokens); a run of 2+ hyphens with the symbols glued to it (a
+# "-----+-----" ruler is one token, not 11); an ellipsis; one other character.
+TOKEN_RE = re.compile(
+    r"https?://\S+?(?=[.,;:!?)\]'\"]*(?:\s|$))|[\w.+-]+@\w+(?:[.-]\w+)*\.\w+"
+    r"|\b(?:[a-z]\.){2,}(?!\w)"
+    r"|\w+?(?=n['’]t\b)|n['’]t\b|['’](?:s|re|ve|ll|d|m)\b"
+    r"|(?<![^\s(\[\"'])[-.]+\w+(?:\.\w+)*|[^\W_](?:\w*[^\W_])?(?:\.\w+)*"
+    r"|-{2,}[^\w\s]*|\.\.\.|[^\w\s]|_",
+    re.IGNORECASE,
+)
 
 # --- Gopher quality (datatrove GopherQualityFilter defaults) ---------------------------------------------------
 GOPHER_MIN_DOC_WORDS = 50
@@ -61,7 +75,9 @@ C4_POLICY_SUBSTRINGS = (
     "use of cookies",
     "use cookies",
 )
-_SENTENCE_END_RE = re.compile(r"[.!?]+(?=\s|$)")
+# A sentence end inside a (stripped) line: terminal punctuation and a space, not the last dot of "e.g." or "U.S.";
+# a line has one sentence more than it has of these, as spaCy's sentencizer (datatrove's) splits it.
+_SENTENCE_END_RE = re.compile(r"(?<!\b[a-z]\.[a-z])[.!?]+(?=\s)", re.IGNORECASE)
 
 # --- FineWeb quality (datatrove FineWebQualityFilter defaults) ---------------------------------------------------
 FW_LINE_PUNCT_THR = 0.12
@@ -110,8 +126,9 @@ def gopher_quality(text: str) -> str:
     alpha = len(list(filter(_LETTER_RE.search, tokens)))
     if alpha / n_tokens < GOPHER_MIN_ALPHA_WORDS_RATIO:
         return "gopher_quality:gopher_below_alpha_threshold"
-    # datatrove compares case-sensitively and names this reason "enough" although it means "too few".
-    if sum(map(GOPHER_STOP_WORDS.__contains__, tokens)) < GOPHER_MIN_STOP_WORDS:
+    # Gopher's "at least two of" these words: distinct ones, as datatrove counts them (a set intersection); datatrove
+    # compares case-sensitively and names this reason "enough" although it means "too few".
+    if len(GOPHER_STOP_WORDS.intersection(tokens)) < GOPHER_MIN_STOP_WORDS:
         return "gopher_quality:gopher_enough_stop_words"
     return ""
 
@@ -241,7 +258,7 @@ def c4_quality(text: str, drop_lines: bool) -> tuple[str, str]:
             return "c4:curly_bracket", text
         if any(p in lower for p in C4_POLICY_SUBSTRINGS):
             continue
-        n_sentences += max(1, len(_SENTENCE_END_RE.findall(line)))
+        n_sentences += len(_SENTENCE_END_RE.findall(line)) + 1
         kept.append(line)
     if n_sentences < C4_MIN_NUM_SENTENCES:
         return "c4:too_few_sentences", text
