@@ -39,6 +39,7 @@ import numpy as np
 from absl import flags, logging
 
 from jaxalign.data import chat
+from jaxalign.data.mixture import Mixture
 from jaxalign.data.sources import Source, open_source
 from jaxalign.errors import CheckpointError, ConfigError, DataError
 
@@ -216,7 +217,7 @@ def _check_common(
 
 
 def assemble(
-    pattern: str,
+    pattern: str | Mixture,
     encode: Callable[[dict[str, Any], str], tuple[list[dict], int]],
     batch: Callable[[grain.IterDataset, int], grain.IterDataset],
     *,
@@ -237,10 +238,11 @@ def assemble(
 ) -> Loader:
     """The shared pipeline: shuffle, repeat, shard, encode (in workers), tally, then `batch(examples, rows)`.
 
+    `pattern` is a glob, or a `Mixture` of globs (`data.mixture`) all encoded by `encode` with their weights.
     `mixture` adds sources `(pattern, encode, weight)` whose examples are mixed with the main source's before
-    batching (Grain's deterministic mixture by example count; the main source keeps 1 - sum of the weights). Every
-    source is shuffled, repeated and dealt into the same shards on its own, so a mixture is as checkpointable and
-    process-count independent as one source."""
+    batching (Grain's deterministic mixture by example count; the main source, or the `Mixture`'s sources in their
+    proportions, keep 1 - sum of the weights). Every source is shuffled, repeated and dealt into the same shards on
+    its own, so a mixture is as checkpointable and process-count independent as one source."""
     process_index, process_count = _processes(process_index, process_count)
     rows = _check_common(global_batch_size, process_count, on_error, overlong, num_workers)
     shards = shards or process_count
@@ -254,13 +256,16 @@ def assemble(
         raise ConfigError(
             f"mixture weights {weights} must be > 0 and sum to less than 1 (the main source's share)"
         )
-    if mixture and num_epochs is not None:
+    main = pattern.parts if isinstance(pattern, Mixture) else ((pattern, 1.0),)
+    if (mixture or len(main) > 1) and num_epochs is not None:
         raise ConfigError("a mixture of sources needs infinite epochs (num_epochs=None)")
-    sources = [open_source(pattern, on_error=on_error)] + [
+    main_share = 1.0 - sum(weights)
+    main_total = sum(w for _, w in main)
+    sources = [open_source(p, on_error=on_error) for p, _ in main] + [
         open_source(p, on_error=on_error) for p, _, _ in mixture
     ]
-    encoders = [encode] + [e for _, e, _ in mixture]
-    proportions = [1.0 - sum(weights), *weights]
+    encoders = [encode] * len(main) + [e for _, e, _ in mixture]
+    proportions = [main_share * w / main_total for _, w in main] + weights
     datasets = []
     for i, source in enumerate(sources):
         ds = grain.MapDataset.source(_Guarded(source))
@@ -297,7 +302,7 @@ def assemble(
         process_index=process_index,
         packing=packing,
         shards=shards,
-        mixture=tuple((tuple(src.files), w) for src, w in zip(sources[1:], weights, strict=True)),
+        mixture=tuple((tuple(src.files), w) for src, w in zip(sources[1:], proportions[1:], strict=True)),
     )
     return Loader(it, layout, counts)
 

@@ -32,7 +32,7 @@ from flax import nnx
 
 from jaxalign import storage
 from jaxalign.config import Config, ModelConfig
-from jaxalign.data import synthetic
+from jaxalign.data import mixture, synthetic
 from jaxalign.data.tokenizer import SentencePieceTokenizer, Tokenizer, train_sentencepiece
 from jaxalign.errors import CheckpointError, ConfigError
 from jaxalign.models.heads import ScalarModel
@@ -116,9 +116,11 @@ def world(config: Config) -> dict[str, str]:
     return synthetic.write_world(*args, sizes)
 
 
-def inputs(config: Config, kind: str) -> tuple[str, str]:
-    """(train glob, eval glob): `data.input`/`data.eval_input`, or the world's `<kind>_train`/`<kind>_eval` files
-    (kind: pretrain, sft, preference, rl) when `data.input` is empty."""
+def inputs(config: Config, kind: str) -> tuple[Any, str]:
+    """(train glob, eval glob): `data.input` (or the `Mixture` of `data.mixture`) and `data.eval_input`, or the
+    world's `<kind>_train`/`<kind>_eval` files (kind: pretrain, sft, preference, rl) when neither is set."""
+    if config.data.mixture:
+        return mixture.check(config.data.mixture), config.data.eval_input
     if config.data.input:
         return config.data.input, config.data.eval_input
     paths = world(config)
@@ -143,6 +145,8 @@ def _training_texts(config: Config) -> Iterator[str]:
 
     if config.data.input:
         patterns = [config.data.input]
+    elif config.data.mixture:
+        patterns = [glob for glob, _ in config.data.mixture]
     else:
         paths = world(config)
         patterns = [paths[n] for n in ("pretrain_train", "sft_train", "preference_train", "rl_train")]

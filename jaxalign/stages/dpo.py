@@ -27,7 +27,7 @@ from flax import nnx
 
 from jaxalign import losses, storage
 from jaxalign.config import Config, DpoConfig, OptimConfig
-from jaxalign.data import pipelines
+from jaxalign.data import mixture, pipelines
 from jaxalign.data.sources import open_source
 from jaxalign.errors import DataError
 from jaxalign.models.logps import target_logps
@@ -285,7 +285,7 @@ def run(config: Config) -> loop.Result:
         ref_params = common.reference_params(config, rules, state, state_shardings, fresh)
         ref_shardings = common.reference_shardings(ref_params, state_shardings.params)
         if cfg.reference == "precomputed":
-            patterns = [train_glob] + ([eval_glob] if eval_glob else [])
+            patterns = mixture.globs(train_glob) + ([eval_glob] if eval_glob else [])
             reference = {}
             for pattern in patterns:
                 reference.update(
