@@ -188,6 +188,10 @@ class DataConfig:
     # pairs, e.g. (("web/*.jsonl", 0.7), ("code/*.parquet", 0.3)); weights > 0, normalised to sum 1, mixed
     # deterministically by example count (Grain's mix) and checkpointed with the data position. () = off.
     mixture: tuple[tuple[str, float], ...] = ()
+    # --- seqio inputs (jaxalign/data/seqio_source.py; the `seqio` extra) ---
+    # `input`/`eval_input` (or a mixture's glob) may be "seqio:<task_or_mixture>[:<split>]" (split default "train");
+    # this names the module that registers those Tasks/Mixtures: a dotted module name or a .py file ("" = none).
+    seqio_module: str = ""
     # A SentencePiece .model path; "" trains one on the training text into workdir/tokenizer.model.
     tokenizer: str = ""
     text_field: str = "text"
