@@ -7,6 +7,8 @@ The Tasks (tests/fixtures/seqio_tasks.py) hold in-memory RL prompt records, regi
 
 import collections
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -149,3 +151,14 @@ def test_a_module_that_does_not_import(tmp_path):
         ConfigError, match=r"^data.seqio_module='no_such_module_here' cannot be imported \(No module"
     ):
         common.inputs(cfg, "rl")
+
+
+def test_the_core_does_not_import_seqio_or_tensorflow():
+    code = (
+        "import sys; import jaxalign.main, jaxalign.stages.sft, jaxalign.data.loader; "
+        "print(sorted(m for m in ('seqio', 'tensorflow') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]"
