@@ -9,7 +9,7 @@ import pytest
 
 from jaxalign import config as config_lib
 from jaxalign.data import mixture, pipelines
-from jaxalign.data.pipelines import _SftEncode
+from jaxalign.data.pipelines import _LmEncode, _SftEncode
 from jaxalign.data.tokenizer import SentencePieceTokenizer
 from jaxalign.errors import CheckpointError, ConfigError
 from jaxalign.stages import common
@@ -131,6 +131,35 @@ def test_sft_stage_input_mixes_two_files(small_world, tok, tmp_path):
             (source,) = [i for i in range(2) if inputs in oracle[i]]
             counts[source] += 1
     assert counts == [75, 25]
+    loader.close()
+
+
+def test_sft_replay_takes_its_share_of_a_mixture(small_world, tok, tmp_path):
+    """`sft.replay_fraction` over a `data.mixture`: the replayed text keeps its fraction, the mixture's sources share
+    the rest in their weights' proportion (0.25 / 0.25 / 0.5: Grain proportions 100 / 100 / 200)."""
+    records = _read(small_world["sft_train"])
+    files = [_write(tmp_path / "a.jsonl", records[::2]), _write(tmp_path / "b.jsonl", records[1::2])]
+    encode = _SftEncode(tok, 128, "chatml", "truncate", True, True)
+    oracle = [{tuple(encode(r, "?")[0][0]["inputs"]) for r in records[i::2]} for i in range(2)]
+    lm = _LmEncode(tok, 128, "text", 64, "truncate")
+    oracle.append({tuple(c["inputs"]) for r in _read(small_world["pretrain_train"]) for c in lm(r, "?")[0]})
+    loader = pipelines.sft_loader(
+        mixture.Mixture(((files[0], 1.0), (files[1], 1.0))),
+        tok,
+        seq_len=128,
+        global_batch_size=4,
+        seed=1,
+        packing=False,
+        replay=(small_world["pretrain_train"], 0.5),
+    )
+    counts = [0, 0, 0]
+    for _ in range(100):  # 400 examples
+        batch = next(loader)
+        for row in range(4):
+            inputs = tuple(batch["inputs"][row][batch["segment_ids"][row] == 1])
+            (source,) = [i for i in range(3) if inputs in oracle[i]]
+            counts[source] += 1
+    assert counts == [100, 100, 200]
     loader.close()
 
 
