@@ -183,6 +183,15 @@ class DataConfig:
     # Glob of JSONL(.gz) / Parquet / ArrayRecord files; "" generates the synthetic world into workdir/data.
     input: str = ""
     eval_input: str = ""
+    # --- weighted mixtures (jaxalign/data/mixture.py) ---
+    # The training input as a weighted mixture of sources instead of `input` (exclusive with it): (glob, weight)
+    # pairs, e.g. (("web/*.jsonl", 0.7), ("code/*.parquet", 0.3)); weights > 0, normalised to sum 1, mixed
+    # deterministically by example count (Grain's mix) and checkpointed with the data position. () = off.
+    mixture: tuple[tuple[str, float], ...] = ()
+    # --- seqio inputs (jaxalign/data/seqio_source.py; the `seqio` extra) ---
+    # `input`/`eval_input` (or a mixture's glob) may be "seqio:<task_or_mixture>[:<split>]" (split default "train");
+    # this names the module that registers those Tasks/Mixtures: a dotted module name or a .py file ("" = none).
+    seqio_module: str = ""
     # A SentencePiece .model path; "" trains one on the training text into workdir/tokenizer.model.
     tokenizer: str = ""
     text_field: str = "text"
@@ -223,6 +232,14 @@ class DataConfig:
 
     def __post_init__(self):
         _check_ranges(DataConfig, vars(self), "data")
+        if self.mixture:
+            from jaxalign.data import mixture
+
+            mixture.check(self.mixture, "data.mixture")
+            if self.input:
+                raise ConfigError(
+                    f"data.input={self.input!r} and data.mixture={self.mixture!r} are exclusive: set one of them"
+                )
 
 
 @dataclasses.dataclass(frozen=True)

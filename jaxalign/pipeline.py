@@ -97,7 +97,7 @@ def stage_config(config: Config, stage: str, ran: list[str]) -> Config:
     checkpoint = {"every_steps": run.every_steps} if run.every_steps else {}
     model = {"init_from": _init_from(config, stage, ran)}
     data = {}
-    if stage == "pretrain" and not config.data.input and "curate" in ran:
+    if stage == "pretrain" and not config.data.input and not config.data.mixture and "curate" in ran:
         paths = common.world(config)
         curated = storage.join(config.workdir, "curate", "curated", "*.jsonl")
         data = {"input": f"{paths['pretrain_train']},{curated}", "eval_input": paths["pretrain_eval"]}

@@ -10,6 +10,10 @@ batch or two at the end of a finite input, so iterate those a fixed number of ba
 end of a finite input the last packed batch is padded (rows of segment id 0, weight 0) and a last partial unpacked
 batch is dropped.
 
+A source is a glob of files, or a seqio Task or Mixture (`seqio:<name>`, `jaxalign.data.seqio_source`: shuffled,
+repeated and dealt into the same shards by seqio, its position the count of records read); `jaxalign.data.mixture`
+mixes several sources by weight.
+
 Execution, per process:
   records --shuffle, repeat, shard--> chunks of 16 records --read, parse, tokenize (num_workers processes)-->
   examples --raise or count bad records (here)--> pack or batch (here) --background thread--> Loader
@@ -38,7 +42,8 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from jaxalign.data import chat
+from jaxalign.data import chat, seqio_source
+from jaxalign.data.mixture import Mixture
 from jaxalign.data.sources import Source, open_source
 from jaxalign.errors import CheckpointError, ConfigError, DataError
 
@@ -216,7 +221,7 @@ def _check_common(
 
 
 def assemble(
-    pattern: str,
+    pattern: str | Mixture,
     encode: Callable[[dict[str, Any], str], tuple[list[dict], int]],
     batch: Callable[[grain.IterDataset, int], grain.IterDataset],
     *,
@@ -237,10 +242,11 @@ def assemble(
 ) -> Loader:
     """The shared pipeline: shuffle, repeat, shard, encode (in workers), tally, then `batch(examples, rows)`.
 
+    `pattern` is a glob, or a `Mixture` of globs (`data.mixture`) all encoded by `encode` with their weights.
     `mixture` adds sources `(pattern, encode, weight)` whose examples are mixed with the main source's before
-    batching (Grain's deterministic mixture by example count; the main source keeps 1 - sum of the weights). Every
-    source is shuffled, repeated and dealt into the same shards on its own, so a mixture is as checkpointable and
-    process-count independent as one source."""
+    batching (Grain's deterministic mixture by example count; the main source, or the `Mixture`'s sources in their
+    proportions, keep 1 - sum of the weights). Every source is shuffled, repeated and dealt into the same shards on
+    its own, so a mixture is as checkpointable and process-count independent as one source."""
     process_index, process_count = _processes(process_index, process_count)
     rows = _check_common(global_batch_size, process_count, on_error, overlong, num_workers)
     shards = shards or process_count
@@ -254,15 +260,23 @@ def assemble(
         raise ConfigError(
             f"mixture weights {weights} must be > 0 and sum to less than 1 (the main source's share)"
         )
-    if mixture and num_epochs is not None:
+    main = pattern.parts if isinstance(pattern, Mixture) else ((pattern, 1.0),)
+    if (mixture or len(main) > 1) and num_epochs is not None:
         raise ConfigError("a mixture of sources needs infinite epochs (num_epochs=None)")
-    sources = [open_source(pattern, on_error=on_error)] + [
-        open_source(p, on_error=on_error) for p, _, _ in mixture
-    ]
-    encoders = [encode] + [e for _, e, _ in mixture]
-    proportions = [1.0 - sum(weights), *weights]
+    main_share = 1.0 - sum(weights)
+    main_total = sum(w for _, w in main)
+    sources = [_open(p, on_error) for p, _ in main] + [_open(p, on_error) for p, _, _ in mixture]
+    if num_workers and any(isinstance(s, seqio_source.SeqioInput) for s in sources):
+        raise ConfigError(
+            f"data.num_workers={num_workers} must be 0 with a seqio input (tf.data has its own threads)"
+        )
+    encoders = [encode] * len(main) + [e for _, e, _ in mixture]
+    proportions = [main_share * w / main_total for _, w in main] + weights
     datasets = []
     for i, source in enumerate(sources):
+        if isinstance(source, seqio_source.SeqioInput):
+            datasets.append(source)  # shuffled, repeated and sharded by seqio (below)
+            continue
         ds = grain.MapDataset.source(_Guarded(source))
         if shuffle:
             ds = ds.shuffle(seed=seed + i)  # a new permutation every epoch
@@ -278,8 +292,10 @@ def assemble(
     streams = []
     for shard in range(process_index * per_process, (process_index + 1) * per_process):
         parts = [
-            _examples(ds[shard::shards], enc, num_workers, on_error, counts)
-            for ds, enc in zip(datasets, encoders, strict=True)
+            _examples(
+                _shard(ds, shard, shards, seed + i, shuffle, num_epochs), enc, num_workers, on_error, counts
+            )
+            for i, (ds, enc) in enumerate(zip(datasets, encoders, strict=True))
         ]
         examples = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, proportions)
         streams.append(batch(examples, rows // per_process))
@@ -297,9 +313,29 @@ def assemble(
         process_index=process_index,
         packing=packing,
         shards=shards,
-        mixture=tuple((tuple(src.files), w) for src, w in zip(sources[1:], weights, strict=True)),
+        mixture=tuple((tuple(src.files), w) for src, w in zip(sources[1:], proportions[1:], strict=True)),
     )
     return Loader(it, layout, counts)
+
+
+def _open(pattern: str, on_error: str) -> Source | seqio_source.SeqioInput:
+    return (
+        seqio_source.open_seqio(pattern) if seqio_source.is_seqio(pattern) else open_source(pattern, on_error)
+    )
+
+
+def _shard(
+    ds: grain.MapDataset | seqio_source.SeqioInput,
+    shard: int,
+    shards: int,
+    seed: int,
+    shuffle: bool,
+    num_epochs: int | None,
+) -> grain.MapDataset | grain.IterDataset:
+    """Shard `shard` of `shards` of a source's records: dealt round-robin, or a seqio input's own shard."""
+    if isinstance(ds, seqio_source.SeqioInput):
+        return ds.stream(shard, shards, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
+    return ds[shard::shards]
 
 
 def _concat_rows(parts: tuple[dict[str, Any], ...]) -> dict[str, Any]:
@@ -314,7 +350,7 @@ def _concat_rows(parts: tuple[dict[str, Any], ...]) -> dict[str, Any]:
 
 
 def _examples(
-    ds: grain.MapDataset,
+    ds: grain.MapDataset | grain.IterDataset,
     encode: Callable[[dict[str, Any], str], tuple[list[dict], int]],
     num_workers: int,
     on_error: str,
@@ -325,7 +361,9 @@ def _examples(
     ds = ds.batch(_RECORDS_PER_CHUNK, batch_fn=list)
     # No reader threads: tokenizing holds the GIL, so threads only add contention (3-4x slower on 2 cores);
     # worker processes are the way to parallelise.
-    it = ds.map(_Encode(encode)).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    it = ds.map(_Encode(encode))
+    if isinstance(it, grain.MapDataset):
+        it = it.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if num_workers > 0:
         if not flags.FLAGS.is_parsed():
             # Grain's worker processes read absl flags; outside an absl app (tests, notebooks) use their defaults.

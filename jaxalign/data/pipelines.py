@@ -24,6 +24,8 @@ RL prompt batches (`rl_loader`):
 Records are conversational (`messages`; `prompt`/`completion`/`chosen`/`rejected` as message lists, rendered with a
 chat template) or plain strings (`text`; `prompt`/`completion`; ...), as in TRL's dataset types.
 
+A loader's `pattern` is a glob, or a `jaxalign.data.mixture.Mixture` of globs and weights (`data.mixture`).
+
 The shared machinery (sharding over processes, workers, packing, the checkpointable `Loader`) is in
 `jaxalign.data.loader`.
 """
@@ -48,6 +50,7 @@ from jaxalign.data.loader import (
     stacked,
     string_field,
 )
+from jaxalign.data.mixture import Mixture
 from jaxalign.data.tokenizer import Tokenizer
 from jaxalign.errors import ConfigError, DataError
 
@@ -84,7 +87,7 @@ class _LmEncode:
 
 
 def lm_loader(
-    pattern: str,
+    pattern: str | Mixture,
     tokenizer: Tokenizer,
     *,
     seq_len: int,
@@ -194,7 +197,7 @@ class _SftEncode:
 
 
 def sft_loader(
-    pattern: str,
+    pattern: str | Mixture,
     tokenizer: Tokenizer,
     *,
     seq_len: int,
@@ -385,7 +388,7 @@ class _PreferenceEncode:
 
 
 def preference_loader(
-    pattern: str,
+    pattern: str | Mixture,
     tokenizer: Tokenizer,
     *,
     seq_len: int,
@@ -566,7 +569,7 @@ class _KtoBatch:
 
 
 def kto_loader(
-    pattern: str,
+    pattern: str | Mixture,
     tokenizer: Tokenizer,
     *,
     seq_len: int,
@@ -667,7 +670,7 @@ def _rl_batch(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def rl_loader(
-    pattern: str,
+    pattern: str | Mixture,
     tokenizer: Tokenizer,
     *,
     global_batch_size: int,

@@ -32,7 +32,7 @@ from flax import nnx
 
 from jaxalign import storage
 from jaxalign.config import Config, ModelConfig
-from jaxalign.data import synthetic
+from jaxalign.data import mixture, seqio_source, synthetic
 from jaxalign.data.tokenizer import SentencePieceTokenizer, Tokenizer, train_sentencepiece
 from jaxalign.errors import CheckpointError, ConfigError
 from jaxalign.models.heads import ScalarModel
@@ -116,13 +116,21 @@ def world(config: Config) -> dict[str, str]:
     return synthetic.write_world(*args, sizes)
 
 
-def inputs(config: Config, kind: str) -> tuple[str, str]:
-    """(train glob, eval glob): `data.input`/`data.eval_input`, or the world's `<kind>_train`/`<kind>_eval` files
-    (kind: pretrain, sft, preference, rl) when `data.input` is empty."""
+def inputs(config: Config, kind: str) -> tuple[Any, str]:
+    """(train glob, eval glob): `data.input` (or the `Mixture` of `data.mixture`) and `data.eval_input`, or the
+    world's `<kind>_train`/`<kind>_eval` files (kind: pretrain, sft, preference, rl) when neither is set."""
+    if any(seqio_source.is_seqio(p) for p in _input_patterns(config)):
+        seqio_source.register(config.data.seqio_module)
+    if config.data.mixture:
+        return mixture.check(config.data.mixture), config.data.eval_input
     if config.data.input:
         return config.data.input, config.data.eval_input
     paths = world(config)
     return paths[f"{kind}_train"], config.data.eval_input or paths[f"{kind}_eval"]
+
+
+def _input_patterns(config: Config) -> list[str]:
+    return [config.data.input, config.data.eval_input, *(glob for glob, _ in config.data.mixture)]
 
 
 def record_texts(record: Any) -> Iterator[str]:
@@ -143,6 +151,8 @@ def _training_texts(config: Config) -> Iterator[str]:
 
     if config.data.input:
         patterns = [config.data.input]
+    elif config.data.mixture:
+        patterns = [glob for glob, _ in config.data.mixture]
     else:
         paths = world(config)
         patterns = [paths[n] for n in ("pretrain_train", "sft_train", "preference_train", "rl_train")]
@@ -190,6 +200,11 @@ def tokenizer(config: Config) -> Tokenizer:
     """The run's tokenizer (see `tokenizer_path`); checks that the model's vocabulary holds it."""
     path = tokenizer_path(config)
     if path == storage.join(config.workdir, "tokenizer.model") and not storage.exists(path):
+        if seqio := [p for p in _input_patterns(config) if seqio_source.is_seqio(p)]:
+            raise ConfigError(
+                f"the input {seqio[0]!r} is a seqio Task or Mixture: set data.tokenizer (a tokenizer is trained "
+                "on files only)"
+            )
         if jax.process_index() == 0:
             train_sentencepiece(_training_texts(config), path, config.model.vocab_size)
     barrier("tokenizer")

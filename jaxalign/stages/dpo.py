@@ -27,9 +27,9 @@ from flax import nnx
 
 from jaxalign import losses, storage
 from jaxalign.config import Config, DpoConfig, OptimConfig
-from jaxalign.data import pipelines
+from jaxalign.data import mixture, pipelines, seqio_source
 from jaxalign.data.sources import open_source
-from jaxalign.errors import DataError
+from jaxalign.errors import ConfigError, DataError
 from jaxalign.models.logps import target_logps
 from jaxalign.models.transformer import flops_per_token
 from jaxalign.stages import common
@@ -285,7 +285,12 @@ def run(config: Config) -> loop.Result:
         ref_params = common.reference_params(config, rules, state, state_shardings, fresh)
         ref_shardings = common.reference_shardings(ref_params, state_shardings.params)
         if cfg.reference == "precomputed":
-            patterns = [train_glob] + ([eval_glob] if eval_glob else [])
+            patterns = mixture.globs(train_glob) + ([eval_glob] if eval_glob else [])
+            if seqio := [p for p in patterns if seqio_source.is_seqio(p)]:
+                raise ConfigError(
+                    f"dpo.reference='precomputed' reads every record of the input once, which a seqio input "
+                    f"({seqio[0]!r}) cannot give: set dpo.reference='live'"
+                )
             reference = {}
             for pattern in patterns:
                 reference.update(

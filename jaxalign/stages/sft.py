@@ -61,16 +61,16 @@ def train_step(
 def _replay_input(config: Config) -> str:
     if config.sft.replay_input:
         return config.sft.replay_input
-    if config.data.input:
+    if config.data.input or config.data.mixture:
         raise ConfigError(
             f"sft.replay_fraction={config.sft.replay_fraction} needs sft.replay_input (a glob of pretraining text) "
-            "when data.input is set"
+            "when data.input or data.mixture is set"
         )
     return common.world(config)["pretrain_train"]
 
 
 def _pretrain_eval_input(config: Config) -> str:
-    if config.sft.pretrain_eval_input or config.data.input:
+    if config.sft.pretrain_eval_input or config.data.input or config.data.mixture:
         return config.sft.pretrain_eval_input
     return common.world(config)["pretrain_eval"]
 
