@@ -69,6 +69,7 @@ RANGES: dict[str, dict[str, str]] = {
     "CurateConfig": {
         **dict.fromkeys(("ngram", "num_bands", "rows_per_band", "num_workers"), POSITIVE),
         "near_threshold": "in [0, 1]",
+        **dict.fromkeys(("decontam_n", "perplexity_batch_size", "perplexity_max_tokens"), POSITIVE),
     },
     "SftConfig": {"replay_fraction": "in [0, 1)"},
     "LoraConfig": {"rank": ">= 0 (0: full fine-tuning)", "alpha": POSITIVE, "dropout": "in [0, 1)"},

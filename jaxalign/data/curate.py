@@ -9,7 +9,11 @@ Stages, in the order that decides a removed record's reason:
      Dedup runs before the filters, so the record a `duplicate_of` names may itself fail a quality filter.
   3. quality filters (curate_filters.py): Gopher quality, Gopher repetition, C4, FineWeb, with datatrove's defaults;
      a record gets the first failing filter's reason. C4 also drops the lines its rules reject (`c4_drop_lines`).
-  4. PII scrubbing of the kept text (e-mails, public IPv4 addresses, phone numbers -> <EMAIL>, <IP>, <PHONE>).
+  4. decontamination (decontam.py, `curate.decontam`): records holding an n-gram of an evaluation item are flagged
+     or dropped (`decontam:<benchmark>`); W/contamination.json lists the contaminated eval items.
+  5. PII scrubbing of the kept text (e-mails, public IPv4 addresses, phone numbers -> <EMAIL>, <IP>, <PHONE>).
+  6. perplexity filter (perplexity_filter.py, parent process, after dedup): kept documents scored by a small LM
+     and kept by percentile bucket (`perplexity:<bucket>`).
 
 Execution. Each input file is a shard; files in `sources.expand_glob` order (comma-separated globs, each sorted) and
 lines in file order make the global input order.
@@ -56,7 +60,7 @@ from absl import logging
 from jaxalign import storage
 from jaxalign.config import Config, CurateConfig
 from jaxalign.data import curate_filters as filters
-from jaxalign.data import sources
+from jaxalign.data import decontam, sources
 from jaxalign.errors import ConfigError, DataError
 
 # Bump when the map stage's output changes meaning: finished shards of older versions are then re-processed.
@@ -325,7 +329,7 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def _shards(config: Config, work_dir: str) -> list[_Shard]:
+def _shards(config: Config, work_dir: str, extra: str = "") -> list[_Shard]:
     # The map stage reads every curate setting but these three, which act later.
     later = ("num_workers", "exact_dedup", "near_threshold")
     settings = {k: v for k, v in dataclasses.asdict(config.curate).items() if k not in later}
@@ -340,7 +344,11 @@ def _shards(config: Config, work_dir: str) -> list[_Shard]:
             stat = storage.path(path).stat()
             where, size, mtime = path, stat.length, stat.mtime
         identity = [_FORMAT_VERSION, where, size, mtime, settings]
-        identity += [config.data.on_error, config.seed]
+        identity += [
+            config.data.on_error,
+            config.seed,
+            extra,
+        ]  # extra: the decontamination benchmarks' digest
         fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         name = f"{i:05d}-" + re.sub(
             r"[^\w.-]", "_", re.sub(r"(\.jsonl?)?(\.gz)?$", "", os.path.basename(path))
@@ -350,10 +358,13 @@ def _shards(config: Config, work_dir: str) -> list[_Shard]:
 
 
 # --- map: one shard in a worker --------------------------------------------------------------------------------------
-def _map_shard(shard: _Shard, cfg: CurateConfig, on_error: str, seed: int) -> _Stats:
+def _map_shard(
+    shard: _Shard, cfg: CurateConfig, on_error: str, seed: int, bench: decontam.Benchmarks | None = None
+) -> _Stats:
     """Reads one shard; writes per-record hashes, signatures and filter reasons, and the scrubbed passing records."""
     stats, bad, chain = _Stats(), [], filters.enabled(cfg)
     ids, lines, reasons, exact, has_words, kept_index, pii, sigs, pending = [], [], [], [], [], [], [], [], []
+    contaminated = []  # [local index, benchmark indices, {benchmark index: item indices}] per contaminated record
     a_K, b_K = permutations(cfg.num_bands * cfg.rows_per_band, seed)
     records = _records(shard.path, on_error, bad)
     # Streamed: a local file, or an object uploaded as it is written (published by the rename below).
@@ -383,6 +394,13 @@ def _map_shard(shard: _Shard, cfg: CurateConfig, on_error: str, seed: int) -> _S
                     reason, text = fn(text)
                 if reason:
                     break
+            if bench is not None and not reason:
+                with stats.timed("decontam"):
+                    hits = bench.match(text)
+                if hits:
+                    contaminated.append([len(ids) - 1, list(hits), {str(b): i for b, i in hits.items()}])
+                    if cfg.decontam == "drop":
+                        reason = f"decontam:{bench.names[next(iter(hits))]}"
             reasons.append(reason)
             if reason:
                 continue
@@ -407,7 +425,7 @@ def _map_shard(shard: _Shard, cfg: CurateConfig, on_error: str, seed: int) -> _S
         "pii_Mx3": np.array(pii or [(0, 0, 0)] * len(kept_index), np.int64).reshape(-1, 3),
     }
     _write_atomic(shard.work + ".npz", lambda f: np.savez(f, **arrays), binary=True)
-    meta = {"ids": ids, "lines": lines, "reasons": reasons, "bad": bad}
+    meta = {"ids": ids, "lines": lines, "reasons": reasons, "bad": bad, "contaminated": contaminated}
     _write_atomic(shard.work + ".meta.json", lambda f: json.dump(meta, f, ensure_ascii=False))
     files = [shard.work + suffix for suffix in (".npz", ".meta.json", ".docs.jsonl")]
     _mark_done(shard.work + ".map.done", shard.fingerprint, files)
@@ -422,6 +440,9 @@ class _Decision:
     duplicate_of: np.ndarray  # [N] global index of the kept representative, -1 if not a duplicate
     skipped: np.ndarray  # [N] bool: bad records the parent found (a repeated id, with on_error="skip")
     bad: list[str]  # "file:line: message" of every skipped record
+    contaminated: (
+        list  # (global index, benchmark indices, {benchmark index (str): item indices}), input order
+    )
 
 
 def _check_ids(ids: list, where: Callable[[int], str], on_error: str, bad: list[str]) -> np.ndarray:
@@ -444,6 +465,10 @@ def _decide(shards: list[_Shard], arrays: dict, cfg: CurateConfig, on_error: str
         metas.append(json.loads(storage.read_text(shard.work + ".meta.json")))
     ids = [i for m in metas for i in m["ids"]]
     offsets = np.cumsum([0] + [len(m["ids"]) for m in metas])
+    # Contaminated records by global index: (index, benchmark indices, {benchmark index: item indices}).
+    contaminated = [
+        (int(o) + c[0], *c[1:]) for m, o in zip(metas, offsets, strict=False) for c in m["contaminated"]
+    ]
 
     def where(k: int) -> str:  # "file:line" of global record k
         s = int(np.searchsorted(offsets, k, side="right")) - 1
@@ -478,7 +503,7 @@ def _decide(shards: list[_Shard], arrays: dict, cfg: CurateConfig, on_error: str
     reasons = [r for m in metas for r in m["reasons"]]
     for k in np.flatnonzero(duplicate_of >= 0):
         reasons[k] = "near_duplicate" if near[k] else "exact_duplicate"
-    return _Decision(ids, reasons, duplicate_of, skipped, bad)
+    return _Decision(ids, reasons, duplicate_of, skipped, bad, contaminated)
 
 
 # --- write: one shard in a worker ----------------------------------------------------------------------------------
@@ -541,7 +566,10 @@ def run(config: Config) -> None:
     if not config.data.input:
         raise ConfigError("data.input is empty: curation needs --config.data.input=GLOB of JSONL(.gz) files")
     work_dir, out_dir = storage.join(config.workdir, "curate_work"), storage.join(config.workdir, "curated")
-    shards = _shards(config, work_dir)
+    bench = decontam.load(
+        cfg.decontam, cfg.decontam_n, cfg.decontam_benchmarks, sources.expand_glob(config.data.input)
+    )
+    shards = _shards(config, work_dir, bench.digest() if bench else "")
     storage.path(work_dir).mkdir(parents=True, exist_ok=True)
     storage.path(out_dir).mkdir(parents=True, exist_ok=True)
     _write_atomic(storage.join(config.workdir, "config.json"), lambda f: f.write(config.to_json()))
@@ -549,7 +577,9 @@ def run(config: Config) -> None:
     with _Pool(cfg.num_workers) as pool:
         to_map = [k for k, s in enumerate(shards) if not _done(s.work + ".map.done", s.fingerprint)]
         logging.info("curate: %d shards, %d mapped before", len(shards), len(shards) - len(to_map))
-        map_fn = functools.partial(_map_shard, cfg=cfg, on_error=config.data.on_error, seed=config.seed)
+        map_fn = functools.partial(
+            _map_shard, cfg=cfg, on_error=config.data.on_error, seed=config.seed, bench=bench
+        )
         for shard_stats in pool.run(map_fn, [shards[k] for k in to_map], [sizes[k] for k in to_map]):
             stats.add(shard_stats)
 
@@ -561,11 +591,25 @@ def run(config: Config) -> None:
         }
         d = _decide(shards, arrays, cfg, config.data.on_error, stats)
 
-        writes, pii, offset = [], np.zeros(3, np.int64), 0
-        for shard, a in zip(shards, per_shard, strict=True):
+        offsets = np.cumsum([0] + [len(a["exact_Nx16"]) for a in per_shard])
+        drops = []  # per shard [M] bool: filter-passing records that a later stage removes
+        for a, offset in zip(per_shard, offsets, strict=False):
             kept = a["kept_index"]
-            drop = (d.duplicate_of[offset + kept] >= 0) | d.skipped[offset + kept]
-            offset += len(a["exact_Nx16"])
+            drops.append((d.duplicate_of[offset + kept] >= 0) | d.skipped[offset + kept])
+        perplexity = {}
+        if cfg.perplexity_model or cfg.perplexity_reference:
+            from jaxalign.data import perplexity_filter  # JAX, in the parent only
+
+            docs = [(s.work + ".docs.jsonl", drop) for s, drop in zip(shards, drops, strict=True)]
+            buckets, perplexity = perplexity_filter.run(config, docs, stats)
+            for a, offset, drop, bucket in zip(per_shard, offsets, drops, buckets, strict=False):
+                for j in np.flatnonzero(bucket != ""):
+                    d.reasons[offset + a["kept_index"][j]] = f"perplexity:{bucket[j]}"
+                drop |= bucket != ""
+
+        writes, pii = [], np.zeros(3, np.int64)
+        for shard, a, drop in zip(shards, per_shard, drops, strict=True):
+            kept = a["kept_index"]
             pii += a["pii_Mx3"][~drop].sum(axis=0)
             key = hashlib.sha256(json.dumps([shard.fingerprint, kept[drop].tolist()]).encode()).hexdigest()
             out = storage.join(out_dir, shard.name + ".jsonl")
@@ -590,6 +634,18 @@ def run(config: Config) -> None:
 
     _write_atomic(storage.join(config.workdir, "removed.jsonl"), removed_lines)
     by_reason = Counter(d.reasons[k] for k in removed)
+    if bench is not None:
+        item_hits = [set() for _ in bench.names]
+        records = []
+        for k, benches, items in d.contaminated:
+            for b, idx in items.items():
+                item_hits[int(b)].update(idx)
+            if not d.skipped[k]:
+                records.append((d.ids[k], benches, d.reasons[k]))
+        content, contamination_report = decontam.summarise(bench, cfg.decontam, item_hits, records)
+        _write_atomic(
+            storage.join(config.workdir, "contamination.json"), lambda f: json.dump(content, f, indent=1)
+        )
     n_valid = len(d.ids) - int(d.skipped.sum())
     report = {
         "input": config.data.input,
@@ -602,6 +658,8 @@ def run(config: Config) -> None:
         },
         "removed_by_reason": {r: by_reason[r] for r in sorted(by_reason, key=_reason_order)},
         "pii_replacements": dict(zip(filters.PII_KINDS, pii.tolist(), strict=True)),
+        **({"decontamination": contamination_report} if bench is not None else {}),
+        **({"perplexity_filter": perplexity} if perplexity else {}),
         # This run's work only; a stage's seconds are summed over workers, so docs_per_s is a per-process rate.
         "stages": stats.table(),
         "wall_seconds": round(time.perf_counter() - start, 3),
@@ -615,4 +673,5 @@ def run(config: Config) -> None:
 
 def _reason_order(reason: str) -> tuple[int, str]:
     families = ("exact_duplicate", "near_duplicate", "gopher_repetition", "gopher_quality", "c4", "fineweb")
+    families += ("decontam", "perplexity")
     return families.index(reason.split(":")[0]), reason
