@@ -36,6 +36,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "fineweb_filters": True,
             "pii": True,
             "num_workers": 2,
+            # Decontamination against the world's held-out questions / decontam_benchmarks (off, flag, drop).
+            "decontam": "off",
+            "decontam_n": 13,
+            # CCNet perplexity filter: off unless perplexity_model or perplexity_reference is set.
+            "perplexity_cuts": "33,67",
+            "perplexity_keep": "head,middle",
         }
     )
     if arg == "smoke":  # one process, 32 permutations

@@ -29,7 +29,8 @@ and the global decision only, so 1 and N workers write byte-identical files.
 
 Outputs: W/curated/*.jsonl (kept records, all fields, scrubbed text), W/removed.jsonl (one
 `{"id", "reason", "duplicate_of"?}` per removed record, input order), W/curate_report.json (counts per reason,
-docs/s per stage), W/config.json.
+docs/s per stage, the decontamination and perplexity sections), W/contamination.json (with `curate.decontam`),
+W/config.json.
 
 Shapes: N records, K = num_bands * rows_per_band permutations, S shingles, P candidate pairs.
 """
@@ -635,14 +636,7 @@ def run(config: Config) -> None:
     _write_atomic(storage.join(config.workdir, "removed.jsonl"), removed_lines)
     by_reason = Counter(d.reasons[k] for k in removed)
     if bench is not None:
-        item_hits = [set() for _ in bench.names]
-        records = []
-        for k, benches, items in d.contaminated:
-            for b, idx in items.items():
-                item_hits[int(b)].update(idx)
-            if not d.skipped[k]:
-                records.append((d.ids[k], benches, d.reasons[k]))
-        content, contamination_report = decontam.summarise(bench, cfg.decontam, item_hits, records)
+        content, contamination_report = decontam.summarise(bench, cfg.decontam, d)
         _write_atomic(
             storage.join(config.workdir, "contamination.json"), lambda f: json.dump(content, f, indent=1)
         )

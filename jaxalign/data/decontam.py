@@ -2,7 +2,7 @@
 
     bench = load(cfg, input_paths)                      the benchmarks' n-gram keys (small; read in the parent)
     hits = bench.match(text)                            {benchmark index: [item index, ...]} of one record
-    summary = summarise(bench, item_hits, ...)          W/contamination.json and the report's section
+    content, section = summarise(bench, mode, decision)  W/contamination.json and the report's section
 
 Words are as `curate.words`: `\\w+` runs of the casefolded text. An evaluation item's n-grams (`curate.decontam_n`,
 13 as GPT-3, 8 as Llama 2) are looked up in every training record that passed the quality filters (the text a
@@ -225,11 +225,16 @@ def load(mode: str, n: int, spec: str, input_paths: Sequence[str]) -> Benchmarks
     return build(n, benchmarks)
 
 
-def summarise(
-    bench: Benchmarks, mode: str, item_hits: Sequence[set[int]], records: Sequence[tuple[Any, list[int], str]]
-) -> tuple[dict, dict]:
-    """(contamination.json content, the report's section) from every benchmark's contaminated item indices and the
-    contaminated training records as (id, benchmark indices, final removal reason or "" if kept)."""
+def summarise(bench: Benchmarks, mode: str, decision: Any) -> tuple[dict, dict]:
+    """(contamination.json content, the report's section) from curation's decision: `contaminated` records (global
+    index, benchmark indices, {benchmark index: item indices}), `ids`, final `reasons` ("" = kept), `skipped`."""
+    item_hits: list[set[int]] = [set() for _ in bench.names]
+    records = []  # (id, benchmark indices, final reason) of every contaminated record
+    for k, benches, items in decision.contaminated:
+        for b, idx in items.items():
+            item_hits[int(b)].update(idx)
+        if not decision.skipped[k]:
+            records.append((decision.ids[k], benches, decision.reasons[k]))
     report, files = {}, {}
     for b, name in enumerate(bench.names):
         total, hits = len(bench.item_ids[b]), sorted(item_hits[b])

@@ -88,19 +88,22 @@ def _gibberish(texts: list[str], rng: random.Random) -> list[str]:
 
 
 def test_a_reference_lm_sends_gibberish_to_the_tail(tmp_path):
-    paths = synthetic.write_world(str(tmp_path / "data"), 60, seed=0)
-    world_docs = [json.loads(line) for line in open(paths["raw"])]
-    world_docs = [r for r in world_docs if r["kind"] == "clean"]
+    paths = synthetic.write_world(str(tmp_path / "data"), 120, seed=0)
+    clean = [json.loads(line) for line in open(paths["raw"])]
+    clean = [{"id": r["id"], "text": r["text"]} for r in clean if r["kind"] == "clean"]
+    # The reference split (as CCNet's Wikipedia): half of the world's clean archive entries and its pretraining text;
+    # the corpus: the other half, and a quarter as many gibberish documents made from them.
+    reference, world_docs = clean[::2], clean[1::2]
+    (tmp_path / "reference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reference))
     rng = random.Random(0)
     junk = _gibberish([r["text"] for r in rng.sample(world_docs, len(world_docs) // 4)], rng)
-    records = [{"id": r["id"], "text": r["text"]} for r in world_docs]
-    records += [{"id": f"junk-{k}", "text": t} for k, t in enumerate(junk)]
+    records = world_docs + [{"id": f"junk-{k}", "text": t} for k, t in enumerate(junk)]
     rng.shuffle(records)
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     cd_overrides = dict(
-        perplexity_reference=paths["pretrain_train"],
+        perplexity_reference=f"{tmp_path / 'reference.jsonl'},{paths['pretrain_train']}",
         perplexity_batch_size=16,
         perplexity_max_tokens=128,
         # Only the perplexity filter acts: the quality filters would reject shuffled characters already.
