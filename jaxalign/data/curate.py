@@ -635,11 +635,12 @@ def run(config: Config) -> None:
 
     _write_atomic(storage.join(config.workdir, "removed.jsonl"), removed_lines)
     by_reason = Counter(d.reasons[k] for k in removed)
+    contamination_path = storage.join(config.workdir, "contamination.json")
     if bench is not None:
         content, contamination_report = decontam.summarise(bench, cfg.decontam, d)
-        _write_atomic(
-            storage.join(config.workdir, "contamination.json"), lambda f: json.dump(content, f, indent=1)
-        )
+        _write_atomic(contamination_path, lambda f: json.dump(content, f, indent=1))
+    elif storage.exists(contamination_path):  # an earlier run's: the eval job must not read it as this one's
+        storage.path(contamination_path).unlink()
     n_valid = len(d.ids) - int(d.skipped.sum())
     report = {
         "input": config.data.input,

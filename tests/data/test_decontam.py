@@ -13,7 +13,7 @@ from jaxalign import config as config_lib
 from jaxalign.data import curate, decontam, synthetic
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.eval import evaluate, mc, metrics
-from tests.data.test_curate import make_config
+from tests.data.test_curate import make_config, outputs
 from tests.data.test_curate import run as run_curate
 
 # 15 words: long enough to have 13-grams and 8-grams.
@@ -105,10 +105,26 @@ def test_flag_finds_exactly_the_planted_leaks(planted, tmp_path, n):
 
 def test_drop_removes_the_contaminated_records_only(planted, tmp_path):
     spec = f"mybench={planted['bench']}"
-    kept_off, _, _ = run_curate(planted["input"], tmp_path / "off")
+    # Three shards in the world's directory (symlinked files): 1 and 2 workers write identical files.
+    lines = open(planted["input"]).read().splitlines(keepends=True)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k in range(3):
+        (shards / f"raw{k}.jsonl").write_text("".join(lines[k::3]))
+    for name in ("world.json", "sft_eval.jsonl"):
+        os.symlink(os.path.join(os.path.dirname(planted["input"]), name), shards / name)
+    glob = str(shards / "raw*.jsonl")
+    kept_off, _, _ = run_curate(glob, tmp_path / "off")
+    run_curate(glob, tmp_path / "drop1", decontam="drop", decontam_benchmarks=spec, workers=1)
     kept, removed, report = run_curate(
-        planted["input"], tmp_path / "drop", decontam="drop", decontam_benchmarks=spec, workers=2
+        glob, tmp_path / "drop", decontam="drop", decontam_benchmarks=spec, workers=2
     )
+    assert outputs(tmp_path / "drop1") == outputs(tmp_path / "drop")
+    contamination = [(tmp_path / w / "contamination.json").read_bytes() for w in ("drop1", "drop")]
+    assert contamination[0] == contamination[1]
+    # Decontamination off again: the stale contamination.json goes.
+    run_curate(glob, tmp_path / "drop1", workers=1)
+    assert not (tmp_path / "drop1" / "contamination.json").exists()
     p0, p1, _ = planted["plant_ids"]
     assert removed[p0]["reason"] == "decontam:world_qa" and removed[p1]["reason"] == "decontam:mybench"
     assert set(kept_off) - set(kept) == {p0, p1} and set(kept) <= set(kept_off)
@@ -193,3 +209,16 @@ def test_clean_qa_is_exact_match_over_the_clean_items():
     )
     assert out["qa_exact_match_clean"] == pytest.approx(1 / 3)
     assert np.isnan(evaluate.clean_qa(answers, golds, ids, set(ids))["qa_exact_match_clean"])
+
+
+def test_a_changed_benchmark_file_invalidates_finished_shards(planted, tmp_path):
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(open(planted["bench"]).read())
+    kwargs = dict(decontam="drop", decontam_benchmarks=f"b={bench}")
+    _, removed, _ = run_curate(planted["input"], tmp_path / "w", **kwargs)
+    p1 = planted["plant_ids"][1]
+    assert removed[p1]["reason"] == "decontam:b"
+    bench.write_text("".join(json.dumps(r) + "\n" for r in mc_records()[2:]))  # without the two leaked items
+    kept, removed, report = run_curate(planted["input"], tmp_path / "w", **kwargs)
+    assert p1 in kept and p1 not in removed
+    assert report["shards"]["mapped"] == 1 and report["decontamination"]["b"]["contaminated_items"] == 0
