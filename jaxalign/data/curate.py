@@ -331,8 +331,9 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def _shards(config: Config, work_dir: str, extra: str = "") -> list[_Shard]:
-    # The map stage reads every curate setting but these three, which act later.
+    # The map stage reads every curate setting but these, which act later (the perplexity filter in the parent).
     later = ("num_workers", "exact_dedup", "near_threshold")
+    later += tuple(k for k in dataclasses.asdict(config.curate) if k.startswith("perplexity_"))
     settings = {k: v for k, v in dataclasses.asdict(config.curate).items() if k not in later}
     shards = []
     for i, path in enumerate(sources.expand_glob(config.data.input)):
@@ -345,11 +346,8 @@ def _shards(config: Config, work_dir: str, extra: str = "") -> list[_Shard]:
             stat = storage.path(path).stat()
             where, size, mtime = path, stat.length, stat.mtime
         identity = [_FORMAT_VERSION, where, size, mtime, settings]
-        identity += [
-            config.data.on_error,
-            config.seed,
-            extra,
-        ]  # extra: the decontamination benchmarks' digest
+        # `extra`: the decontamination benchmarks' digest (a changed benchmark file re-maps every shard).
+        identity += [config.data.on_error, config.seed, extra]
         fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         name = f"{i:05d}-" + re.sub(
             r"[^\w.-]", "_", re.sub(r"(\.jsonl?)?(\.gz)?$", "", os.path.basename(path))
@@ -441,9 +439,8 @@ class _Decision:
     duplicate_of: np.ndarray  # [N] global index of the kept representative, -1 if not a duplicate
     skipped: np.ndarray  # [N] bool: bad records the parent found (a repeated id, with on_error="skip")
     bad: list[str]  # "file:line: message" of every skipped record
-    contaminated: (
-        list  # (global index, benchmark indices, {benchmark index (str): item indices}), input order
-    )
+    # (global index, benchmark indices, {benchmark index (str): item indices}) of contaminated records, input order
+    contaminated: list
 
 
 def _check_ids(ids: list, where: Callable[[int], str], on_error: str, bad: list[str]) -> np.ndarray:

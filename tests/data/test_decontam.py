@@ -142,6 +142,11 @@ def test_benchmark_match_is_by_word_ngram():
     assert bench.match("alpha beta gamma zz delta epsilon") == {}
     assert bench.match("a tiny item here") == {0: [1]}  # shorter than n: the whole item
     assert bench.match("tiny items") == {}
+    # What a benchmark record's text is: the MC question, a prompt (string or messages) or a text.
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a river."}]
+    assert decontam.item_text({"question": "Q?", "choices": ["a", "b"], "answer": 0}, "f:1") == "Q?"
+    assert decontam.item_text({"prompt": messages}, "f:1") == "Be brief.\nName a river."
+    assert decontam.item_text({"text": "T"}, "f:1") == "T"
 
 
 def test_bad_benchmark_input_is_one_line(tmp_path):

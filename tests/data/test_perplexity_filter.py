@@ -18,7 +18,7 @@ from jaxalign.errors import ConfigError
 from jaxalign.models.transformer import Transformer
 from jaxalign.parallel.mesh import Rules
 from jaxalign.stages import common
-from tests.data.test_curate import make_config
+from tests.data.test_curate import make_config, outputs
 
 TINY = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
 
@@ -31,7 +31,7 @@ def test_batched_scores_equal_one_document_at_a_time(small_world, tmp_path):
     config = config_lib.from_config_dict(cd)
     rules = Rules.from_config(config)
     model = nnx.merge(*common.init_params(config, rules, adapters=False))  # sharded over the 8 devices
-    texts = [json.loads(line)["text"] for line in open(small_world["pretrain_train"])][:5]
+    texts = [json.loads(line)["text"] for line in open(small_world["pretrain_train"])][:9]
     texts += [
         "Short.",
         "x " * 300,
@@ -136,3 +136,11 @@ def test_a_reference_lm_sends_gibberish_to_the_tail(tmp_path):
     assert junk_removed == 1.0  # every planted gibberish document is in the tail
     # The tail is a third of the corpus and gibberish a fifth of it: the rest of the tail is world text.
     assert world_kept >= 0.8
+
+    # A re-run reuses the finished reference LM (no new checkpoint step) and decides the same.
+    steps = lambda: sorted(
+        p.name for p in (tmp_path / "w" / "curate_ref_lm" / "checkpoints" / "pretrain").iterdir()
+    )
+    before, first = steps(), outputs(tmp_path / "w")
+    curate.run(config)
+    assert steps() == before and outputs(tmp_path / "w") == first
