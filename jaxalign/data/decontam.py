@@ -105,12 +105,15 @@ class Benchmarks:
             return {}
         ids_T = _word_ids(ws)
         found: dict[int, set[int]] = {}
-        for k, (key_G, bench_G, item_G) in self.grams.items():
-            if len(ids_T) < k:
+        keys = filters.mix64(ids_T + np.uint64(1))  # 1-gram keys; the k-gram keys follow as in ngram_keys
+        for k in range(1, min(len(ids_T), max(self.grams)) + 1):
+            if k > 1:
+                keys = filters.mix64(keys[:-1] ^ ids_T[k - 1 :])
+            if k not in self.grams:
                 continue
-            keys = np.unique(filters.ngram_keys(ids_T, k))
-            hit = keys[np.isin(keys, key_G, assume_unique=False)]
-            for key in hit:
+            key_G, bench_G, item_G = self.grams[k]
+            at = np.minimum(np.searchsorted(key_G, keys), len(key_G) - 1)  # key_G is sorted
+            for key in np.unique(keys[key_G[at] == keys]):
                 lo, hi = np.searchsorted(key_G, key, "left"), np.searchsorted(key_G, key, "right")
                 for b, i in zip(bench_G[lo:hi].tolist(), item_G[lo:hi].tolist(), strict=True):
                     found.setdefault(b, set()).add(i)
