@@ -144,3 +144,16 @@ def test_a_reference_lm_sends_gibberish_to_the_tail(tmp_path):
     before, first = steps(), outputs(tmp_path / "w")
     curate.run(config)
     assert steps() == before and outputs(tmp_path / "w") == first
+
+    # The same LM exported to Hugging Face format and given as perplexity_model="hf:DIR" decides the same.
+    from jaxalign.models import hf
+
+    hf.save(perplexity_filter.load_model(config)[0], str(tmp_path / "hf"))
+    hf_config = config_lib.replace(
+        config,
+        workdir=str(tmp_path / "w_hf"),
+        curate={"perplexity_reference": "", "perplexity_model": f"hf:{tmp_path / 'hf'}"},
+        data={"tokenizer": str(tmp_path / "w" / "curate_ref_lm" / "tokenizer.model")},
+    )
+    curate.run(hf_config)
+    assert outputs(tmp_path / "w_hf") == first
