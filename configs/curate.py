@@ -40,6 +40,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # beam_options="--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp".
             "runner": "local",
             "beam_options": "",
+            # Decontamination against the world's held-out questions / decontam_benchmarks (off, flag, drop).
+            "decontam": "off",
+            "decontam_n": 13,
+            # CCNet perplexity filter: off unless perplexity_model or perplexity_reference is set.
+            "perplexity_cuts": "33,67",
+            "perplexity_keep": "head,middle",
         }
     )
     if arg == "smoke":  # one process, 32 permutations

@@ -14,7 +14,9 @@ multiple-choice JSONL. Writes W/eval.json and prints the table.
       world's qa/arith/chat/perplexity tasks.
 
 Your benchmark: --config.eval.world=False --config.eval.mc_input='mmlu/*.jsonl' (records {"question", "choices",
-"answer": index or text}); reports mc_acc and mc_acc_norm as lm-eval's multiple-choice tasks. A Hugging Face model:
+"answer": index or text}); reports mc_acc and mc_acc_norm as lm-eval's multiple-choice tasks. After a curation run
+with decontamination, --config.eval.contamination=runs/curate/contamination.json adds each score on the clean items
+(qa_exact_match_clean, mc_acc_clean, ...). A Hugging Face model:
 --config.model.init_from=hf:/path with its architecture under model.* and data.chat_template='tokenizer'.
 """
 

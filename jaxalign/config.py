@@ -286,9 +286,57 @@ class CurateConfig:
     # (e.g. "--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp"); "" = Beam's local runner.
     runner: Literal["local", "beam"] = "local"
     beam_options: str = ""
+    # --- decontamination (jaxalign/data/decontam.py): word n-gram overlap with evaluation sets. "flag" keeps
+    # contaminated records and lists them in W/contamination.json, "drop" removes them (reason
+    # "decontam:<benchmark>"). The world's held-out questions are checked when the world is the input.
+    decontam: Literal["off", "flag", "drop"] = "off"
+    # n-gram length in words: 13 as GPT-3, 8 as Llama 2 (shorter items are matched whole).
+    decontam_n: int = 13
+    # User benchmarks: comma-separated name=glob of JSONL records (question/choices/answer, prompt or text).
+    decontam_benchmarks: str = ""
+    # --- perplexity filter (jaxalign/data/perplexity_filter.py, CCNet-style, in the parent process after the
+    # filters): a jaxalign LM ("ckpt:PATH" or "hf:DIR", of architecture model.*) scores each kept document; ""
+    # with perplexity_reference="" is off.
+    perplexity_model: str = ""
+    # A glob of reference text: the pretrain job (model.*, train.*, optim.* of this config) first trains a small LM
+    # on it into W/curate_ref_lm, which then scores the documents (instead of perplexity_model).
+    perplexity_reference: str = ""
+    # Percentile cut points (two, increasing, in (0, 100)) of the scored documents' perplexities splitting them
+    # into the buckets head (lowest perplexity), middle and tail, as CCNet's 33/67.
+    perplexity_cuts: str = "33,67"
+    # The buckets kept (comma-separated of head, middle, tail); the others are removed ("perplexity:<bucket>").
+    perplexity_keep: str = "head,middle"
+    # Documents per scoring batch (a multiple of the data-parallel size) and the tokens scored per document
+    # (its first ones; lengths are padded to powers of two from 32, so a run compiles a few shapes).
+    perplexity_batch_size: int = 16
+    perplexity_max_tokens: int = 512
 
     def __post_init__(self):
         _check_ranges(CurateConfig, vars(self), "curate")
+        if self.perplexity_model and not self.perplexity_model.startswith(("hf:", "ckpt:")):
+            raise ConfigError(
+                f"curate.perplexity_model={self.perplexity_model!r} must be '', 'ckpt:/path' or 'hf:/path'"
+            )
+        if self.perplexity_model and self.perplexity_reference:
+            raise ConfigError(
+                f"curate.perplexity_model={self.perplexity_model!r} and curate.perplexity_reference="
+                f"{self.perplexity_reference!r}: give one (a model, or reference text to train one on)"
+            )
+        try:
+            cuts = [float(x) for x in self.perplexity_cuts.split(",")]
+        except ValueError:
+            cuts = []
+        if len(cuts) != 2 or not 0 < cuts[0] < cuts[1] < 100:
+            raise ConfigError(
+                f"curate.perplexity_cuts={self.perplexity_cuts!r} must be two increasing percentiles in (0, 100), "
+                "e.g. '33,67'"
+            )
+        keep = [x.strip() for x in self.perplexity_keep.split(",") if x.strip()]
+        if not keep or any(x not in ("head", "middle", "tail") for x in keep):
+            raise ConfigError(
+                f"curate.perplexity_keep={self.perplexity_keep!r} must be a comma-separated subset of "
+                "head, middle, tail"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -577,6 +625,10 @@ class EvalConfig:
     max_examples: int = 0
     # The key of this policy's metrics in workdir/eval.json (other keys already there are kept).
     name: str = "policy"
+    # A curation run's W/contamination.json: each score is also reported on the items it does not list as
+    # contaminated (qa_exact_match_clean from its world_qa benchmark; mc_acc_clean, mc_acc_norm_clean and
+    # mc_count_clean from its other benchmarks); "" = none.
+    contamination: str = ""
 
     def __post_init__(self):
         _check_ranges(EvalConfig, vars(self), "eval")

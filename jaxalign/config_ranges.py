@@ -70,6 +70,7 @@ RANGES: dict[str, dict[str, str]] = {
         **dict.fromkeys(("ngram", "num_bands", "rows_per_band", "num_workers"), POSITIVE),
         "near_threshold": "in [0, 1]",
         "substring_dedup_tokens": ">= 0 (0: off)",
+        **dict.fromkeys(("decontam_n", "perplexity_batch_size", "perplexity_max_tokens"), POSITIVE),
     },
     "SftConfig": {"replay_fraction": "in [0, 1)"},
     "LoraConfig": {"rank": ">= 0 (0: full fine-tuning)", "alpha": POSITIVE, "dropout": "in [0, 1)"},

@@ -165,6 +165,13 @@ def evaluate_stages(config: Config) -> dict[str, Any]:
     rules = Rules.from_config(config)
     tokenizer = common.tokenizer(config)
     tasks = evaluate.world_tasks(common.world(config), ecfg.max_examples)
+    # With decontamination on in curation, qa_exact_match_clean too (eval.contamination, or this run's curation).
+    contamination = ecfg.contamination or storage.join(config.workdir, "curate", "contamination.json")
+    contaminated = None
+    if storage.exists(contamination):
+        from jaxalign.data import decontam
+
+        contaminated = decontam.contaminated_ids(contamination).get(decontam.WORLD_QA, set())
 
     def policy(stage: str) -> Policy:
         cfg = dataclasses.replace(config.model, init_from=f"ckpt:{_checkpoint(config, stage)}")
@@ -198,6 +205,7 @@ def evaluate_stages(config: Config) -> dict[str, Any]:
             reference=sft.model if against_sft else None,
             kl_estimator=ecfg.kl_estimator,
             seed=config.seed,
+            contaminated=contaminated,
         )
         evaluate.write_results(config.workdir, name, results[name])
     print(evaluate.format_table({k: v for k, v in results.items() if k != "reward"}), flush=True)

@@ -9,8 +9,12 @@ Stages, in the order that decides a removed record's reason:
      Dedup runs before the filters, so the record a `duplicate_of` names may itself fail a quality filter.
   3. quality filters (curate_filters.py): Gopher quality, Gopher repetition, C4, FineWeb, with datatrove's defaults;
      a record gets the first failing filter's reason. C4 also drops the lines its rules reject (`c4_drop_lines`).
-  4. PII scrubbing of the kept text (e-mails, public IPv4 addresses, phone numbers -> <EMAIL>, <IP>, <PHONE>).
-  5. exact-substring dedup (substring_dedup.py, `substring_dedup_tokens` > 0): spans of >= 4 x tokens bytes that
+  4. decontamination (decontam.py, `curate.decontam`): records holding an n-gram of an evaluation item are flagged
+     or dropped (`decontam:<benchmark>`); W/contamination.json lists the contaminated eval items.
+  5. PII scrubbing of the kept text (e-mails, public IPv4 addresses, phone numbers -> <EMAIL>, <IP>, <PHONE>).
+  6. perplexity filter (perplexity_filter.py, parent process, after dedup): kept documents scored by a small LM
+     and kept by percentile bucket (`perplexity:<bucket>`).
+  7. exact-substring dedup (substring_dedup.py, `substring_dedup_tokens` > 0): spans of >= 4 x tokens bytes that
      occur in an earlier kept record are cut from later ones; records left (nearly) empty get reason
      `substring_dup`. It needs every kept text at once, so it runs in the parent after the global dedup decision,
      on the texts the map stage wrote: after the filters (a record a filter drops holds no first occurrence) and
@@ -29,12 +33,13 @@ Markers are written last, atomically (`storage.write_atomic`), and name the inpu
 and the output sizes; a re-run skips every shard whose marker still matches. Every step is a function of its shard
 and the global decision only, so 1 and N workers write byte-identical files.
 
-`curate.runner="beam"` runs the same stages, through the same per-record function (`process_record`), as an Apache
-Beam pipeline with byte-identical outputs (curate_beam.py; no per-shard resume there).
+`curate.runner="beam"` runs stages 1-3 and 5, through the same per-record function (`process_record`), as an Apache
+Beam pipeline with byte-identical outputs (curate_beam.py; no per-shard resume there); it refuses the others.
 
 Outputs: W/curated/*.jsonl (kept records, all fields, scrubbed text), W/removed.jsonl (one
 `{"id", "reason", "duplicate_of"?}` per removed record, input order), W/curate_report.json (counts per reason,
-docs/s per stage), W/config.json.
+docs/s per stage, the decontamination, perplexity and substring sections), W/contamination.json (with
+`curate.decontam`), W/config.json.
 
 Shapes: N records, K = num_bands * rows_per_band permutations (MinHash itself: curate_minhash.py).
 """
@@ -65,7 +70,7 @@ from jaxalign import storage
 from jaxalign.config import Config, CurateConfig
 from jaxalign.data import curate_filters as filters
 from jaxalign.data import curate_minhash as mh
-from jaxalign.data import sources
+from jaxalign.data import decontam, sources
 from jaxalign.data import substring_dedup as substr
 from jaxalign.errors import ConfigError, DataError
 
@@ -206,10 +211,18 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def input_shards(config: Config, work_dir: str) -> list[_Shard]:
-    # The map stage reads every curate setting but these, which act later or choose only how it runs.
-    later = ("num_workers", "exact_dedup", "near_threshold", "substring_dedup_tokens")
-    later += ("runner", "beam_options")
+def input_shards(config: Config, work_dir: str, extra: str = "") -> list[_Shard]:
+    # The map stage reads every curate setting but these, which act later (in the parent) or choose only how it
+    # runs. `extra`: the decontamination benchmarks' digest (a changed benchmark file re-maps every shard).
+    later = (
+        "num_workers",
+        "exact_dedup",
+        "near_threshold",
+        "substring_dedup_tokens",
+        "runner",
+        "beam_options",
+    )
+    later += tuple(k for k in dataclasses.asdict(config.curate) if k.startswith("perplexity_"))
     settings = {k: v for k, v in dataclasses.asdict(config.curate).items() if k not in later}
     shards = []
     for i, path in enumerate(sources.expand_glob(config.data.input)):
@@ -222,7 +235,7 @@ def input_shards(config: Config, work_dir: str) -> list[_Shard]:
             stat = storage.path(path).stat()
             where, size, mtime = path, stat.length, stat.mtime
         identity = [_FORMAT_VERSION, where, size, mtime, settings]
-        identity += [config.data.on_error, config.seed]
+        identity += [config.data.on_error, config.seed] + ([extra] if extra else [])
         fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         name = f"{i:05d}-" + re.sub(
             r"[^\w.-]", "_", re.sub(r"(\.jsonl?)?(\.gz)?$", "", os.path.basename(path))
@@ -241,10 +254,14 @@ class Processed:
     reason: str  # the first failing quality filter's reason, "" if the record passed
     line: str  # the kept record (scrubbed text) as its curated JSONL line, "" if a filter removed it
     pii: tuple[int, int, int]  # replacements per kind of filters.PII_KINDS in `line`
+    hits: dict | None = None  # decontamination: {benchmark index: [item indices]} this record contains
 
 
-def process_record(record: dict, cfg: CurateConfig, chain: list, stats: Stats) -> Processed:
-    """Exact hash, MinHash words, quality filters (`chain` = filters.enabled(cfg)) and PII of one record."""
+def process_record(
+    record: dict, cfg: CurateConfig, chain: list, stats: Stats, bench: decontam.Benchmarks | None = None
+) -> Processed:
+    """Exact hash, MinHash words, quality filters (`chain` = filters.enabled(cfg)), decontamination against
+    `bench` (when given) and PII of one record."""
     text = record["text"]
     with stats.timed("exact_hash"):
         folded = text.casefold()
@@ -259,25 +276,40 @@ def process_record(record: dict, cfg: CurateConfig, chain: list, stats: Stats) -
             reason, text = fn(text)
         if reason:
             return Processed(exact, doc_words, reason, "", (0, 0, 0))
+    hits = None
+    if bench is not None:
+        with stats.timed("decontam"):
+            hits = bench.match(text) or None
+        if hits and cfg.decontam == "drop":
+            return Processed(
+                exact, doc_words, f"decontam:{bench.names[next(iter(hits))]}", "", (0, 0, 0), hits
+            )
     counts = (0, 0, 0)
     if cfg.pii:
         with stats.timed("pii"):
             text, counts = filters.scrub_pii(text)
     line = json.dumps({**record, "text": text}, ensure_ascii=False) + "\n"
-    return Processed(exact, doc_words, "", line, counts)
+    return Processed(exact, doc_words, "", line, counts, hits)
 
 
-def _map_shard(shard: _Shard, cfg: CurateConfig, on_error: str, seed: int) -> Stats:
+def _map_shard(
+    shard: _Shard, cfg: CurateConfig, on_error: str, seed: int, bench: decontam.Benchmarks | None = None
+) -> Stats:
     """Reads one shard; writes per-record hashes, signatures and filter reasons, and the scrubbed passing records."""
     stats, bad, chain = Stats(), [], filters.enabled(cfg)
     ids, lines, reasons, exact, has_words, kept_index, pii, sigs, pending = [], [], [], [], [], [], [], [], []
+    contaminated = []  # [local index, benchmark indices, {benchmark index: item indices}] per contaminated record
     a_K, b_K = mh.permutations(cfg.num_bands * cfg.rows_per_band, seed)
     # Streamed: a local file, or an object uploaded as it is written (published by the rename below).
     with storage.path(shard.work + ".docs.jsonl.tmp").open("w", encoding="utf-8") as out:
         for line_no, record in timed_records(shard.path, on_error, bad, stats):
             ids.append(record["id"])
             lines.append(line_no)
-            done = process_record(record, cfg, chain, stats)
+            done = process_record(record, cfg, chain, stats, bench)
+            if done.hits:
+                contaminated.append(
+                    [len(ids) - 1, list(done.hits), {str(b): i for b, i in done.hits.items()}]
+                )
             exact.append(done.exact)
             if cfg.near_dedup:
                 pending.append(done.words)
@@ -307,7 +339,7 @@ def _map_shard(shard: _Shard, cfg: CurateConfig, on_error: str, seed: int) -> St
         "pii_Mx3": np.array(pii or [(0, 0, 0)] * len(kept_index), np.int64).reshape(-1, 3),
     }
     _write_atomic(shard.work + ".npz", lambda f: np.savez(f, **arrays), binary=True)
-    meta = {"ids": ids, "lines": lines, "reasons": reasons, "bad": bad}
+    meta = {"ids": ids, "lines": lines, "reasons": reasons, "bad": bad, "contaminated": contaminated}
     _write_atomic(shard.work + ".meta.json", lambda f: json.dump(meta, f, ensure_ascii=False))
     files = [shard.work + suffix for suffix in (".npz", ".meta.json", ".docs.jsonl")]
     _mark_done(shard.work + ".map.done", shard.fingerprint, files)
@@ -322,6 +354,8 @@ class _Decision:
     duplicate_of: np.ndarray  # [N] global index of the kept representative, -1 if not a duplicate
     skipped: np.ndarray  # [N] bool: bad records the parent found (a repeated id, with on_error="skip")
     bad: list[str]  # "file:line: message" of every skipped record
+    # (global index, benchmark indices, {benchmark index (str): item indices}) of contaminated records, input order
+    contaminated: list
 
 
 def duplicate_id_message(record_id: Any, at: str, first_at: str) -> str:
@@ -349,6 +383,9 @@ def _decide(shards: list[_Shard], arrays: dict, cfg: CurateConfig, on_error: str
         metas.append(json.loads(storage.read_text(shard.work + ".meta.json")))
     ids = [i for m in metas for i in m["ids"]]
     offsets = np.cumsum([0] + [len(m["ids"]) for m in metas])
+    contaminated = [
+        (int(o) + c[0], *c[1:]) for m, o in zip(metas, offsets, strict=False) for c in m["contaminated"]
+    ]
 
     def where(k: int) -> str:  # "file:line" of global record k
         s = int(np.searchsorted(offsets, k, side="right")) - 1
@@ -383,7 +420,7 @@ def _decide(shards: list[_Shard], arrays: dict, cfg: CurateConfig, on_error: str
     reasons = [r for m in metas for r in m["reasons"]]
     for k in np.flatnonzero(duplicate_of >= 0):
         reasons[k] = "near_duplicate" if near[k] else "exact_duplicate"
-    return _Decision(ids, reasons, duplicate_of, skipped, bad)
+    return _Decision(ids, reasons, duplicate_of, skipped, bad, contaminated)
 
 
 # --- write: one shard in a worker ----------------------------------------------------------------------------------
@@ -451,14 +488,24 @@ def run(config: Config) -> None:
     if cfg.runner == "beam":  # the same stages as an Apache Beam pipeline (the `beam` extra)
         from jaxalign.data import curate_beam
 
-        if cfg.substring_dedup_tokens:
-            raise ConfigError(
-                f"curate.substring_dedup_tokens={cfg.substring_dedup_tokens} needs curate.runner='local' (its suffix "
-                "array holds every kept text in one process; the Beam runner has no such step)"
-            )
+        local_only = {
+            "substring_dedup_tokens": cfg.substring_dedup_tokens,
+            "decontam": "" if cfg.decontam == "off" else cfg.decontam,
+            "perplexity_model": cfg.perplexity_model,
+            "perplexity_reference": cfg.perplexity_reference,
+        }
+        for key, value in local_only.items():
+            if value:
+                raise ConfigError(
+                    f"curate.{key}={value!r} needs curate.runner='local': the Beam runner has the exact and near "
+                    "dedup, quality filter and PII stages only"
+                )
         return curate_beam.run(config)
     work_dir, out_dir = storage.join(config.workdir, "curate_work"), storage.join(config.workdir, "curated")
-    shards = input_shards(config, work_dir)
+    bench = decontam.load(
+        cfg.decontam, cfg.decontam_n, cfg.decontam_benchmarks, sources.expand_glob(config.data.input)
+    )
+    shards = input_shards(config, work_dir, bench.digest() if bench else "")
     storage.path(work_dir).mkdir(parents=True, exist_ok=True)
     storage.path(out_dir).mkdir(parents=True, exist_ok=True)
     _write_atomic(storage.join(config.workdir, "config.json"), lambda f: f.write(config.to_json()))
@@ -466,7 +513,9 @@ def run(config: Config) -> None:
     with _Pool(cfg.num_workers) as pool:
         to_map = [k for k, s in enumerate(shards) if not _done(s.work + ".map.done", s.fingerprint)]
         logging.info("curate: %d shards, %d mapped before", len(shards), len(shards) - len(to_map))
-        map_fn = functools.partial(_map_shard, cfg=cfg, on_error=config.data.on_error, seed=config.seed)
+        map_fn = functools.partial(
+            _map_shard, cfg=cfg, on_error=config.data.on_error, seed=config.seed, bench=bench
+        )
         for shard_stats in pool.run(map_fn, [shards[k] for k in to_map], [sizes[k] for k in to_map]):
             stats.add(shard_stats)
 
@@ -478,8 +527,26 @@ def run(config: Config) -> None:
         }
         d = _decide(shards, arrays, cfg, config.data.on_error, stats)
         offsets = np.cumsum([0] + [len(a["exact_Nx16"]) for a in per_shard])
-        # Of the filter-passing records, those substring dedup sees.
+        perplexity = {}
+        if cfg.perplexity_model or cfg.perplexity_reference:
+            from jaxalign.data import perplexity_filter  # JAX, in the parent only
+
+            docs = []  # per shard: its docs.jsonl and which of its filter-passing records dedup removed
+            for shard, a, offset in zip(shards, per_shard, offsets, strict=False):
+                kept = a["kept_index"]
+                docs.append(
+                    (
+                        shard.work + ".docs.jsonl",
+                        (d.duplicate_of[offset + kept] >= 0) | d.skipped[offset + kept],
+                    )
+                )
+            buckets, perplexity = perplexity_filter.run(config, docs, stats)
+            for a, offset, bucket in zip(per_shard, offsets, buckets, strict=False):
+                for j in np.flatnonzero(bucket != ""):
+                    d.reasons[offset + a["kept_index"][j]] = f"perplexity:{bucket[j]}"
+        # Of the filter-passing records, those substring dedup sees (after dedup and the perplexity filter).
         alive_N = (d.duplicate_of < 0) & ~d.skipped
+        alive_N &= np.array([not r.startswith("perplexity:") for r in d.reasons], bool)
         paths = [shard.work + ".docs.jsonl" for shard in shards]
         edits, substr_report = substr.curate_stage(paths, per_shard, offsets, alive_N, d.reasons, cfg)
         if substr_report:
@@ -490,7 +557,8 @@ def run(config: Config) -> None:
         for shard, a, offset, shard_edits in zip(shards, per_shard, offsets[:-1], edits, strict=True):
             kept = a["kept_index"]
             drop = (d.duplicate_of[offset + kept] >= 0) | d.skipped[offset + kept]
-            drop |= np.array([d.reasons[offset + k] == substr.REASON for k in kept.tolist()], bool)
+            parent = (substr.REASON, "perplexity")  # reasons the parent gave filter-passing records
+            drop |= np.array([d.reasons[offset + k].startswith(parent) for k in kept.tolist()], bool)
             pii += a["pii_Mx3"][~drop].sum(axis=0)
             identity = [shard.fingerprint, kept[drop].tolist()] + ([shard_edits] if shard_edits else [])
             key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
@@ -515,7 +583,17 @@ def run(config: Config) -> None:
     counts = {"valid": n_valid, "bad": len(d.bad), "kept": n_valid - len(removed)}
     shard_counts = {"total": len(shards), "mapped": len(to_map), "written": len(to_write)}
     reasons = Counter(d.reasons[k] for k in removed)
-    extra = {"substring_dedup": substr_report} if substr_report else {}
+    contamination_path = storage.join(config.workdir, "contamination.json")
+    extra = {}
+    if bench is not None:
+        content, extra["decontamination"] = decontam.summarise(bench, cfg.decontam, d)
+        _write_atomic(contamination_path, lambda f: json.dump(content, f, indent=1))
+    elif storage.exists(contamination_path):  # an earlier run's: the eval job must not read it as this one's
+        storage.path(contamination_path).unlink()
+    if perplexity:
+        extra["perplexity_filter"] = perplexity
+    if substr_report:
+        extra["substring_dedup"] = substr_report
     write_report(config, "local", shard_counts, counts, reasons, pii.tolist(), stats, start, d.bad, extra)
 
 
@@ -577,5 +655,5 @@ def write_report(
 
 def reason_order(reason: str) -> tuple[int, str]:
     families = ("exact_duplicate", "near_duplicate", "gopher_repetition", "gopher_quality", "c4", "fineweb")
-    families += (substr.REASON,)
+    families += ("decontam", "perplexity", substr.REASON)
     return families.index(reason.split(":")[0]), reason

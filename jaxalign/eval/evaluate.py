@@ -17,6 +17,9 @@ Metrics (names as in issue 14; each only when its inputs are given):
   rm_pair_accuracy   the reward model's pairwise accuracy on preference_eval
   kl_to_ref          mean per-sequence KL to the reference on the policy's own samples (`kl_estimator` names it)
   mc_acc, mc_acc_norm  user multiple-choice JSONL (`eval.mc_input`)
+  *_clean            with `eval.contamination` (curation's W/contamination.json): qa_exact_match_clean (and
+                     qa_count_clean) over the held-out questions its world_qa benchmark does not list, and mc_*_clean
+                     over the MC records no other benchmark lists (decontaminated scores, as GPT-3 and Llama 2 report)
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from flax import nnx
 
 from jaxalign import storage
 from jaxalign.config import Config
+from jaxalign.data import decontam
 from jaxalign.errors import ConfigError
 from jaxalign.eval import judges, mc, metrics
 from jaxalign.eval import policy as policy_lib
@@ -64,6 +68,7 @@ class WorldTasks:
     chat: list[tuple[Messages, str]]  # (prompt, gold value of its correct answer): win rate, RM score, length
     texts: list[str]  # held-out pretraining documents (perplexity)
     preference: list[dict[str, Any]]  # held-out preference pairs (RM pairwise accuracy)
+    qa_ids: list[str] = dataclasses.field(default_factory=list)  # sft_eval record id of each qa item
 
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -89,10 +94,10 @@ def world_tasks(paths: Mapping[str, str], max_examples: int = 0) -> WorldTasks:
     cap = (lambda xs: xs[:max_examples]) if max_examples else (lambda xs: xs)
     rl = _read_jsonl(paths["rl_eval"])
     pref = _read_jsonl(paths["preference_eval"])
+    facts = [r for r in _read_jsonl(paths["sft_eval"]) if r["task"] == "fact"]
     return WorldTasks(
-        qa=cap(
-            [_first_question(r["messages"]) for r in _read_jsonl(paths["sft_eval"]) if r["task"] == "fact"]
-        ),
+        qa=cap([_first_question(r["messages"]) for r in facts]),
+        qa_ids=cap([r["id"] for r in facts]),
         arith=cap([(r["prompt"], r["answer"]) for r in rl if r["task"] == "arithmetic"]),
         chat=cap([(r["prompt"], gold_value(r["chosen"][-1]["content"])) for r in pref]),
         texts=cap([r["text"] for r in _read_jsonl(paths["pretrain_eval"])]),
@@ -117,9 +122,11 @@ def evaluate_policy(
     judge_policy: Policy | None = None,
     kl_estimator: str = "k3",
     seed: int = 0,
+    contaminated: set[str] | None = None,
 ) -> dict[str, Any]:
     """Every metric of the module doc that its inputs allow, as {name: float} (and `kl_estimator`: str).
-    `baseline_answers` (the baseline's answers to `tasks.chat`, e.g. cached by the pipeline) replaces `baseline`."""
+    `baseline_answers` (the baseline's answers to `tasks.chat`, e.g. cached by the pipeline) replaces `baseline`.
+    `contaminated` (qa item ids, `tasks.qa_ids`) adds qa_exact_match_clean and qa_count_clean."""
     out: dict[str, Any] = {}
     gen = lambda prompts: policy_lib.generate(
         policy, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
@@ -127,6 +134,8 @@ def evaluate_policy(
     if tasks.qa:
         answers = gen([p for p, _ in tasks.qa]).texts
         out["qa_exact_match"] = metrics.qa_exact_match(answers, [g for _, g in tasks.qa])
+        if contaminated is not None:
+            out.update(clean_qa(answers, [g for _, g in tasks.qa], tasks.qa_ids, contaminated))
     if tasks.arith:
         answers = gen([p for p, _ in tasks.arith]).texts
         out["arith_accuracy"] = metrics.arith_accuracy(answers, [a for _, a in tasks.arith])
@@ -168,6 +177,21 @@ def evaluate_policy(
             )
         )
     return out
+
+
+def clean_qa(
+    answers: list[str], golds: list[str], ids: list[str], contaminated: set[str]
+) -> dict[str, float]:
+    """qa_exact_match over the items whose id is not `contaminated` (NaN if none is left) and their count."""
+    if len(ids) != len(answers):
+        raise ValueError(f"{len(ids)} qa ids for {len(answers)} answers")
+    clean = [k for k, i in enumerate(ids) if i not in contaminated]
+    score = (
+        metrics.qa_exact_match([answers[k] for k in clean], [golds[k] for k in clean])
+        if clean
+        else float("nan")
+    )
+    return {"qa_exact_match_clean": score, "qa_count_clean": float(len(clean))}
 
 
 def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
@@ -220,6 +244,10 @@ def run(config: Config) -> dict[str, Any]:
         raise ConfigError("eval.world=False and eval.mc_input is empty: nothing to evaluate")
     tokenizer = common.tokenizer(config)
     policy = _load_policy(config, rules, tokenizer, config.model.init_from)
+    contamination = decontam.contaminated_ids(ecfg.contamination) if ecfg.contamination else None
+    others = None  # the MC benchmarks' contaminated ids: every benchmark but the world's
+    if contamination is not None:
+        others = set().union(*(v for k, v in contamination.items() if k != decontam.WORLD_QA))
     other = lambda path: _load_policy(config, rules, tokenizer, path) if path else None
     result: dict[str, Any] = {}
     if ecfg.world:
@@ -242,13 +270,14 @@ def run(config: Config) -> dict[str, Any]:
                 judge_policy=other(ecfg.judge_model),
                 kl_estimator=ecfg.kl_estimator,
                 seed=config.seed,
+                contaminated=None if contamination is None else contamination.get(decontam.WORLD_QA, set()),
             )
         )
     if ecfg.mc_input:
         records = mc.read_records(ecfg.mc_input)
         if ecfg.max_examples:
             records = records[: ecfg.max_examples]
-        result.update(mc.evaluate(policy.model, tokenizer, records, ecfg.batch_size))
+        result.update(mc.evaluate(policy.model, tokenizer, records, ecfg.batch_size, others))
     data = write_results(config.workdir, ecfg.name, result)
     print(format_table({ecfg.name: data[ecfg.name]}), flush=True)
     return result

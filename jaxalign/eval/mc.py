@@ -1,11 +1,13 @@
 """Multiple-choice log-likelihood scoring over user JSONL, as lm-eval's multiple-choice tasks.
 
-One record a line: `{"question": str, "choices": [str, ...], "answer": index or the text of a choice}`. Each choice
+One record a line: `{"question": str, "choices": [str, ...], "answer": index or the text of a choice, "id"?}`
+(an item without `id` is named by `decontam.item_id(question)`, as curation's decontamination names it). Each choice
 is scored as a continuation of the question: context = [bos] + ids(question), continuation = ids(" " + choice),
 score = the sum of the continuation tokens' log-probs. Reported, as lm-eval:
   mc_acc       share of questions whose highest-scoring choice is the answer;
   mc_acc_norm  the same with each score divided by the choice's length in UTF-8 bytes (lm-eval's acc_norm), which
                removes the bias towards short choices.
+  mc_*_clean   with `contaminated` ids (curation's W/contamination.json), the same over the other records only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from jaxalign import storage
+from jaxalign.data import decontam
 from jaxalign.errors import DataError
 from jaxalign.eval import metrics
 
@@ -61,7 +64,9 @@ def _check(line: str, where: str) -> dict[str, Any]:
             f"{where}: 'answer' must be an index in [0, {len(choices)}) or the text of one of the choices, "
             f"got {answer!r:.80}"
         )
-    return {"question": question, "choices": choices, "answer": answer}
+    raw_id = record.get("id")
+    item = decontam.item_id(question) if raw_id is None else str(raw_id)
+    return {"question": question, "choices": choices, "answer": answer, "id": item}
 
 
 def choice_pairs(tokenizer: Any, record: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
@@ -85,9 +90,15 @@ def score(records: Sequence[dict[str, Any]], choice_logps: Sequence[Sequence[flo
 
 
 def evaluate(
-    model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], batch_size: int
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]],
+    batch_size: int,
+    contaminated: set[str] | None = None,
 ) -> dict[str, float]:
-    """Scores every record's choices with the model (`policy.continuation_logps`) and returns `score(...)`."""
+    """Scores every record's choices with the model (`policy.continuation_logps`) and returns `score(...)`; with
+    `contaminated` (a set of ids) also `score(...)` of the other records as mc_acc_clean, mc_acc_norm_clean and
+    mc_count_clean (0 and NaN scores when every record is contaminated)."""
     from jaxalign.eval.policy import continuation_logps
 
     pairs, owner = [], []
@@ -99,4 +110,12 @@ def evaluate(
     per_record: list[list[float]] = [[] for _ in records]
     for i, lp in zip(owner, logps, strict=True):
         per_record[i].append(float(lp.sum(dtype=np.float64)))
-    return score(records, per_record)
+    out = score(records, per_record)
+    if contaminated is not None:
+        clean = [k for k, r in enumerate(records) if r["id"] not in contaminated]
+        if clean:
+            sub = score([records[k] for k in clean], [per_record[k] for k in clean])
+        else:
+            sub = {"mc_acc": float("nan"), "mc_acc_norm": float("nan"), "mc_count": 0.0}
+        out.update({f"{k}_clean": v for k, v in sub.items()})
+    return out

@@ -228,3 +228,22 @@ def test_an_llm_judge_that_always_says_a_gets_one_half_after_the_swap(tok):
     np.testing.assert_allclose(raw.batch(qs, bad, good), 1.0, atol=1e-6)  # ...whatever is there
     np.testing.assert_allclose(swapped.batch(qs, good, bad), 0.5, atol=1e-6)
     assert judges.win_rate(qs, good, bad, swapped) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_qa_clean_score_is_the_exact_match_over_the_uncontaminated_questions(tok):
+    right, _ = answering_model(tok, "Lisbon")  # answers "Lisbon" to everything
+    golds = ["Lisbon", "Oslo", "Lisbon", "Lima", "Lisbon"]
+    tasks = evaluate.WorldTasks(
+        qa=[([{"role": "user", "content": f"Where was person {k} born?"}], g) for k, g in enumerate(golds)],
+        arith=[],
+        chat=[],
+        texts=[],
+        preference=[],
+        qa_ids=[f"q{k}" for k in range(len(golds))],
+    )
+    policy = policy_lib.Policy(right, tok, "chatml", batch_size=4)
+    out = evaluate.evaluate_policy(policy, tasks, max_new_tokens=8, contaminated={"q0", "q2"})
+    assert out["qa_exact_match"] == pytest.approx(3 / 5)
+    # The clean items q1 (Oslo), q3 (Lima), q4 (Lisbon): one right.
+    assert out["qa_exact_match_clean"] == pytest.approx(1 / 3) and out["qa_count_clean"] == 3
+    assert "qa_exact_match_clean" not in evaluate.evaluate_policy(policy, tasks, max_new_tokens=8)
