@@ -148,6 +148,9 @@ class TrainConfig:
     # Peak FLOP/s per device for MFU; 0 measures an f32 matmul at start-up (CPU) or uses the known chip peak.
     peak_flops: float = 0.0
     progress: bool = True
+    # EMA of the parameters (train/state.py): ema = d * ema + (1 - d) * params after every applied update, starting at
+    # the initial params; checkpointed, evaluated (`eval/<metric>_ema`) and loadable with `ckpt:PATH#ema`. 0 = off.
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         _check_ranges(TrainConfig, vars(self), "train")
@@ -596,6 +599,12 @@ class Config:
                 f"{self.model.max_seq_len}"
             )
         check_pipeline(self.model, self.mesh, self.pipeline, self.train)
+        if self.train.ema_decay > 0 and self.lora.rank > 0:
+            # An average of LoRA factors is not the average of the merged weights (B @ A is not linear in both).
+            raise ConfigError(
+                f"train.ema_decay={self.train.ema_decay} with lora.rank={self.lora.rank}: EMA is for full "
+                "fine-tuning only; set train.ema_decay=0"
+            )
         if self.mesh.stage != 1 and not self.model.scan_layers:
             # The pipeline splits the stacked layer dimension over the stages, so `--config.mesh.stage=N` works on
             # any job as it is; the resolved config (config.json) says so.

@@ -57,6 +57,13 @@ _MUST_MATCH_SYNTHETIC = (
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Human-readable differences in the keys that must match between a checkpoint and a run."""
     diffs = []
+    # A checkpoint with an EMA has a different state tree than one without (the decay itself may change).
+    ema = [bool(_get(d, "train.ema_decay")) for d in (saved, current)]
+    if ema[0] != ema[1]:
+        diffs.append(
+            f"train.ema_decay: checkpoint {_get(saved, 'train.ema_decay') or 0}, run "
+            f"{_get(current, 'train.ema_decay') or 0} (an EMA cannot be added to or dropped from a run on resume)"
+        )
     synthetic = not _get(saved, "data.input") and not _get(current, "data.input")
     for key in _MUST_MATCH + (_MUST_MATCH_SYNTHETIC if synthetic else ()):
         a, b = _get(saved, key), _get(current, key)
@@ -197,10 +204,22 @@ def has_committed_step(directory: str) -> bool:
     return any(d.name.isdigit() and (d / "commit_success.txt").exists() for d in root.iterdir())
 
 
+EMA_SELECTOR = "#ema"
+
+
+def split_selector(path: str) -> tuple[str, str]:
+    """(path, item) of a `ckpt:` path: `PATH#ema` names the EMA of the params (`train.ema_decay`), a bare `PATH`
+    the params themselves."""
+    if path.endswith(EMA_SELECTOR):
+        return path[: -len(EMA_SELECTOR)], "ema"
+    return path, "params"
+
+
 def find_step_dir(path: str) -> str:
     """The step directory a `ckpt:` path names: a step directory itself (it holds `state/`), the latest committed
-    step of a stage's checkpoint directory, or of the one stage under a run directory's `checkpoints/`."""
-    path = _absolute(path)
+    step of a stage's checkpoint directory, or of the one stage under a run directory's `checkpoints/`. A `#ema`
+    selector (`split_selector`) is ignored here."""
+    path = _absolute(split_selector(path)[0])
     root = storage.path(path)
     if (root / "state").is_dir():
         return path
@@ -243,24 +262,34 @@ def _quiet():
         logging.set_verbosity(level)
 
 
-def saved_params_metadata(step_dir: str) -> dict:
-    """The saved parameter tree (nested dicts of Orbax array metadata with `.shape` and `.dtype`)."""
+def saved_state_metadata(step_dir: str) -> dict:
+    """The saved state tree (nested dicts of Orbax array metadata with `.shape` and `.dtype`)."""
     with _quiet():
         meta = ocp.PyTreeCheckpointer().metadata(storage.path(step_dir) / "state")
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-    return tree["params"]
+    return meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
 
 
-def restore_params(step_dir: str, target: dict) -> dict:
-    """Restores the subset of a checkpoint's parameters named by `target` (a nested dict, like the saved params
-    tree, of `jax.ShapeDtypeStruct`s with shardings): only those arrays are read, each device its own shards."""
+def saved_params_metadata(step_dir: str, item: str = "params") -> dict:
+    """The saved parameter tree (`item`: "params", or "ema" for their EMA); a CheckpointError when it is absent."""
+    tree = saved_state_metadata(step_dir).get(item)
+    if not tree:
+        raise CheckpointError(
+            f"{step_dir} holds no {item!r} (an EMA exists only in runs with train.ema_decay > 0)"
+        )
+    return tree
+
+
+def restore_params(step_dir: str, target: dict, item: str = "params") -> dict:
+    """Restores the subset of a checkpoint's parameters (`item`: "params" or "ema") named by `target` (a nested
+    dict, like the saved params tree, of `jax.ShapeDtypeStruct`s with shardings, or of `np.ndarray`-typed
+    `RestoreArgs` when `target` leaves are numpy arrays): only those arrays are read, each device its own shards."""
     with _quiet(), ocp.PyTreeCheckpointer() as ckptr:
         restored = ckptr.restore(
             storage.path(step_dir) / "state",
             args=ocp.args.PyTreeRestore(
-                item={"params": target},
-                restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}),
+                item={item: target},
+                restore_args=ocp.checkpoint_utils.construct_restore_args({item: target}),
                 partial_restore=True,
             ),
         )
-    return restored["params"]
+    return restored[item]
