@@ -321,7 +321,9 @@ def train_state(
         graphdef, abstract = jax.eval_shape(
             lambda: nnx.split(cls(config.model, nnx.Rngs(config.seed), rules))
         )
-        make = lambda p: state_lib.create(graphdef, p, config.optim, steps, config.seed, config.train.ema_decay)
+        make = lambda p: state_lib.create(
+            graphdef, p, config.optim, steps, config.seed, config.train.ema_decay
+        )
         state = jax.eval_shape(make, abstract)
         return graphdef, state, state_lib.state_shardings(state, rules), False
     graphdef, params = init_params(config, rules, scalar=scalar)

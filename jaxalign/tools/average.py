@@ -136,7 +136,9 @@ def export_hf(out: str, hf_out: str, saved_config: dict) -> None:
 
     meta = checkpoint.saved_params_metadata(out)
     if "trunk" in meta or "trunk" in meta.get("policy", {}):
-        raise ConfigError(f"--hf-out: {out} holds a scalar (reward / value) model; only policies export to HF")
+        raise ConfigError(
+            f"--hf-out: {out} holds a scalar (reward / value) model; only policies export to HF"
+        )
     config = config_lib.from_config_dict(
         {
             **saved_config,
@@ -150,7 +152,9 @@ def export_hf(out: str, hf_out: str, saved_config: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """Command line (module doc); returns the record written to `DIR/average.json`."""
-    parser = argparse.ArgumentParser(prog="python -m jaxalign.tools.average", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxalign.tools.average", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--workdir", required=True, help="the run directory (holds config.json)")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--steps", help="comma-separated checkpoint steps, e.g. 100,200,300")
@@ -158,20 +162,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True, help="the averaged checkpoint (a new directory)")
     parser.add_argument("--hf-out", default="", help="also export it as a Hugging Face checkpoint here")
     parser.add_argument("--stage", default="", help="the stage, when the run directory holds several")
-    parser.add_argument("--item", default="params", choices=("params", "ema"), help="average the params or EMA")
+    parser.add_argument(
+        "--item", default="params", choices=("params", "ema"), help="average the params or EMA"
+    )
     args = parser.parse_args(argv)
 
     _, directory = stage_dir(args.workdir, args.stage)
     available = committed_steps(directory) if storage.path(directory).is_dir() else []
     if args.last is not None:
         if not 1 <= args.last <= len(available):
-            raise ConfigError(f"--last {args.last}: {directory} holds {len(available)} committed steps {available}")
+            raise ConfigError(
+                f"--last {args.last}: {directory} holds {len(available)} committed steps {available}"
+            )
         steps = available[-args.last :]
     else:
         try:
             steps = sorted({int(s) for s in args.steps.split(",") if s.strip()})
         except ValueError:
-            raise ConfigError(f"--steps {args.steps!r}: expected comma-separated integers, e.g. 100,200") from None
+            raise ConfigError(
+                f"--steps {args.steps!r}: expected comma-separated integers, e.g. 100,200"
+            ) from None
         missing = [s for s in steps if s not in available]
         if missing or not steps:
             raise CheckpointError(

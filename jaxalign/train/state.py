@@ -208,7 +208,9 @@ def apply_gradients(
         params=new_params,
         opt_state=keep(opt_state, state.opt_state),
         guard=guard,
-        ema=None if state.ema is None else keep(update_ema(state.ema, new_params, state.ema_decay), state.ema),
+        ema=None
+        if state.ema is None
+        else keep(update_ema(state.ema, new_params, state.ema_decay), state.ema),
     )
     metrics = {
         "grad_norm": optax.tree.norm(grads),

@@ -7,7 +7,6 @@ loads through `model.init_from="ckpt:DIR"` into a model giving the logits of the
 the HF export of the EMA give the EMA's logits.
 """
 
-import dataclasses
 import functools
 import json
 import signal
@@ -68,5 +67,164 @@ def test_ema_equals_the_reference_recurrence_and_skipped_steps_leave_it(tmp_path
         previous = params
         got = _numpy(state.ema)
         for name in ema:
-            np.testing.assert_allclose(got[name], ema[name], rtol=1e-6, atol=1e-7, err_msg=f"step {k + 1} {name}")
+            np.testing.assert_allclose(
+                got[name], ema[name], rtol=1e-6, atol=1e-7, err_msg=f"step {k + 1} {name}"
+            )
     assert int(state.guard["skipped"]) == 1
+
+
+def test_ema_with_lora_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.ema_decay=0.9 with lora.rank=4"):
+        config_lib.replace(
+            config_lib.Config(workdir=str(tmp_path)), train={"ema_decay": 0.9}, lora={"rank": 4}
+        )
+
+
+def _ema_flags(corpus):
+    eval_input = corpus["input"].replace("pretrain_train", "pretrain_eval")
+    return (
+        f"--config.train.ema_decay={DECAY}",
+        f"--config.data.eval_input={eval_input}",
+        "--config.train.eval_every=4",
+        "--config.train.eval_batches=1",
+    )
+
+
+def _restored(workdir, step):
+    return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "pretrain" / str(step) / "state")
+
+
+def _state_bytes(workdir, step):
+    restored = _restored(workdir, step)
+    tree = {k: restored[k] for k in ("params", "opt_state", "ema")}
+    return [
+        (jax.tree_util.keystr(p), np.asarray(x).tobytes())
+        for p, x in jax.tree_util.tree_leaves_with_path(tree)
+    ]
+
+
+def _eval_losses(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["eval/loss"], r["eval/loss_ema"]) for r in rows if "eval/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One persistent compilation cache for the module's runs (same programs: only the first compiles)."""
+    return dict(
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("ema_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+
+
+@pytest.fixture(scope="module")
+def ema_run(corpus, cache, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ema_straight")
+    run(workdir, corpus, *_ema_flags(corpus), **cache)
+    return workdir
+
+
+def test_pretrain_with_ema_resumes_bitwise_and_evaluates_the_ema(corpus, cache, ema_run, tmp_path):
+    kill = dict(JAXALIGN_FAULT_KILL_AFTER_SAVE="8", **cache)
+    run(tmp_path, corpus, *_ema_flags(corpus), expect=-signal.SIGKILL, **kill)
+    assert committed_steps(tmp_path)[-1] == 8
+    run(tmp_path, corpus, *_ema_flags(corpus), **cache)
+    assert _state_bytes(tmp_path, 12) == _state_bytes(ema_run, 12)
+    straight = _eval_losses(ema_run)
+    assert sorted(straight) == [4, 8, 12]
+    assert _eval_losses(tmp_path)[12] == straight[12]
+    # The EMA lags the params: a different model, hence a different held-out loss.
+    restored = _restored(ema_run, 12)
+    assert not np.array_equal(restored["ema"]["lm_head"]["value"], restored["params"]["lm_head"]["value"])
+    assert all(loss != ema_loss for loss, ema_loss in straight.values())
+
+
+def _load(workdir, init_from):
+    """(graphdef, params) of the run's model loaded from `init_from` through the stages' init path."""
+    saved = json.loads((workdir / "config.json").read_text())
+    config = config_lib.from_config_dict({**saved, "model": {**saved["model"], "init_from": init_from}})
+    return common.init_params(config, Rules.from_config(config))
+
+
+def _logits(graphdef, params, tokens):
+    return np.asarray(nnx.merge(graphdef, params)(tokens))
+
+
+def _with(params, values):
+    """`params` (an nnx.State) with its leaves replaced by the nested-dict `values` of a checkpoint."""
+
+    def get(path):
+        node = values
+        for k in path:
+            node = node[str(k)]
+        return jnp.asarray(node["value"])
+
+    return nnx.from_flat_state([(p, v.replace(get(p))) for p, v in nnx.to_flat_state(params)])
+
+
+def test_average_is_the_exact_mean_and_loads_as_a_ckpt_init(ema_run, tmp_path):
+    out = tmp_path / "avg"
+    record = average.main(["--workdir", str(ema_run), "--steps", "4,8,12", "--out", str(out)])
+    assert record["steps"] == [4, 8, 12]
+    steps = [_restored(ema_run, s)["params"] for s in (4, 8, 12)]
+    expected = jax.tree.map(lambda *xs: (sum(np.float64(x) for x in xs) / 3).astype(np.float32), *steps)
+    written = ocp.PyTreeCheckpointer().restore(out / "state")["params"]
+    assert jax.tree.structure(written) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(written), jax.tree.leaves(expected), strict=True):
+        assert got.dtype == np.float32 and np.array_equal(got, want)
+    # ckpt:DIR through the stages' init path gives the model of the mean params, logits and all.
+    graphdef, loaded = _load(ema_run, f"ckpt:{out}")
+    reference = _with(loaded, expected)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(4, 512, size=(2, 16)), jnp.int32)
+    np.testing.assert_array_equal(_logits(graphdef, loaded, tokens), _logits(graphdef, reference, tokens))
+    assert not np.array_equal(
+        _logits(graphdef, loaded, tokens), _logits(*_load(ema_run, "ckpt:" + str(ema_run)), tokens)
+    )
+
+
+def test_ema_loads_with_the_ema_selector_and_exports_to_hf(ema_run, tmp_path):
+    ema = _restored(ema_run, 12)["ema"]
+    graphdef, loaded = _load(ema_run, f"ckpt:{ema_run}/checkpoints/pretrain#ema")
+    for p, v in nnx.to_flat_state(loaded):
+        node = ema
+        for k in p:
+            node = node[str(k)]
+        assert np.array_equal(np.asarray(v.get_value()), node["value"]), p
+    # Exporting the EMA (a one-step "average" of the item "ema") to Hugging Face safetensors.
+    hf_dir = tmp_path / "hf"
+    average.main(
+        [
+            "--workdir",
+            str(ema_run),
+            "--last",
+            "1",
+            "--item",
+            "ema",
+            "--out",
+            str(tmp_path / "e"),
+            "--hf-out",
+            str(hf_dir),
+        ]
+    )
+    tokens = jnp.asarray(np.random.default_rng(1).integers(4, 512, size=(2, 16)), jnp.int32)
+    exported = hf.load(str(hf_dir))
+    np.testing.assert_allclose(
+        np.asarray(exported(tokens)), _logits(graphdef, loaded, tokens), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_average_errors_are_one_line(ema_run, tmp_path):
+    with pytest.raises(CheckpointError, match=r"steps \[5\] are not committed .* committed: \[4, 8, 12\]"):
+        average.main(["--workdir", str(ema_run), "--steps", "4,5", "--out", str(tmp_path / "a")])
+    with pytest.raises(ConfigError, match=r"--last 4: .* holds 3 committed steps"):
+        average.main(["--workdir", str(ema_run), "--last", "4", "--out", str(tmp_path / "a")])
+    # A step of another model: its tree does not match.
+    step4 = str(ema_run / "checkpoints" / "pretrain" / "4")
+    other = tmp_path / "other"
+    saved = json.loads((ema_run / "config.json").read_text())
+    average.write(str(other), {"lm_head": {"value": np.zeros((3, 3), np.float32)}}, saved, {})
+    with pytest.raises(CheckpointError, match=r"tree differs"):
+        average.average_params([step4, str(other)])
+    with pytest.raises(CheckpointError, match=r"holds no 'ema'"):
+        average.average_params([str(other)], "ema")
