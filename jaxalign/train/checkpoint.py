@@ -1,6 +1,7 @@
 """Checkpoints: an Orbax `CheckpointManager` with three items per step.
 
-  state   the TrainState pytree (params, optimizer state, step, RNG key, update guard), restored onto the
+  state   the TrainState pytree (params, optimizer state, step, RNG key, update guard, the params' EMA when
+          `train.ema_decay` > 0: without one the tree has no `ema` key, as before EMA existed), restored onto the
           shardings of the current run, whatever its mesh; with LoRA adapters (`jaxalign.peft`) its params are
           the trainable leaves only (adapters, a scalar head): the frozen base is the run's `model.init_from`;
   data    the Grain iterator state, one JSON file per process;
@@ -12,6 +13,7 @@ Only committed steps are listed by Orbax (a save interrupted mid-way leaves a te
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from typing import Any
@@ -143,7 +145,7 @@ class Checkpointer:
         return self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_trainable(state)),
+                state=ocp.args.StandardSave(_saved_tree(state)),
                 # The iterator state is captured now: the async save runs after the loop has moved on.
                 data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(loader.get_state())),
                 config=ocp.args.JsonSave(self.config_dict),
@@ -163,8 +165,8 @@ class Checkpointer:
             )
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            _trainable(abstract_state),
-            _trainable(state_shardings),
+            _saved_tree(abstract_state),
+            _saved_tree(state_shardings),
         )
         restored = self.manager.restore(
             step,
@@ -172,10 +174,13 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(loader)
             ),
         )
+        state = restored.state
+        if isinstance(state, dict):  # saved without an EMA (`_saved_tree`)
+            state = abstract_state.replace(**state)
         if lora.is_adapted(abstract_state.params):  # the frozen base comes from the (concrete) given state
             frozen = lora.split_trainable(abstract_state.params)[1]
-            return restored.state.replace(params=lora.merge_trainable(restored.state.params, frozen))
-        return restored.state
+            return state.replace(params=lora.merge_trainable(state.params, frozen))
+        return state
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -191,6 +196,20 @@ def _trainable(state: Any) -> Any:
     if params is None or not lora.is_adapted(params):
         return state
     return state.replace(params=lora.split_trainable(params)[0])
+
+
+def _saved_tree(state: Any) -> Any:
+    """What is saved of `state` (a TrainState, or its shardings): `_trainable(state)`, as a dict of its pytree fields
+    without `ema` when the run keeps none, so that such checkpoints keep the tree they had before EMA existed (and
+    restore into a state with `ema=None`)."""
+    state = _trainable(state)
+    if not dataclasses.is_dataclass(state) or getattr(state, "ema", 0) is not None:
+        return state
+    return {
+        f.name: getattr(state, f.name)
+        for f in dataclasses.fields(state)
+        if f.metadata.get("pytree_node", True) and f.name != "ema"
+    }
 
 
 # --- reading another run's checkpoint (model.init_from="ckpt:...") -------------------------------------------------

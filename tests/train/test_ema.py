@@ -37,7 +37,7 @@ def _numpy(tree):
 
 
 def test_ema_equals_the_reference_recurrence_and_skipped_steps_leave_it(tmp_path):
-    rules = rules_for()
+    rules = rules_for(2)
     graphdef, params = random_model(rules=rules)
     optim = OptimConfig(lr=1e-2, warmup_steps=0)
     state, shardings = state_lib.create_sharded(graphdef, params, optim, 10, 0, rules, ema_decay=DECAY)
@@ -228,3 +228,38 @@ def test_average_errors_are_one_line(ema_run, tmp_path):
         average.average_params([step4, str(other)])
     with pytest.raises(CheckpointError, match=r"holds no 'ema'"):
         average.average_params([str(other)], "ema")
+
+
+@pytest.mark.parametrize("decay", [0.0, DECAY])
+def test_state_tree_on_disk_and_restore_onto_another_mesh(tmp_path, corpus, decay):
+    """Without an EMA the saved tree is the one saved before EMA existed (no `ema` key); with one, the EMA is saved
+    and restored, resharded, with everything else. Switching it on or off on resume is refused."""
+    from jaxalign.data import pipelines
+    from jaxalign.data.tokenizer import SentencePieceTokenizer
+    from jaxalign.train.checkpoint import Checkpointer, config_differences
+    from tests.train.test_checkpoint import smoke_config
+
+    optim = OptimConfig()
+    source, target = rules_for(fsdp=8), rules_for(data=2, fsdp=1, tensor=4)
+    graphdef, params = random_model(rules=source)
+    state, _ = state_lib.create_sharded(graphdef, params, optim, 10, 3, source, ema_decay=decay)
+    loader = pipelines.lm_loader(
+        corpus["input"], SentencePieceTokenizer(corpus["tokenizer"]), seq_len=32, global_batch_size=8, seed=0
+    )
+    run_config = smoke_config(tmp_path, corpus, ema_decay=decay)
+    with Checkpointer(str(tmp_path / "ckpt"), run_config.checkpoint, run_config) as ckpt:
+        ckpt.save(5, state, loader)
+    saved = ocp.StandardCheckpointer().restore(tmp_path / "ckpt" / "5" / "state")
+    assert sorted(saved) == sorted(
+        ["step", "params", "opt_state", "rng", "guard"] + (["ema"] if decay else [])
+    )
+
+    _, params_b = random_model(seed=9, rules=target)
+    fresh, shardings = state_lib.create_sharded(graphdef, params_b, optim, 10, 99, target, ema_decay=decay)
+    with Checkpointer(str(tmp_path / "ckpt"), run_config.checkpoint, run_config) as ckpt:
+        restored = ckpt.restore(5, shardings, fresh, loader)
+    assert (restored.ema is None) == (decay == 0)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = json.loads(smoke_config(tmp_path, corpus, ema_decay=0.5 if decay == 0 else 0.0).to_json())
+    assert any("train.ema_decay" in d for d in config_differences(json.loads(run_config.to_json()), other))
