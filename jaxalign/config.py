@@ -148,6 +148,9 @@ class TrainConfig:
     # Peak FLOP/s per device for MFU; 0 measures an f32 matmul at start-up (CPU) or uses the known chip peak.
     peak_flops: float = 0.0
     progress: bool = True
+    # EMA of the parameters (train/state.py): ema = d * ema + (1 - d) * params after every applied update, starting at
+    # the initial params; checkpointed, evaluated (`eval/<metric>_ema`) and loadable with `ckpt:PATH#ema`. 0 = off.
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         _check_ranges(TrainConfig, vars(self), "train")
@@ -679,6 +682,12 @@ class Config:
             raise ConfigError(
                 f"pipeline.schedule='1f1b' with lora.rank={self.lora.rank}: the 1F1B step runs the layers outside "
                 "the objective, where adapters (dropout, NF4 bases) are not handled; use 'gpipe' or 'circular'"
+            )
+        if self.train.ema_decay > 0 and self.lora.rank > 0:
+            # An average of LoRA factors is not the average of the merged weights (B @ A is not linear in both).
+            raise ConfigError(
+                f"train.ema_decay={self.train.ema_decay} with lora.rank={self.lora.rank}: EMA is for full "
+                "fine-tuning only; set train.ema_decay=0"
             )
         if self.mesh.stage != 1 and not self.model.scan_layers:
             # The pipeline splits the stacked layer dimension over the stages, so `--config.mesh.stage=N` works on

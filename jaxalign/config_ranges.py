@@ -37,6 +37,7 @@ RANGES: dict[str, dict[str, str]] = {
         "z_loss": ">= 0",
         "logits_chunk": ">= 0 (0: no chunking)",
         "peak_flops": ">= 0 (0: measured or the known chip peak)",
+        "ema_decay": "in [0, 1) (0: no EMA)",
     },
     "OptimConfig": {
         "lr": POSITIVE,

@@ -8,7 +8,8 @@
     eval_fn = evaluator(metric_fn, batches, ...)       held-out batches read once, a jitted sum of metrics
 
 Model initialisation (`model.init_from`): "" initialises at random; "hf:DIR" reads a Hugging Face checkpoint;
-"ckpt:PATH" reads another jaxalign run's checkpoint (a step, a stage's checkpoint directory, or a run directory).
+"ckpt:PATH" reads another jaxalign run's checkpoint (a step, a stage's checkpoint directory, or a run directory);
+"ckpt:PATH#ema" its EMA of the params instead (`train.ema_decay`).
 Weights are matched by path (a PPO checkpoint's policy), so a reward model (`models.heads.ScalarModel`, a trunk + head) starts from a policy's
 checkpoint (its trunk) and a value model from a reward model's (trunk and head); a checkpoint saved with
 `model.scan_layers` either way fits a model with either. Only the arrays the new model needs are read, each device
@@ -335,11 +336,15 @@ def train_state(
         graphdef, abstract = jax.eval_shape(
             lambda: nnx.split(cls(config.model, nnx.Rngs(config.seed), rules))
         )
-        make = lambda p: state_lib.create(graphdef, p, config.optim, steps, config.seed)
+        make = lambda p: state_lib.create(
+            graphdef, p, config.optim, steps, config.seed, config.train.ema_decay
+        )
         state = jax.eval_shape(make, abstract)
         return graphdef, state, state_lib.state_shardings(state, rules), False
     graphdef, params = init_params(config, rules, scalar=scalar)
-    state, shardings = state_lib.create_sharded(graphdef, params, config.optim, steps, config.seed, rules)
+    state, shardings = state_lib.create_sharded(
+        graphdef, params, config.optim, steps, config.seed, rules, config.train.ema_decay
+    )
     return graphdef, state, shardings, True
 
 
@@ -470,11 +475,12 @@ def _from_checkpoint(
 ) -> dict[tuple, jax.Array]:
     """Target path -> array for every target parameter the checkpoint has (module doc)."""
     step_dir = checkpoint.find_step_dir(path)
+    item = checkpoint.split_selector(path)[1]
     saved = checkpoint.saved_config(step_dir)
     _check_architecture(cfg, saved["model"], step_dir)
-    if saved.get("lora", {}).get("rank", 0):
+    if saved.get("lora", {}).get("rank", 0) and item == "params":
         return _from_lora_checkpoint(cfg, step_dir, saved, abstract, rules)
-    meta = checkpoint.saved_params_metadata(step_dir)
+    meta = checkpoint.saved_params_metadata(step_dir, item)
     # A PPO checkpoint holds {"policy": ..., "value": ...}: its policy is what later stages start from.
     prefix: tuple[str, ...] = ("policy",) if {"policy", "value"} <= set(meta) else ()
     meta = meta["policy"] if prefix else meta
@@ -528,7 +534,7 @@ def _from_checkpoint(
             for part in (*prefix, *k):
                 node = node.setdefault(part, {})
             node["value"] = jax.ShapeDtypeStruct(shape, np.float32, sharding=rules.sharding(names, shape))
-    restored = checkpoint.restore_params(step_dir, target)
+    restored = checkpoint.restore_params(step_dir, target, item)
     out: dict[tuple, jax.Array] = {}
     for tpath, var, keys, how in plan:
         pieces = [get(restored, (*prefix, *k, "value")) for k in keys]

@@ -451,7 +451,9 @@ def train_state(config: Config, rules: Rules, total_steps: int):
     """(graphdefs, state, state shardings, fresh), as `common.train_state` for the pair policy + value model."""
     vcfg = value_model_config(config)
     stage_dir = checkpoint.stage_directory(config, "ppo")
-    make = lambda gd, p: state_lib.create(gd, p, config.optim, total_steps, config.seed)
+    make = lambda gd, p: state_lib.create(
+        gd, p, config.optim, total_steps, config.seed, config.train.ema_decay
+    )
     # With LoRA the base is read again and the loop restores the adapters over it (`common.train_state`).
     if config.checkpoint.enabled and checkpoint.has_committed_step(stage_dir) and config.lora.rank == 0:
         pg, pa = jax.eval_shape(lambda: nnx.split(Transformer(config.model, nnx.Rngs(config.seed), rules)))
@@ -461,7 +463,13 @@ def train_state(config: Config, rules: Rules, total_steps: int):
     pg, policy = common.init_params(config, rules)
     vg, value = common.init_params(config, rules, scalar=True, model_cfg=vcfg)
     state, shardings = state_lib.create_sharded(
-        (pg, vg), {"policy": policy, "value": value}, config.optim, total_steps, config.seed, rules
+        (pg, vg),
+        {"policy": policy, "value": value},
+        config.optim,
+        total_steps,
+        config.seed,
+        rules,
+        config.train.ema_decay,
     )
     return (pg, vg), state, shardings, True
 

@@ -96,7 +96,10 @@ def abstract_state(config: Config, rules: Rules) -> tuple[Any, Any]:
         lambda: nnx.split(Transformer(config.model, nnx.Rngs(config.seed), rules))
     )
     state = jax.eval_shape(
-        lambda p: state_lib.create(graphdef, p, config.optim, config.train.steps, config.seed), params
+        lambda p: state_lib.create(
+            graphdef, p, config.optim, config.train.steps, config.seed, config.train.ema_decay
+        ),
+        params,
     )
     return state, state_lib.state_shardings(state, rules)
 

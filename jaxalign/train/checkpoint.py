@@ -1,6 +1,7 @@
 """Checkpoints: an Orbax `CheckpointManager` with three items per step.
 
-  state   the TrainState pytree (params, optimizer state, step, RNG key, update guard), restored onto the
+  state   the TrainState pytree (params, optimizer state, step, RNG key, update guard, the params' EMA when
+          `train.ema_decay` > 0: without one the tree has no `ema` key, as before EMA existed), restored onto the
           shardings of the current run, whatever its mesh; with LoRA adapters (`jaxalign.peft`) its params are
           the trainable leaves only (adapters, a scalar head): the frozen base is the run's `model.init_from`;
   data    the Grain iterator state, one JSON file per process;
@@ -12,6 +13,7 @@ Only committed steps are listed by Orbax (a save interrupted mid-way leaves a te
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from typing import Any
@@ -57,6 +59,13 @@ _MUST_MATCH_SYNTHETIC = (
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Human-readable differences in the keys that must match between a checkpoint and a run."""
     diffs = []
+    # A checkpoint with an EMA has a different state tree than one without (the decay itself may change).
+    ema = [bool(_get(d, "train.ema_decay")) for d in (saved, current)]
+    if ema[0] != ema[1]:
+        diffs.append(
+            f"train.ema_decay: checkpoint {_get(saved, 'train.ema_decay') or 0}, run "
+            f"{_get(current, 'train.ema_decay') or 0} (an EMA cannot be added to or dropped from a run on resume)"
+        )
     synthetic = not _get(saved, "data.input") and not _get(current, "data.input")
     for key in _MUST_MATCH + (_MUST_MATCH_SYNTHETIC if synthetic else ()):
         a, b = _get(saved, key), _get(current, key)
@@ -136,7 +145,7 @@ class Checkpointer:
         return self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_trainable(state)),
+                state=ocp.args.StandardSave(_saved_tree(state)),
                 # The iterator state is captured now: the async save runs after the loop has moved on.
                 data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(loader.get_state())),
                 config=ocp.args.JsonSave(self.config_dict),
@@ -156,8 +165,8 @@ class Checkpointer:
             )
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            _trainable(abstract_state),
-            _trainable(state_shardings),
+            _saved_tree(abstract_state),
+            _saved_tree(state_shardings),
         )
         restored = self.manager.restore(
             step,
@@ -165,10 +174,13 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(loader)
             ),
         )
+        state = restored.state
+        if isinstance(state, dict):  # saved without an EMA (`_saved_tree`)
+            state = abstract_state.replace(**state)
         if lora.is_adapted(abstract_state.params):  # the frozen base comes from the (concrete) given state
             frozen = lora.split_trainable(abstract_state.params)[1]
-            return restored.state.replace(params=lora.merge_trainable(restored.state.params, frozen))
-        return restored.state
+            return state.replace(params=lora.merge_trainable(state.params, frozen))
+        return state
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -186,6 +198,20 @@ def _trainable(state: Any) -> Any:
     return state.replace(params=lora.split_trainable(params)[0])
 
 
+def _saved_tree(state: Any) -> Any:
+    """What is saved of `state` (a TrainState, or its shardings): `_trainable(state)`, as a dict of its pytree fields
+    without `ema` when the run keeps none, so that such checkpoints keep the tree they had before EMA existed (and
+    restore into a state with `ema=None`)."""
+    state = _trainable(state)
+    if not dataclasses.is_dataclass(state) or getattr(state, "ema", 0) is not None:
+        return state
+    return {
+        f.name: getattr(state, f.name)
+        for f in dataclasses.fields(state)
+        if f.metadata.get("pytree_node", True) and f.name != "ema"
+    }
+
+
 # --- reading another run's checkpoint (model.init_from="ckpt:...") -------------------------------------------------
 
 
@@ -197,10 +223,22 @@ def has_committed_step(directory: str) -> bool:
     return any(d.name.isdigit() and (d / "commit_success.txt").exists() for d in root.iterdir())
 
 
+EMA_SELECTOR = "#ema"
+
+
+def split_selector(path: str) -> tuple[str, str]:
+    """(path, item) of a `ckpt:` path: `PATH#ema` names the EMA of the params (`train.ema_decay`), a bare `PATH`
+    the params themselves."""
+    if path.endswith(EMA_SELECTOR):
+        return path[: -len(EMA_SELECTOR)], "ema"
+    return path, "params"
+
+
 def find_step_dir(path: str) -> str:
     """The step directory a `ckpt:` path names: a step directory itself (it holds `state/`), the latest committed
-    step of a stage's checkpoint directory, or of the one stage under a run directory's `checkpoints/`."""
-    path = _absolute(path)
+    step of a stage's checkpoint directory, or of the one stage under a run directory's `checkpoints/`. A `#ema`
+    selector (`split_selector`) is ignored here."""
+    path = _absolute(split_selector(path)[0])
     root = storage.path(path)
     if (root / "state").is_dir():
         return path
@@ -243,24 +281,34 @@ def _quiet():
         logging.set_verbosity(level)
 
 
-def saved_params_metadata(step_dir: str) -> dict:
-    """The saved parameter tree (nested dicts of Orbax array metadata with `.shape` and `.dtype`)."""
+def saved_state_metadata(step_dir: str) -> dict:
+    """The saved state tree (nested dicts of Orbax array metadata with `.shape` and `.dtype`)."""
     with _quiet():
         meta = ocp.PyTreeCheckpointer().metadata(storage.path(step_dir) / "state")
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-    return tree["params"]
+    return meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
 
 
-def restore_params(step_dir: str, target: dict) -> dict:
-    """Restores the subset of a checkpoint's parameters named by `target` (a nested dict, like the saved params
-    tree, of `jax.ShapeDtypeStruct`s with shardings): only those arrays are read, each device its own shards."""
+def saved_params_metadata(step_dir: str, item: str = "params") -> dict:
+    """The saved parameter tree (`item`: "params", or "ema" for their EMA); a CheckpointError when it is absent."""
+    tree = saved_state_metadata(step_dir).get(item)
+    if not tree:
+        raise CheckpointError(
+            f"{step_dir} holds no {item!r} (an EMA exists only in runs with train.ema_decay > 0)"
+        )
+    return tree
+
+
+def restore_params(step_dir: str, target: dict, item: str = "params") -> dict:
+    """Restores the subset of a checkpoint's parameters (`item`: "params" or "ema") named by `target` (a nested
+    dict, like the saved params tree, of `jax.ShapeDtypeStruct`s with shardings, or of `np.ndarray`-typed
+    `RestoreArgs` when `target` leaves are numpy arrays): only those arrays are read, each device its own shards."""
     with _quiet(), ocp.PyTreeCheckpointer() as ckptr:
         restored = ckptr.restore(
             storage.path(step_dir) / "state",
             args=ocp.args.PyTreeRestore(
-                item={"params": target},
-                restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}),
+                item={item: target},
+                restore_args=ocp.checkpoint_utils.construct_restore_args({item: target}),
                 partial_restore=True,
             ),
         )
-    return restored["params"]
+    return restored[item]

@@ -5,6 +5,7 @@ checkpointable loader. The loop jits the step once with explicit in/out sharding
 the latest checkpoint, and runs: metrics of step n-1 are fetched only after step n is dispatched, so the host
 never stalls the device; it logs `metrics.jsonl`, TensorBoard and a progress bar, evaluates and checkpoints
 periodically, saves at the next step boundary on SIGTERM/SIGINT, and always closes the checkpoint manager.
+With an EMA of the params (`train.ema_decay`), every evaluation also runs on the EMA params: `eval/<metric>_ema`.
 """
 
 from __future__ import annotations
@@ -109,6 +110,16 @@ def to_global(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding])
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _evaluate(eval_fn: Callable[[Any], dict[str, float]], state: Any) -> dict[str, float]:
+    """`eval/<metric>` of the params and, when the state keeps an EMA, `eval/<metric>_ema` of the EMA params."""
+    out = {f"eval/{k}": v for k, v in eval_fn(state).items()}
+    if getattr(state, "ema", None) is not None:
+        # The EMA is float32; evaluated in the params' dtype, as the model it would be loaded into.
+        ema = jax.tree.map(lambda e, p: e.astype(p.dtype), state.ema, state.params)
+        out.update({f"eval/{k}_ema": v for k, v in eval_fn(state.replace(params=ema)).items()})
+    return out
 
 
 def train(
@@ -218,7 +229,7 @@ def train(
                 )
 
         if eval_fn is not None and eval_at_start and start == 0:
-            log.write(0, {f"eval/{k}": v for k, v in eval_fn(state).items()})
+            log.write(0, _evaluate(eval_fn, state))
         for step in range(start + 1, tcfg.steps + 1):
             if prepare is None:
                 batch, host_metrics = to_global(next(loader), batch_shardings), {}
@@ -231,8 +242,7 @@ def train(
                 progress.update(1)
             if eval_fn is not None and tcfg.eval_every and step % tcfg.eval_every == 0:
                 flush()
-                eval_metrics = eval_fn(state)
-                log.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                log.write(step, _evaluate(eval_fn, state))
             if checkpointer is not None and step % config.checkpoint.every_steps == 0:
                 # Log everything up to the checkpoint first: a run killed after this save resumes after `step`.
                 flush()

@@ -8,6 +8,14 @@ Objectives write `loss_fn(params, batch) -> (loss_sum, (weight, metric_sums))`; 
 microbatches, sums, and divides by the total weight, so accumulation gives the same update as one big batch. Metrics
 follow the convention of `jaxalign.losses` (sums by the weight, `Mean(sum, count)`, `Min`, `Max`).
 
+EMA (`train.ema_decay` = d > 0): `ema` holds an exponential moving average of the params, updated in the jitted step
+right after the optimizer update, `ema_t = d * ema_{t-1} + (1 - d) * params_t`, with `ema_0` = the initial params
+(so no debiasing is needed: the average starts at a real point, not at zero). It is computed in float32 whatever
+the params' dtype, is sharded like the params, checkpointed with them and restored bitwise. A skipped step (non-finite
+loss or gradients, a loss spike) leaves it unchanged, as it leaves the params. With d = 0 `ema` is None (nothing is
+stored). LoRA runs are refused (`Config` check): their EMA would be an average of adapters, which is not the
+average of the merged weights.
+
 Params with LoRA adapters (`jaxalign.peft.lora`): only the adapter leaves are differentiated, sit in the optimizer
 (its state is shaped like them alone) and are updated; the frozen base passes through unchanged.
 """
@@ -45,6 +53,9 @@ class TrainState:
     graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
     schedule: optax.Schedule = flax.struct.field(pytree_node=False)
+    # The EMA of the params (module doc; None when off) and its decay d (static: part of the compiled step).
+    ema: nnx.State | None = None
+    ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
 
     @property
     def model(self) -> nnx.Module:
@@ -52,9 +63,15 @@ class TrainState:
 
 
 def create(
-    graphdef: nnx.GraphDef, params: nnx.State, cfg: OptimConfig, total_steps: int, seed: int
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    cfg: OptimConfig,
+    total_steps: int,
+    seed: int,
+    ema_decay: float = 0.0,
 ) -> TrainState:
-    """A fresh state around already-sharded `params`; optimizer moments inherit the params' shardings."""
+    """A fresh state around already-sharded `params`; optimizer moments (and the EMA, a float32 copy of `params`
+    when `ema_decay` > 0) inherit the params' shardings."""
     trainable = lora.split_trainable(params)[0] if lora.is_adapted(params) else params
     tx = optim.make_optimizer(cfg, total_steps, trainable)
     guard = optim.spike_window_init(cfg.spike_window)
@@ -68,14 +85,22 @@ def create(
         graphdef=graphdef,
         tx=tx,
         schedule=optim.schedule(cfg, total_steps),
+        ema=jax.tree.map(lambda p: p.astype(jnp.float32), params) if ema_decay > 0 else None,
+        ema_decay=ema_decay,
     )
 
 
 def create_sharded(
-    graphdef: nnx.GraphDef, params: nnx.State, cfg: OptimConfig, total_steps: int, seed: int, rules: Rules
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    cfg: OptimConfig,
+    total_steps: int,
+    seed: int,
+    rules: Rules,
+    ema_decay: float = 0.0,
 ) -> tuple[TrainState, Any]:
     """Creates the state in one jitted call with explicit output shardings; returns (state, its shardings)."""
-    make = lambda p: create(graphdef, p, cfg, total_steps, seed)
+    make = lambda p: create(graphdef, p, cfg, total_steps, seed, ema_decay)
     shardings = state_shardings(jax.eval_shape(make, params), rules)
     state = jax.jit(make, out_shardings=shardings)(params)
     return state, shardings
@@ -151,6 +176,11 @@ def _first(value_and_grad, params, split):
     return g, loss, w, s
 
 
+def update_ema(ema: nnx.State, params: nnx.State, decay: float) -> nnx.State:
+    """One EMA step (module doc): `decay * ema + (1 - decay) * params`, in float32."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(jnp.float32), ema, params)
+
+
 def apply_gradients(
     state: TrainState, grads: nnx.State, loss: jax.Array, cfg: OptimConfig
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -173,11 +203,15 @@ def apply_gradients(
         "index": jnp.where(skip, state.guard["index"], window["index"]),
         "skipped": state.guard["skipped"] + skip.astype(jnp.int32),
     }
+    new_params = keep(params, state.params)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(params, state.params),
+        params=new_params,
         opt_state=keep(opt_state, state.opt_state),
         guard=guard,
+        ema=None
+        if state.ema is None
+        else keep(update_ema(state.ema, new_params, state.ema_decay), state.ema),
     )
     metrics = {
         "grad_norm": optax.tree.norm(grads),
