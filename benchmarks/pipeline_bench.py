@@ -18,6 +18,10 @@ embedding and norm are negligible) on a mesh of S stages, and prints:
 - step time: the median of `--steps` runs. On fake CPU devices all stages share the host's cores, so this time is
   the total work (bubble included), not the pipelined wall-clock of real accelerators.
 The last line is one JSON object.
+
+Measured (`--stages 4 --layers 8 --batch 32 --steps 1`, 2-core CPU): activations per stage device GPipe 161 MB
+(M 4) / 100 MB (M 16), circular R 2 119 / 118 MB, 1F1B 36 / 16 MB; bubble measured == analytic for GPipe (0.429,
+0.158) and circular (0.273, 0.086).
 """
 
 from __future__ import annotations
