@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxalign.config import MeshConfig, ModelConfig
 from jaxalign.models.transformer import Transformer, param_shardings
-from jaxalign.parallel.mesh import Rules, make_mesh
+from jaxalign.parallel.mesh import PipelineSchedule, Rules, make_mesh
 
 # Every dimension divides 8 devices, so any test mesh shards every axis.
 TINY = ModelConfig(
@@ -23,11 +23,12 @@ def tiny(**overrides) -> ModelConfig:
     return dataclasses.replace(TINY, **overrides)
 
 
-def rules_for(devices: int | None = None, **mesh) -> Rules:
-    """Rules over a mesh of the first `devices` devices (all by default) with the given axis sizes."""
+def rules_for(devices: int | None = None, schedule: str = "gpipe", **mesh) -> Rules:
+    """Rules over a mesh of the first `devices` devices (all by default) with the given axis sizes (and, with a
+    `stage` axis, the pipeline `schedule` at its default microbatches)."""
     cfg = MeshConfig(**{"fsdp": -1, **mesh})
     devs = jax.devices()[: devices or jax.device_count()]
-    return Rules(make_mesh(cfg, devs), cfg.rules)
+    return Rules(make_mesh(cfg, devs), cfg.rules, PipelineSchedule(schedule))
 
 
 def lm_batch(rng: np.random.Generator, batch: int, length: int, vocab: int, packed: bool = True) -> dict:

@@ -410,13 +410,14 @@ def test_grpo_steps_raise_the_mean_reward(tmp_path, world, tok):
     assert last > first + 0.2, rewards_per_step
 
 
-def test_pipelined_policy_update_equals_one_device():
-    """The RL policy update with the layers pipelined over `stage` (GPipe, 2 stages x fsdp 2 x tensor 2; the layers
-    then stacked) gives the one-device update: two clipped iterations, old log-probs and all."""
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipelined_policy_update_equals_one_device(schedule):
+    """The RL policy update with the layers pipelined over `stage` (GPipe or 1F1B, 2 stages x fsdp 2 x tensor 2; the
+    layers then stacked) gives the one-device update: two clipped iterations, old log-probs and all."""
     _, _, batch = _rollout_batch(P=4, G=4)
     cfg = GrpoConfig(num_iterations=2, max_completion_length=8)
     s1, m1 = _step(cfg, batch)
-    s2, m2 = _step(cfg, batch, rules=rules_for(8, stage=2, fsdp=2, tensor=2))
+    s2, m2 = _step(cfg, batch, rules=rules_for(8, schedule=schedule, stage=2, fsdp=2, tensor=2))
     one = {tuple(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(s1.params)}
     piped = {tuple(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(s2.params)}
     assert len(piped) < len(one)  # stacked layers
