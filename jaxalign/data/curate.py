@@ -33,7 +33,7 @@ Markers are written last, atomically (`storage.write_atomic`), and name the inpu
 and the output sizes; a re-run skips every shard whose marker still matches. Every step is a function of its shard
 and the global decision only, so 1 and N workers write byte-identical files.
 
-`curate.runner="beam"` runs stages 1-3 and 5, through the same per-record function (`process_record`), as an Apache
+`curate.runner="beam"` runs stages 1-5, through the same per-record function (`process_record`), as an Apache
 Beam pipeline with byte-identical outputs (curate_beam.py; no per-shard resume there); it refuses the others.
 
 Outputs: W/curated/*.jsonl (kept records, all fields, scrubbed text), W/removed.jsonl (one
@@ -490,7 +490,6 @@ def run(config: Config) -> None:
 
         local_only = {
             "substring_dedup_tokens": cfg.substring_dedup_tokens,
-            "decontam": "" if cfg.decontam == "off" else cfg.decontam,
             "perplexity_model": cfg.perplexity_model,
             "perplexity_reference": cfg.perplexity_reference,
         }
@@ -498,7 +497,7 @@ def run(config: Config) -> None:
             if value:
                 raise ConfigError(
                     f"curate.{key}={value!r} needs curate.runner='local': the Beam runner has the exact and near "
-                    "dedup, quality filter and PII stages only"
+                    "dedup, quality filter, decontamination and PII stages only"
                 )
         return curate_beam.run(config)
     work_dir, out_dir = storage.join(config.workdir, "curate_work"), storage.join(config.workdir, "curated")
@@ -583,18 +582,25 @@ def run(config: Config) -> None:
     counts = {"valid": n_valid, "bad": len(d.bad), "kept": n_valid - len(removed)}
     shard_counts = {"total": len(shards), "mapped": len(to_map), "written": len(to_write)}
     reasons = Counter(d.reasons[k] for k in removed)
-    contamination_path = storage.join(config.workdir, "contamination.json")
-    extra = {}
-    if bench is not None:
-        content, extra["decontamination"] = decontam.summarise(bench, cfg.decontam, d)
-        _write_atomic(contamination_path, lambda f: json.dump(content, f, indent=1))
-    elif storage.exists(contamination_path):  # an earlier run's: the eval job must not read it as this one's
-        storage.path(contamination_path).unlink()
+    extra = write_contamination(config, bench, d)
     if perplexity:
         extra["perplexity_filter"] = perplexity
     if substr_report:
         extra["substring_dedup"] = substr_report
     write_report(config, "local", shard_counts, counts, reasons, pii.tolist(), stats, start, d.bad, extra)
+
+
+def write_contamination(config: Config, bench: decontam.Benchmarks | None, decision: Any) -> dict:
+    """W/contamination.json from the decision's contaminated records (`decontam.summarise`; an earlier run's file is
+    removed when decontamination is off, so the eval job never reads it as this run's); -> the report's section."""
+    path = storage.join(config.workdir, "contamination.json")
+    if bench is None:
+        if storage.exists(path):
+            storage.path(path).unlink()
+        return {}
+    content, report = decontam.summarise(bench, config.curate.decontam, decision)
+    _write_atomic(path, lambda f: json.dump(content, f, indent=1))
+    return {"decontamination": report}
 
 
 def removed_line(record_id: Any, reason: str, duplicate_of: Any = None) -> str:

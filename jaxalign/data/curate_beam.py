@@ -6,7 +6,7 @@ Dataflow / Flink / Spark take their usual flags (see the README). Beam's DirectR
 it downloads from GitHub on first use (offline it falls back to the FnApiRunner after a few seconds);
 "--runner=FnApiRunner" runs the same in-process engine directly. Every record goes through
 `curate.process_record`, the local runner's per-record function (parse checks, exact hash, MinHash words, quality
-filters with C4 line drops, PII), and MinHash signatures through `mh.signatures`; LSH keys
+filters with C4 line drops, decontamination against `curate.decontam`'s benchmarks, PII), and MinHash signatures through `mh.signatures`; LSH keys
 (`mh.band_keys`), pair verification (`mh.verified`) and clustering (`mh.components`) are shared too.
 
 Pipeline (records are keyed by their global position pos = shard index << 32 | line number, so sorting positions
@@ -27,6 +27,9 @@ is the local runner's input order: files in `sources.expand_glob` order, lines i
              near dedup removed point at that record's representative (as the local runner does).
   write      GroupByKey per file: its kept lines minus dropped records -> W/curated/<shard>.jsonl, its removed
              entries -> a part of W/removed.jsonl, counts -> one combined summary.
+  hits       (with `curate.decontam`) each contaminated record joined (CoGroupByKey on its position) with its dedup
+             decision and the id check -> its final reason; the few of them are gathered for the driver, which
+             writes W/contamination.json with the local runner's code (`curate.write_contamination`).
 The driver then concatenates the removed parts (W/curate_beam/<shard>.removed.jsonl, deleted after) in file order
 into W/removed.jsonl, reads the summaries (W/curate_beam/{counts,bad,fatal}.json) and writes W/curate_report.json
 (the local runner's counts, "runner": "beam"; timings are summed over workers). Outputs are byte-identical to the
@@ -50,6 +53,7 @@ import io
 import json
 import shlex
 import time
+import types
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -58,7 +62,7 @@ import numpy as np
 
 from jaxalign import storage
 from jaxalign.config import Config, CurateConfig
-from jaxalign.data import curate
+from jaxalign.data import curate, decontam, sources
 from jaxalign.data import curate_filters as filters
 from jaxalign.data import curate_minhash as mh
 from jaxalign.errors import ConfigError, DataError
@@ -99,11 +103,12 @@ def _where(paths: list[str], pos: int) -> str:
 
 # --- per-element steps (module-level so every runner can pickle them) -----------------------------------------------
 def map_shard(
-    task: tuple[int, str], cfg: CurateConfig, on_error: str, seed: int
+    task: tuple[int, str], cfg: CurateConfig, on_error: str, seed: int, bench: Any = None
 ) -> Iterator[tuple[str, Any]]:
     """One input file -> tagged elements: ("meta", meta) per record (see the module docstring), ("line", (shard,
-    (line, JSONL line, pii counts))) per record the filters kept, ("bad", (sort key, message, fatal)) per bad line
-    and one ("counts", {stage: seconds or docs})."""
+    (line, JSONL line, pii counts))) per record the filters kept, ("bad", (sort key, message, fatal)) per bad line,
+    ("hit", (pos, (id_json, benchmark indices, {benchmark index: item indices}, filter reason))) per record holding
+    an n-gram of `bench`'s evaluation items (decontamination), and one ("counts", {stage: seconds or docs})."""
     index, path = task
     stats, bad, chain = curate.Stats(), [], filters.enabled(cfg)
     a_K, b_K = mh.permutations(cfg.num_bands * cfg.rows_per_band, seed)
@@ -120,8 +125,13 @@ def map_shard(
     try:
         for line_no, record in curate.timed_records(path, "skip", bad, stats):
             pos = index << _LINE_BITS | line_no
-            done = curate.process_record(record, cfg, chain, stats)
+            done = curate.process_record(record, cfg, chain, stats, bench)
             meta = (pos, json.dumps(record["id"], ensure_ascii=False), done.reason, done.exact)
+            if done.hits:
+                yield (
+                    "hit",
+                    (pos, (meta[1], list(done.hits), {str(b): i for b, i in done.hits.items()}, done.reason)),
+                )
             if done.line:
                 yield "line", (index, (line_no, done.line, done.pii))
             if cfg.near_dedup:
@@ -217,6 +227,16 @@ def resolve(group: tuple[int, dict]) -> Iterator[tuple[int, tuple[str, str]]]:
         yield dup_pos, ("exact_duplicate", near[0][1] if near else rep_id)
 
 
+def hit_reason(group: tuple[int, dict]) -> Iterator[tuple]:
+    """A contaminated record with its final reason (a dedup decision wins over its filter reason, as in the local
+    runner) and whether the id check skipped it: (pos, id_json, benchmark indices, items, reason, skipped)."""
+    pos, joined = group
+    dedup = list(joined["dedup"])
+    skipped = not list(joined["valid"])
+    for id_json, benches, items, reason in joined["hit"]:
+        yield pos, id_json, benches, items, dedup[0][0] if dedup else reason, skipped
+
+
 def write_shard(
     group: tuple[int, dict], names: list[str], out_dir: str, part_dir: str, fatal: list
 ) -> Iterator[dict[str, int]]:
@@ -273,7 +293,7 @@ def _split(beam, pcoll, name: str, fn, tags: tuple[str, ...], **kwargs) -> dict:
     return {tag: out[tag] for tag in tags}
 
 
-def _build(beam, p, config: Config, shards: list, out_dir: str, part_dir: str) -> None:
+def _build(beam, p, config: Config, shards: list, out_dir: str, part_dir: str, bench: Any) -> None:
     cfg, on_error = config.curate, config.data.on_error
     paths, names = [s.path for s in shards], [s.name for s in shards]
     tasks = p | "files" >> beam.Create(list(enumerate(paths))) | "spread" >> beam.Reshuffle()
@@ -282,10 +302,11 @@ def _build(beam, p, config: Config, shards: list, out_dir: str, part_dir: str) -
         tasks,
         "map",
         map_shard,
-        ("meta", "line", "bad", "counts"),
+        ("meta", "line", "bad", "counts", "hit"),
         cfg=cfg,
         on_error=on_error,
         seed=config.seed,
+        bench=bench,
     )
     by_id = mapped["meta"] | "by id" >> beam.Map(lambda m: (m[1], m)) | "group ids" >> beam.GroupByKey()
     ids = _split(beam, by_id, "ids", check_ids, ("meta", "bad"), paths=paths, on_error=on_error)
@@ -342,6 +363,17 @@ def _build(beam, p, config: Config, shards: list, out_dir: str, part_dir: str) -
         "bad": bad | "first bad" >> beam.combiners.Top.Smallest(curate.MAX_BAD_LISTED),
         "fatal": fatal,
     }
+    if bench is not None:  # contaminated records only (few): their final reasons, gathered for the driver
+        summaries["hits"] = (
+            {
+                "hit": mapped["hit"],
+                "valid": valid | "valid positions" >> beam.Map(lambda m: (m[0], None)),
+                "dedup": decisions[0],
+            }
+            | "join hits" >> beam.CoGroupByKey()
+            | "hit reasons" >> beam.FlatMap(hit_reason)
+            | "all hits" >> beam.combiners.ToList()
+        )
     for name, pcoll in summaries.items():
         target = storage.join(part_dir, f"{name}.json")
         pcoll | f"save {name}" >> beam.Map(
@@ -355,6 +387,9 @@ def run(config: Config) -> None:
     beam, options = _import_beam(), _options(cfg.beam_options)
     work_dir, out_dir = storage.join(config.workdir, "curate_work"), storage.join(config.workdir, "curated")
     part_dir = storage.join(config.workdir, "curate_beam")
+    bench = decontam.load(
+        cfg.decontam, cfg.decontam_n, cfg.decontam_benchmarks, sources.expand_glob(config.data.input)
+    )
     shards = curate.input_shards(config, work_dir)
     storage.path(out_dir).mkdir(parents=True, exist_ok=True)
     storage.path(part_dir).mkdir(parents=True, exist_ok=True)
@@ -364,7 +399,7 @@ def run(config: Config) -> None:
     except ValueError as e:  # e.g. an unknown --runner
         raise ConfigError(f"curate.beam_options={cfg.beam_options!r}: {e}".splitlines()[0]) from None
     with pipeline as p:
-        _build(beam, p, config, shards, out_dir, part_dir)
+        _build(beam, p, config, shards, out_dir, part_dir, bench)
     fatal = json.loads(storage.read_text(storage.join(part_dir, "fatal.json")))
     if fatal:
         raise DataError(fatal[0][1])
@@ -393,4 +428,14 @@ def run(config: Config) -> None:
     shard_counts = {"total": len(shards), "mapped": len(shards), "written": len(shards)}
     totals = {k: int(counts[k]) for k in ("valid", "bad", "kept")}
     pii = [int(counts[f"pii:{kind}"]) for kind in filters.PII_KINDS]
-    curate.write_report(config, "beam", shard_counts, totals, reasons, pii, stats, start, bad)
+    hits = []
+    if bench is not None:
+        hits = sorted(json.loads(storage.read_text(storage.join(part_dir, "hits.json"))))
+    decision = types.SimpleNamespace(  # the local runner's decision, for the contaminated records alone
+        contaminated=[(k, benches, items) for k, (_, _, benches, items, _, _) in enumerate(hits)],
+        ids=[json.loads(h[1]) for h in hits],
+        reasons=[h[4] for h in hits],
+        skipped=[h[5] for h in hits],
+    )
+    extra = curate.write_contamination(config, bench, decision)
+    curate.write_report(config, "beam", shard_counts, totals, reasons, pii, stats, start, bad, extra)

@@ -70,6 +70,36 @@ def test_beam_matches_local_on_the_world_raw_corpus(raw_records, tmp_path, stage
     assert sum(local["pii_replacements"].values()) > 0
 
 
+@pytest.mark.parametrize("mode", ["flag", "drop"])
+def test_beam_decontaminates_as_the_local_runner(raw_records, tmp_path, mode):
+    """Decontamination on Beam: the same curated/ and removed.jsonl, contamination.json and report section, with
+    benchmark items planted from records of every file (one of them also an exact duplicate) and one not planted."""
+    records = [json.loads(r) for r in raw_records]
+    clean = [r for r in records if r["kind"] == "clean"]
+    planted = [clean[0], clean[len(clean) // 2], clean[-1]]
+    items = [{"id": f"q{k}", "question": " ".join(r["text"].split()[:20])} for k, r in enumerate(planted)]
+    items.append(
+        {"id": "unseen", "question": "which colour is the sky over a planet that nobody has ever seen"}
+    )
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps(i) + "\n" for i in items))
+    records.insert(
+        5, {**planted[-1], "id": "copy-of-last"}
+    )  # exact duplicate of a contaminated record, first
+    pattern = shards_of([json.dumps(r) for r in records], tmp_path)
+    local, beam = run_both(pattern, tmp_path, decontam=mode, decontam_benchmarks=f"mine={bench}")
+    section = local["decontamination"]["mine"]
+    assert section["items"] == 4 and section["contaminated_items"] == 3, section
+    assert (local["removed_by_reason"].get("decontam:mine", 0) > 0) == (mode == "drop"), local[
+        "removed_by_reason"
+    ]
+    assert (section["records_flagged"] > 0) == (mode == "flag"), section
+    assert beam["decontamination"] == local["decontamination"]
+    contamination = [(tmp_path / side / "contamination.json").read_bytes() for side in ("local", "beam")]
+    assert contamination[0] == contamination[1]
+    assert json.loads(contamination[0])["benchmarks"]["mine"]["contaminated_ids"] == ["q0", "q1", "q2"]
+
+
 def test_beam_matches_local_with_duplicates_across_files_and_bad_records(raw_records, tmp_path):
     records = [json.loads(r) for r in raw_records]
     clean = [r for r in records if r["kind"] == "clean"]
