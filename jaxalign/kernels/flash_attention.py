@@ -383,6 +383,37 @@ def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
+def _plan(T, S, G, D, dtype, segments, block_q, block_k, interpret, generation=None):
+    """Padded lengths and head dim, and the blocks and VMEM limits (`vmem.plan`) for the target TPU generation."""
+    bq, bk = _block(block_q, T, "block_q"), _block(block_k, S, "block_k")
+    Tp, Sp, Dp = pl.cdiv(T, bq) * bq, pl.cdiv(S, bk) * bk, pl.next_power_of_2(D)
+    # Smaller blocks than bq, bk (powers of two) still divide Tp and Sp.
+    shapes = vmem.Shapes(Tp, Sp, Dp, G, jnp.dtype(dtype).itemsize, segments)
+    if generation is None and not interpret:
+        generation = vmem.target_generation()
+    return Tp, Sp, Dp, vmem.plan(shapes, bq, bk, generation)
+
+
+def why_not_fits(
+    q_BxTxHxD: jax.ShapeDtypeStruct,
+    k_BxSxKxD: jax.ShapeDtypeStruct,
+    *,
+    segments: bool,
+    block_q: int = 128,
+    block_k: int = 128,
+    generation: str | None = None,
+) -> str | None:
+    """None when `flash_attention` can run these shapes on the target (TPU: every pass fits the generation's VMEM,
+    by default the one being traced for; other platforms: always), else the one-line reason it cannot."""
+    _, T, H, D = q_BxTxHxD.shape
+    S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+    try:
+        _plan(T, S, H // K, D, q_BxTxHxD.dtype, segments, block_q, block_k, False, generation)
+    except vmem.FlashDoesNotFit as e:
+        return e.reason
+    return None
+
+
 def flash_attention(
     q_BxTxHxD: jax.Array,
     k_BxSxKxD: jax.Array,
@@ -415,11 +446,9 @@ def flash_attention(
             raise ValueError(f"segment_ids need self-attention (T == S), got T={T}, S={S}")
         if segment_ids.shape != (B, T):
             raise ValueError(f"segment_ids must be [B={B}, T={T}], got {segment_ids.shape}")
-    bq, bk = _block(block_q, T, "block_q"), _block(block_k, S, "block_k")
-    Tp, Sp, Dp = pl.cdiv(T, bq) * bq, pl.cdiv(S, bk) * bk, pl.next_power_of_2(D)
-    # Smaller blocks than bq, bk (powers of two) still divide Tp and Sp.
-    shapes = vmem.Shapes(Tp, Sp, Dp, H // K, q_BxTxHxD.dtype.itemsize, segment_ids is not None)
-    budget = vmem.plan(shapes, bq, bk, None if interpret else vmem.target_generation())
+    Tp, Sp, Dp, budget = _plan(
+        T, S, H // K, D, q_BxTxHxD.dtype, segment_ids is not None, block_q, block_k, interpret
+    )
     st = _Static(
         causal=causal,
         scale=float(D**-0.5 if sm_scale is None else sm_scale),

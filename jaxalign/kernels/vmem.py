@@ -136,6 +136,13 @@ class Plan:
 class FlashDoesNotFit(ConfigError):
     """The flash kernel's VMEM need exceeds the target TPU generation's capacity at every block size."""
 
+    def __init__(self, reason: str):
+        super().__init__(
+            f"model.attention='flash': {reason}; use model.attention='auto' (falls back to XLA) or 'xla', or a "
+            "shorter train.seq_len"
+        )
+        self.reason = reason
+
 
 def _candidates(block_q: int, block_k: int):
     """(bq, bk) from the requested ones down, halving the larger first; larger blocks first."""
@@ -165,13 +172,13 @@ def plan(s: Shapes, block_q: int, block_k: int, generation: str | None) -> Plan:
             return Plan(bq, bk, limits, generation)
     needs = {p: pass_vmem_bytes(p, s, block_q, block_k) for p in PASSES}
     worst = max(needs, key=needs.get)
-    raise FlashDoesNotFit(
-        f"model.attention='flash': the flash kernel's {worst} pass needs {needs[worst] / MiB:.1f} MiB of VMEM "
+    reason = (
+        f"the flash kernel's {worst} pass needs {needs[worst] / MiB:.1f} MiB of VMEM "
         f"({vmem_limit_bytes(needs[worst]) / MiB:.0f} MiB with headroom) at padded T={s.q_len}, S={s.kv_len}, "
-        f"head dim {s.head_dim}, {s.groups} query heads per kv head, more than TPU {generation}'s "
-        f"{capacity // MiB} MiB at any block size; use model.attention='auto' (falls back to XLA) or 'xla', or a "
-        "shorter train.seq_len"
+        f"head dim {s.head_dim}, {s.groups} query heads per kv head: more than TPU {generation}'s "
+        f"{capacity // MiB} MiB at any block size"
     )
+    raise FlashDoesNotFit(reason)
 
 
 def target_platform() -> str:
@@ -183,7 +190,8 @@ def target_platform() -> str:
 
 
 def target_generation() -> str | None:
-    """The TPU generation being traced for (abstract mesh device first, then the local devices), or None."""
+    """The TPU generation being traced for (abstract mesh device first, then the local devices), or None: not a
+    TPU, or a device kind this table does not know (its limits are then not checked against a capacity)."""
     device = jax.sharding.get_abstract_mesh().abstract_device
     if device is None:
         if jax.default_backend() != "tpu":
@@ -191,20 +199,7 @@ def target_generation() -> str | None:
         device = jax.devices()[0]
     if device.platform != "tpu":
         return None
-    if device.device_kind not in DEVICE_KINDS:
-        raise ConfigError(
-            f"model.attention: unknown TPU device kind {device.device_kind!r}; known: {sorted(DEVICE_KINDS)}"
-        )
-    return DEVICE_KINDS[device.device_kind]
-
-
-def flash_fits(s: Shapes, block_q: int, block_k: int) -> str | None:
-    """None when the kernel can run on the target platform at these shapes, else the reason it cannot."""
-    try:
-        plan(s, block_q, block_k, target_generation())
-    except FlashDoesNotFit as e:
-        return str(e)
-    return None
+    return DEVICE_KINDS.get(device.device_kind)
 
 
 def log_fallback(reason: str) -> None:
