@@ -20,7 +20,12 @@ Per pass, `pass_vmem_bytes` counts (x2 for double-buffered blocks):
   dk, dv accumulators (bk, Dp) f32 and the temporaries.
 
 `vmem_limit_bytes` for a pass is its need plus 25% (Mosaic's own spills and internal scratch, which this count does
-not model), rounded up to a MiB; a pass fits a generation when that limit is within the generation's VMEM.
+not model), rounded up to a MiB; a pass fits a generation when that limit is within the generation's VMEM. The
+limit goes into the Mosaic call's backend config (`scoped_memory_configs`); pltpu.CompilerParams documents that a
+limit above XLA's own scoped default may also need `--xla_tpu_scoped_vmem_limit_kib` (not checkable without a TPU).
+
+GPU (Triton) is not budgeted here: its blocks are pointers into HBM and only (bq, D) / (bk, D) tiles are staged in
+shared memory, sized by Triton itself, which reports "out of resources" at compile time (not checkable here).
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from jaxalign.errors import ConfigError
 MiB = 1024 * 1024
 
 # VMEM per TensorCore, bytes. Source: jax/_src/pallas/mosaic/tpu_info.py of jax 0.10.2 (`get_tpu_info`,
-# `vmem_capacity_bytes`; tests/kernels/test_flash_vmem.py checks this table against it).
+# `vmem_capacity_bytes`; tests/kernels/test_flash_vmem.py checks this table against it). The pipelining guide
+# (docs.jax.dev/en/latest/pallas/pipelining.html) says 96 MB for v5p; the smaller figure is kept.
 VMEM_CAPACITY_BYTES: dict[str, int] = {
     "v2": 16 * MiB,
     "v3": 16 * MiB,

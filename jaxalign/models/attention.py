@@ -108,7 +108,12 @@ def _flash(q, k, v, causal, segment_ids, sm_scale, rules):
     return jax.shard_map(per_shard, mesh=rules.mesh, in_specs=in_specs, out_specs=qkv)(q, k, v, segment_ids)
 
 
-def resolve(implementation: str, q_BxTxHxD=None, k_BxSxKxD=None, segments: bool = True) -> str:
+def resolve(
+    implementation: str,
+    q_BxTxHxD: jax.Array | jax.ShapeDtypeStruct | None = None,
+    k_BxSxKxD: jax.Array | jax.ShapeDtypeStruct | None = None,
+    segments: bool = True,
+) -> str:
     """Maps "auto" to "flash" on GPU/TPU and "xla" on CPU, the platform being the one traced for (an abstract
     mesh's device when lowering for another platform, else the default backend). With the shapes of q and k, "auto"
     on TPU also checks the kernel fits the generation's VMEM and falls back to "xla" with one logged line if not."""
