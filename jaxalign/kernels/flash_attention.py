@@ -12,17 +12,21 @@ finite in both passes. The one case where a real row sees no key at all (causal 
 the mean of V in the wrapper, which is what the XLA reference's softmax over all-equal scores gives.
 
 One kernel body per pass serves every backend:
-- CPU: `interpret=True` (the default there), used by the tests.
+- CPU: the Pallas interpreter (`interpret=None` lowers it for CPU; `True` everywhere), used by the tests.
 - GPU (Triton): blocks become pointers and `k_ref[pl.ds(...)]` loads tiles from HBM. Block sizes must be powers
   of two and at least 16 (`tl.dot` minimum); a head dim that is not a power of two is zero-padded here.
 - TPU (Mosaic): blocks are copied to VMEM, so the full-length K/V (forward, dq) and the group's full-length
-  Q/dO (dk/dv) must fit next to the tiles: with bf16 and double buffering about 8*S*D bytes (forward, dq) and
-  8*G*T*D bytes (dk/dv), against a scoped-VMEM default of 16-32 MiB. For long contexts raise vmem_limit_bytes
-  or use a grid-reduction kernel (jax.experimental.pallas.ops.tpu.splash_attention). Use bq a multiple of 8
-  and bk a multiple of 128 to fill vregs.
+  Q/dO (dk/dv) must fit next to the tiles; they are single-buffered (their block index does not move along the
+  inner grid axis). `jaxalign.kernels.vmem` counts each pass's VMEM (with bf16 about 4*S*D bytes for forward and
+  dq, 4*G*T*D for dk/dv, plus tiles), shrinks the blocks until every pass fits the target TPU generation, sets
+  each pass's `vmem_limit_bytes`, and raises FlashDoesNotFit when nothing fits (`attention="auto"` then uses XLA).
+  Use bq a multiple of 8 and bk a multiple of 128 to fill vregs.
+The platform is the one the call is lowered for (`lax.platform_dependent`), not the one this process runs on, so a
+CPU host exports the compiled kernels for TPU and GPU with `jax.export`.
 GQA: K/V are never repeated. The forward and dq grids run over query heads and map head h to kv head h // G in
 the BlockSpec index maps; the dk/dv grid runs over kv heads and loops over the G query heads of its group (free
-reshape of Q to `BxKx(G*Tp)xD`), so dk/dv are summed in f32 inside the kernel.
+reshape of Q to `BxKx(G*Tp)xD`), so dk/dv are summed in f32 inside the kernel. The dk/dv pass works on transposed
+scores (bk, bq), so its per-query values are lane-dense rows (`lse_BxKx1x(G*Tp)`), not 128-lane-padded columns.
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxalign.kernels import vmem
+
 # Finite "minus infinity": exp(MASK - finite) == 0 exactly, and MASK - MASK == 0 keeps fully masked rows finite.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +56,8 @@ class _Static:
     block_k: int
     q_len: int  # T before padding
     kv_len: int  # S before padding
-    interpret: bool
+    interpret: bool | None  # None: by the lowering platform (see `_pallas`)
+    vmem_limits: tuple[int, int, int] | None = None  # TPU vmem_limit_bytes of the fwd, dq, dkv passes
 
     @property
     def offset(self) -> int:
@@ -72,23 +78,49 @@ class _Static:
         return jnp.maximum(first, 0)
 
 
-def _compiler_params(num_dims: int):
-    """Backend-specific launch options; None in interpret mode and on unknown backends."""
-    backend = jax.default_backend()
-    if backend == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
+def _pallas(st: _Static, name: str, kernel, grid, in_specs, out_specs, out_shape, resident, *inputs):
+    """One pass as a `pallas_call` built for the platform it is lowered for (`lax.platform_dependent`: only the
+    branch of the lowering platform is lowered), not the platform this process runs on:
+    - cpu: the Pallas interpreter (only when `st.interpret` is None; True interprets on every platform);
+    - tpu: Mosaic, every grid axis "parallel" (loops over the other sequence run inside the kernel), the pass's
+      `vmem_limit_bytes` from `vmem.plan`, and the `resident` inputs (full-length blocks whose index does not move
+      along the inner grid axis) single-buffered;
+    - cuda/rocm: Triton (chosen by its CompilerParams, not Mosaic GPU, whose shared memory cannot hold the
+      full-length blocks).
+    """
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas import triton as pltriton
 
-        # Every grid axis is independent (loops over the other sequence run inside the kernel).
-        return pltpu.CompilerParams(dimension_semantics=("parallel",) * num_dims)
-    if backend in ("gpu", "cuda", "rocm"):
-        from jax.experimental.pallas import triton as pltriton
+    def call(interpret, params, specs):
+        return pl.pallas_call(
+            kernel,
+            grid=grid,
+            in_specs=specs,
+            out_specs=out_specs,
+            out_shape=out_shape,
+            compiler_params=params,
+            interpret=interpret,
+            name=f"flash_attention_{name}",
+        )
 
-        return pltriton.CompilerParams(num_warps=4, num_stages=2)
-    return None
+    interpreted = call(True, None, in_specs)
+    if st.interpret:
+        return interpreted(*inputs)
+    single = lambda spec: pl.BlockSpec(spec.block_shape, spec.index_map, pipeline_mode=pl.Buffered(1))
+    tpu_specs = [single(x) if i in resident and x is not None else x for i, x in enumerate(in_specs)]
+    tpu_params = pltpu.CompilerParams(
+        dimension_semantics=("parallel",) * len(grid),
+        vmem_limit_bytes=st.vmem_limits[vmem.PASSES.index(name)],
+    )
+    triton = call(False, pltriton.CompilerParams(num_warps=4, num_stages=2), in_specs)
+    branches = dict(tpu=call(False, tpu_params, tpu_specs), cuda=triton, rocm=triton)
+    if st.interpret is None:
+        branches["cpu"] = interpreted
+    return lax.platform_dependent(*inputs, **branches)
 
 
 def _mask(st: _Static, q_pos, k_pos, q_seg, k_seg, mask_len: bool):
-    """Boolean (bq, bk) mask or None. Positions are (bq, bk) iotas; segments are (bq, 1) and (1, bk)."""
+    """Boolean mask or None. Positions are (bq, bk) iotas, segments (bq, 1) and (1, bk); or all transposed."""
     mask = None
     if st.causal:
         mask = k_pos <= q_pos + st.offset
@@ -101,11 +133,17 @@ def _mask(st: _Static, q_pos, k_pos, q_seg, k_seg, mask_len: bool):
     return mask
 
 
+def _masked(st: _Static, s, q_pos, k_pos, q_seg, k_seg, mask_len):
+    """Scores `s` with masked entries set to MASK_VALUE; any orientation ((bq, bk) or transposed (bk, bq)) whose
+    positions and segment ids broadcast to it."""
+    mask = _mask(st, q_pos, k_pos, q_seg, k_seg, mask_len)
+    return s if mask is None else jnp.where(mask, s, MASK_VALUE)
+
+
 def _scores(st: _Static, q, k, q_pos, k_pos, q_seg, k_seg, mask_len):
     """Scaled f32 scores (bq, bk) with masked entries set to MASK_VALUE."""
     s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * st.scale
-    mask = _mask(st, q_pos, k_pos, q_seg, k_seg, mask_len)
-    return s if mask is None else jnp.where(mask, s, MASK_VALUE)
+    return _masked(st, s, q_pos, k_pos, q_seg, k_seg, mask_len)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, st: _Static, mask_len: bool):
@@ -190,12 +228,14 @@ def _dkv_kernel(
     mask_len: bool,
     groups: int,
 ):
-    # q_ref, do_ref: (G * Tp, D), the G query heads of this kv head stacked; lse_ref, delta_ref: (G * Tp, 1).
+    # Transposed scores sT (bk, bq), so per-query values are lane-dense rows (a (N, 1) column would take 128
+    # lanes of VMEM per entry on TPU): q_ref, do_ref (G * Tp, D), the G query heads of this kv head stacked;
+    # lse_ref, delta_ref (1, G * Tp); qseg_ref (1, Tp); kseg_ref (bk, 1).
     bq, bk = st.block_q, st.block_k
     j = pl.program_id(2)
     k, v = k_ref[...], v_ref[...]
     k_seg = None if kseg_ref is None else kseg_ref[...]
-    k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bk, bq), 0)
     tp = q_ref.shape[0] // groups
     nq = tp // bq
 
@@ -207,14 +247,15 @@ def _dkv_kernel(
         dk, dv = carry
         g, i = lax.div(r, divisor), first + lax.rem(r, divisor)
         rows = pl.ds(g * tp + i * bq, bq)
-        q, do, lse, delta = q_ref[rows, :], do_ref[rows, :], lse_ref[rows, :], delta_ref[rows, :]
-        q_seg = None if qseg_ref is None else qseg_ref[pl.ds(i * bq, bq), :]
-        q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-        p = jnp.exp(_scores(st, q, k, q_pos, k_pos, q_seg, k_seg, mask_len) - lse)
-        dv = dv + lax.dot_general(p.astype(do.dtype), do, _TN, preferred_element_type=jnp.float32)
-        dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+        q, do, lse, delta = q_ref[rows, :], do_ref[rows, :], lse_ref[:, rows], delta_ref[:, rows]
+        q_seg = None if qseg_ref is None else qseg_ref[:, pl.ds(i * bq, bq)]
+        q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
+        s = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32) * st.scale
+        p = jnp.exp(_masked(st, s, q_pos, k_pos, q_seg, k_seg, mask_len) - lse)
+        dv = dv + lax.dot(p.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dp = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
         ds = p * (dp - delta)
-        dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32)
+        dk = dk + lax.dot(ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
         return dk, dv
 
     zeros = jnp.zeros((bk, k.shape[1]), jnp.float32)
@@ -245,16 +286,17 @@ def _forward(st: _Static, q, k, v, qseg, kseg):
     row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0))
     seg = _seg_specs(qseg, kseg, lambda b, h, i: (b, i, 0), lambda b, h, i: (b, 0, 0), bq, Sp)
     inputs = (q, k, v, qseg, kseg)
-    return pl.pallas_call(
+    return _pallas(
+        st,
+        "fwd",
         functools.partial(_fwd_kernel, st=st, mask_len=Sp != st.kv_len and not st.causal),
-        grid=(B, H, Tp // bq),
-        in_specs=[q_spec, kv_spec, kv_spec, *seg],
-        out_specs=[q_spec, row_spec],
-        out_shape=[_out_struct(q.shape, q.dtype, *inputs), _out_struct((B, H, Tp, 1), jnp.float32, *inputs)],
-        compiler_params=None if st.interpret else _compiler_params(3),
-        interpret=st.interpret,
-        name="flash_attention_fwd",
-    )(*inputs)
+        (B, H, Tp // bq),
+        [q_spec, kv_spec, kv_spec, *seg],
+        [q_spec, row_spec],
+        [_out_struct(q.shape, q.dtype, *inputs), _out_struct((B, H, Tp, 1), jnp.float32, *inputs)],
+        {1, 2, 4},  # K, V, key ids
+        *inputs,
+    )
 
 
 def _backward(st: _Static, q, k, v, qseg, kseg, o, lse, do):
@@ -269,33 +311,43 @@ def _backward(st: _Static, q, k, v, qseg, kseg, o, lse, do):
     row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0))
     seg = _seg_specs(qseg, kseg, lambda b, h, i: (b, i, 0), lambda b, h, i: (b, 0, 0), bq, Sp)
     inputs = (q, k, v, qseg, kseg, do, lse, delta)
-    dq = pl.pallas_call(
+    dq = _pallas(
+        st,
+        "dq",
         functools.partial(_dq_kernel, st=st, mask_len=mask_len),
-        grid=(B, H, Tp // bq),
-        in_specs=[q_spec, kv_spec, kv_spec, *seg, q_spec, row_spec, row_spec],
-        out_specs=q_spec,
-        out_shape=_out_struct(q.shape, q.dtype, *inputs),
-        compiler_params=None if st.interpret else _compiler_params(3),
-        interpret=st.interpret,
-        name="flash_attention_dq",
-    )(*inputs)
+        (B, H, Tp // bq),
+        [q_spec, kv_spec, kv_spec, *seg, q_spec, row_spec, row_spec],
+        q_spec,
+        _out_struct(q.shape, q.dtype, *inputs),
+        {1, 2, 4},  # K, V, key ids
+        *inputs,
+    )
 
-    # Head h = kh * G + g, so a kv head's query heads are contiguous: these reshapes are free.
+    # Head h = kh * G + g, so a kv head's query heads are contiguous: these reshapes are free, as are those that
+    # turn (N, 1) columns into (1, N) rows.
     group_spec = pl.BlockSpec((None, None, G * Tp, D), lambda b, kh, j: (b, kh, 0, 0))
-    group_row_spec = pl.BlockSpec((None, None, G * Tp, 1), lambda b, kh, j: (b, kh, 0, 0))
+    group_row_spec = pl.BlockSpec((None, None, 1, G * Tp), lambda b, kh, j: (b, kh, 0, 0))
     kv_block_spec = pl.BlockSpec((None, None, bk, D), lambda b, kh, j: (b, kh, j, 0))
-    seg = _seg_specs(qseg, kseg, lambda b, kh, j: (b, 0, 0), lambda b, kh, j: (b, 0, j), Tp, bk)
-    to_groups = lambda x: x.reshape(B, K, G * Tp, x.shape[-1])
-    dk, dv = pl.pallas_call(
+    seg = [None, None]
+    if qseg is not None:
+        qseg, kseg = qseg.reshape(B, 1, Tp), kseg.reshape(B, Sp, 1)
+        seg = [
+            pl.BlockSpec((None, 1, Tp), lambda b, kh, j: (b, 0, 0)),
+            pl.BlockSpec((None, bk, 1), lambda b, kh, j: (b, j, 0)),
+        ]
+    to_groups = lambda x: x.reshape(B, K, G * Tp, D)
+    to_group_rows = lambda x: x.reshape(B, K, 1, G * Tp)
+    dk, dv = _pallas(
+        st,
+        "dkv",
         functools.partial(_dkv_kernel, st=st, mask_len=mask_len, groups=G),
-        grid=(B, K, Sp // bk),
-        in_specs=[group_spec, kv_block_spec, kv_block_spec, *seg, group_spec, group_row_spec, group_row_spec],
-        out_specs=[kv_block_spec, kv_block_spec],
-        out_shape=[_out_struct(k.shape, k.dtype, *inputs), _out_struct(v.shape, v.dtype, *inputs)],
-        compiler_params=None if st.interpret else _compiler_params(3),
-        interpret=st.interpret,
-        name="flash_attention_dkv",
-    )(to_groups(q), k, v, qseg, kseg, to_groups(do), to_groups(lse), to_groups(delta))
+        (B, K, Sp // bk),
+        [group_spec, kv_block_spec, kv_block_spec, *seg, group_spec, group_row_spec, group_row_spec],
+        [kv_block_spec, kv_block_spec],
+        [_out_struct(k.shape, k.dtype, *inputs), _out_struct(v.shape, v.dtype, *inputs)],
+        {0, 3, 5, 6, 7},  # the group's Q, query ids, dO, lse, delta
+        *(to_groups(q), k, v, qseg, kseg, to_groups(do), to_group_rows(lse), to_group_rows(delta)),
+    )
     return dq, dk, dv
 
 
@@ -331,6 +383,37 @@ def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
+def _plan(T, S, G, D, dtype, segments, block_q, block_k, interpret, generation=None):
+    """Padded lengths and head dim, and the blocks and VMEM limits (`vmem.plan`) for the target TPU generation."""
+    bq, bk = _block(block_q, T, "block_q"), _block(block_k, S, "block_k")
+    Tp, Sp, Dp = pl.cdiv(T, bq) * bq, pl.cdiv(S, bk) * bk, pl.next_power_of_2(D)
+    # Smaller blocks than bq, bk (powers of two) still divide Tp and Sp.
+    shapes = vmem.Shapes(Tp, Sp, Dp, G, jnp.dtype(dtype).itemsize, segments)
+    if generation is None and not interpret:
+        generation = vmem.target_generation()
+    return Tp, Sp, Dp, vmem.plan(shapes, bq, bk, generation)
+
+
+def why_not_fits(
+    q_BxTxHxD: jax.ShapeDtypeStruct,
+    k_BxSxKxD: jax.ShapeDtypeStruct,
+    *,
+    segments: bool,
+    block_q: int = 128,
+    block_k: int = 128,
+    generation: str | None = None,
+) -> str | None:
+    """None when `flash_attention` can run these shapes on the target (TPU: every pass fits the generation's VMEM,
+    by default the one being traced for; other platforms: always), else the one-line reason it cannot."""
+    _, T, H, D = q_BxTxHxD.shape
+    S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+    try:
+        _plan(T, S, H // K, D, q_BxTxHxD.dtype, segments, block_q, block_k, False, generation)
+    except vmem.FlashDoesNotFit as e:
+        return e.reason
+    return None
+
+
 def flash_attention(
     q_BxTxHxD: jax.Array,
     k_BxSxKxD: jax.Array,
@@ -346,8 +429,11 @@ def flash_attention(
     """Softmax attention with the semantics of `xla_attention`; returns `o_BxTxHxD` in the dtype of q.
 
     segment_ids: int32 [B, T] for packed self-attention (needs T == S). sm_scale defaults to D**-0.5.
-    block_q / block_k: tile sizes (powers of two >= 16), shrunk for short sequences. interpret: None runs the
-    Pallas interpreter on CPU and compiles on GPU/TPU. Differentiable in q, k and v (custom VJP, Pallas).
+    block_q / block_k: tile sizes (powers of two >= 16), shrunk for short sequences and, on TPU, until every pass
+    fits the target generation's VMEM (`vmem.plan`; raises `vmem.FlashDoesNotFit`, a ConfigError, when none does).
+    interpret: None chooses by the platform the call is lowered for (Pallas interpreter on CPU, Mosaic on TPU,
+    Triton on GPU), so a CPU host can export for TPU/GPU; True interprets everywhere; False never interprets.
+    Differentiable in q, k and v (custom VJP, Pallas).
     """
     B, T, H, D = q_BxTxHxD.shape
     S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
@@ -360,17 +446,19 @@ def flash_attention(
             raise ValueError(f"segment_ids need self-attention (T == S), got T={T}, S={S}")
         if segment_ids.shape != (B, T):
             raise ValueError(f"segment_ids must be [B={B}, T={T}], got {segment_ids.shape}")
-    bq, bk = _block(block_q, T, "block_q"), _block(block_k, S, "block_k")
+    Tp, Sp, Dp, budget = _plan(
+        T, S, H // K, D, q_BxTxHxD.dtype, segment_ids is not None, block_q, block_k, interpret
+    )
     st = _Static(
         causal=causal,
         scale=float(D**-0.5 if sm_scale is None else sm_scale),
-        block_q=bq,
-        block_k=bk,
+        block_q=budget.block_q,
+        block_k=budget.block_k,
         q_len=T,
         kv_len=S,
-        interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret),
+        interpret=None if interpret is None else bool(interpret),
+        vmem_limits=budget.vmem_limits,
     )
-    Tp, Sp, Dp = pl.cdiv(T, bq) * bq, pl.cdiv(S, bk) * bk, pl.next_power_of_2(D)
     # Zero padding: extra head dims add 0 to scores and give output columns that are sliced off; padded keys are
     # masked; padded query rows are discarded (and receive a zero cotangent).
     q = _pad_axis(_pad_axis(q_BxTxHxD.transpose(0, 2, 1, 3), 2, Tp), 3, Dp)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxalign.errors import ConfigError
+from jaxalign.kernels import vmem
 
 if TYPE_CHECKING:
     from jaxalign.parallel.mesh import Rules
@@ -107,13 +108,29 @@ def _flash(q, k, v, causal, segment_ids, sm_scale, rules):
     return jax.shard_map(per_shard, mesh=rules.mesh, in_specs=in_specs, out_specs=qkv)(q, k, v, segment_ids)
 
 
-def resolve(implementation: str) -> str:
-    """Maps "auto" to "flash" on GPU/TPU and "xla" on CPU."""
+def resolve(
+    implementation: str,
+    q_BxTxHxD: jax.Array | jax.ShapeDtypeStruct | None = None,
+    k_BxSxKxD: jax.Array | jax.ShapeDtypeStruct | None = None,
+    segments: bool = True,
+) -> str:
+    """Maps "auto" to "flash" on GPU/TPU and "xla" on CPU, the platform being the one traced for (an abstract
+    mesh's device when lowering for another platform, else the default backend). With the shapes of q and k, "auto"
+    on TPU also checks the kernel fits the generation's VMEM and falls back to "xla" with one logged line if not."""
     if implementation not in IMPLEMENTATIONS:
         raise ConfigError(f"model.attention={implementation!r} is not one of {list(IMPLEMENTATIONS)}")
-    if implementation == "auto":
-        return "xla" if jax.default_backend() == "cpu" else "flash"
-    return implementation
+    if implementation != "auto":
+        return implementation
+    if vmem.target_platform() == "cpu":
+        return "xla"
+    if q_BxTxHxD is not None:
+        from jaxalign.kernels.flash_attention import why_not_fits
+
+        reason = why_not_fits(q_BxTxHxD, k_BxSxKxD, segments=segments)
+        if reason is not None:
+            vmem.log_fallback(reason)
+            return "xla"
+    return "flash"
 
 
 def attention(
@@ -129,7 +146,7 @@ def attention(
 ) -> jax.Array:
     """Dispatches to the chosen implementation; all take and return the same layouts. `rules` (the model's mesh
     rules) lets the flash kernel run per shard: XLA cannot partition a Pallas call itself."""
-    implementation = resolve(implementation)
+    implementation = resolve(implementation, q_BxTxHxD, k_BxSxKxD, segment_ids is not None)
     if implementation == "flash":
         return _flash(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal, segment_ids, sm_scale, rules)
     return xla_attention(
