@@ -19,7 +19,8 @@ RL prompt batches (`rl_loader`):
   prompt_ids          int32 [B, P], left-padded with pad_id (generation continues from the last column)
   prompt_mask         int32 [B, P], 1 on real tokens
   prompt_positions    int32 [B, P], 0, 1, ... over the real tokens (0 on padding)
-  extras              a Python list of B dicts: every other column of the record (e.g. `answer`), for rewards
+  extras              a Python list of B dicts: every column of the record (e.g. `prompt`, `answer`), for rewards
+                      (TRL's reward functions get the prompts and the dataset's columns the same way)
 
 Records are conversational (`messages`; `prompt`/`completion`/`chosen`/`rejected` as message lists, rendered with a
 chat template) or plain strings (`text`; `prompt`/`completion`; ...), as in TRL's dataset types.
@@ -652,7 +653,7 @@ class _RlEncode:
         prompt_mask = np.zeros(P, np.int32)
         positions = np.zeros(P, np.int32)
         prompt_ids[P - n :], prompt_mask[P - n :], positions[P - n :] = ids, 1, np.arange(n)
-        extras = {k: v for k, v in record.items() if k not in ("prompt", "_where")}
+        extras = {k: v for k, v in record.items() if k != "_where"}
         return [
             {
                 "prompt_ids": prompt_ids,
@@ -691,7 +692,7 @@ def rl_loader(
     """RL prompt batches (`prompt_ids`, `prompt_mask`, `prompt_positions`, `extras`; module doc).
 
     `global_batch_size` counts prompts. `columns` names extra fields every record must have (e.g. ("answer",)); all
-    fields but `prompt` are passed through in `extras` either way.
+    fields (`prompt` included) are passed through in `extras` either way.
     """
     _check_prompt_options(max_prompt_length, truncation_mode)
     chat.check_template(tokenizer, chat_template)

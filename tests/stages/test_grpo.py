@@ -47,6 +47,27 @@ def test_format_reward_needs_the_stop_and_a_short_answer():
     assert rewards.format_reward(texts, extras) == [1.0, 0.0, 1.0, 0.0]
 
 
+def test_restate_reward_counts_the_restated_parts_of_the_question():
+    question = [{"role": "user", "content": "What is 7 - 3? Answer with a number only."}]
+    texts = [
+        "7 - 3 = 4.",
+        "7 - 3 = 5.",
+        "7 + 3 = 10.",
+        "3 - 7 = -4.",
+        "4 - 8 = -4.",
+        "4",
+        "7 - 3",
+        "-7 - -3 =",
+    ]
+    got = rewards.restate_reward(texts, [{"prompt": question}] * len(texts))
+    assert got == [1.0, 1.0, 2 / 3, 1 / 3, 1 / 3, 0.0, 0.0, 1 / 3]
+    # Plain-text prompts, negative operands, and prompts that are not arithmetic (0.0 whatever the completion).
+    plain = [{"prompt": "What is -2 * 5?"}, {"prompt": "What is the birth city of Ana Silva?"}]
+    assert rewards.restate_reward(["-2 * 5 = -10.", "1 + 1 = 2."], plain) == [1.0, 0.0]
+    with pytest.raises(KeyError, match="no 'prompt' column"):
+        rewards.restate_reward(["4"], [{"answer": "4"}])
+
+
 def test_overlong_penalty_is_dapos_soft_ramp():
     got = rewards.overlong_penalty(np.array([0, 12, 13, 14, 16, 20]), max_length=16, buffer=4, factor=0.5)
     np.testing.assert_allclose(got, [0, 0, -0.125, -0.25, -0.5, -0.5])
