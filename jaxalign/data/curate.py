@@ -488,17 +488,6 @@ def run(config: Config) -> None:
     if cfg.runner == "beam":  # the same stages as an Apache Beam pipeline (the `beam` extra)
         from jaxalign.data import curate_beam
 
-        local_only = {
-            "substring_dedup_tokens": cfg.substring_dedup_tokens,
-            "perplexity_model": cfg.perplexity_model,
-            "perplexity_reference": cfg.perplexity_reference,
-        }
-        for key, value in local_only.items():
-            if value:
-                raise ConfigError(
-                    f"curate.{key}={value!r} needs curate.runner='local': the Beam runner has the exact and near "
-                    "dedup, quality filter, decontamination and PII stages only"
-                )
         return curate_beam.run(config)
     work_dir, out_dir = storage.join(config.workdir, "curate_work"), storage.join(config.workdir, "curated")
     bench = decontam.load(
