@@ -6,8 +6,10 @@ Dataflow / Flink / Spark take their usual flags (see the README). Beam's DirectR
 it downloads from GitHub on first use (offline it falls back to the FnApiRunner after a few seconds);
 "--runner=FnApiRunner" runs the same in-process engine directly. Every record goes through
 `curate.process_record`, the local runner's per-record function (parse checks, exact hash, MinHash words, quality
-filters with C4 line drops, decontamination against `curate.decontam`'s benchmarks, PII), and MinHash signatures through `mh.signatures`; LSH keys
-(`mh.band_keys`), pair verification (`mh.verified`) and clustering (`mh.components`) are shared too.
+filters with C4 line drops, decontamination against `curate.decontam`'s benchmarks, PII), and MinHash signatures
+through `mh.signatures`; LSH keys (`mh.band_keys`), pair verification (`mh.verified`) and clustering
+(`mh.components`) are shared too, as are the perplexity scorer and bucketing (perplexity_filter.py) and the
+exact-substring span cutting (`substring_dedup.cut`).
 
 Pipeline (records are keyed by their global position pos = shard index << 32 | line number, so sorting positions
 is the local runner's input order: files in `sources.expand_glob` order, lines in file order):
@@ -25,15 +27,25 @@ is the local runner's input order: files in `sources.expand_glob` order, lines i
              one LSH bucket (`check_ids` and `exact_groups` stream their group twice instead of holding it).
   resolve    CoGroupByKey of exact duplicates with the near decision of their representative: copies of a record
              near dedup removed point at that record's representative (as the local runner does).
-  write      GroupByKey per file: its kept lines minus dropped records -> W/curated/<shard>.jsonl, its removed
-             entries -> a part of W/removed.jsonl, counts -> one combined summary.
+  write      per file (CoGroupByKey of its state, scores and substring flags): its kept lines minus dropped
+             records, spans cut -> W/curated/<shard>.jsonl, its removed entries -> a part of W/removed.jsonl,
+             counts -> one combined summary.
+  state      CoGroupByKey per file: its id-checked records, dedup decisions and kept lines (`shard_state`).
+  perplexity (curate.perplexity_*) each file's records dedup kept scored by a DoFn holding the LM (loaded once per
+             worker), one float per document gathered on one worker for the exact percentile cut points, which
+             reach the write step as a side input (curate_beam_stages.py; the driver first trains the reference LM
+             of `perplexity_reference`, as the local runner does).
+  substring  (curate.substring_dedup_tokens) the records the perplexity filter kept: every window's digest ->
+             GroupByKey -> occurrences after the first record flagged -> GroupByKey per record -> its file's write
+             step cuts the spans with substring_dedup.cut (curate_beam_stages.py: shuffle cost, collisions).
   hits       (with `curate.decontam`) each contaminated record joined (CoGroupByKey on its position) with its dedup
-             decision and the id check -> its final reason; the few of them are gathered for the driver, which
-             writes W/contamination.json with the local runner's code (`curate.write_contamination`).
+             decision, the write step's later decision (perplexity, substring) and the id check -> its final
+             reason; the few of them are gathered for the driver, which writes W/contamination.json with the local
+             runner's code (`curate.write_contamination`).
 The driver then concatenates the removed parts (W/curate_beam/<shard>.removed.jsonl, deleted after) in file order
-into W/removed.jsonl, reads the summaries (W/curate_beam/{counts,bad,fatal}.json) and writes W/curate_report.json
-(the local runner's counts, "runner": "beam"; timings are summed over workers). Outputs are byte-identical to the
-local runner's. Bad input: with data.on_error="error" the first bad record (in the local runner's order) is raised
+into W/removed.jsonl, reads the summaries (W/curate_beam/{counts,bad,fatal,perplexity}.json) and writes
+W/curate_report.json (the local runner's counts and stage sections, "runner": "beam"; timings are summed over
+workers). Outputs are byte-identical to the local runner's. Bad input: with data.on_error="error" the first bad record (in the local runner's order) is raised
 as the usual DataError and no curated file is written; with "skip" bad records are counted and listed.
 
 Unlike the local runner the Beam runner does not resume finished shards: a run recomputes everything (a Beam runner
@@ -411,7 +423,12 @@ def _build(beam, p, config: Config, shards: list, out_dir: str, part_dir: str, b
         cuts=cuts,
     )
     counts = (
-        (written["counts"], mapped["counts"], bad | "count bad" >> beam.Map(lambda b: {"bad": 1}), *extra_counts)
+        (
+            written["counts"],
+            mapped["counts"],
+            bad | "count bad" >> beam.Map(lambda b: {"bad": 1}),
+            *extra_counts,
+        )
         | "all counts" >> beam.Flatten()
         | "sum counts" >> beam.CombineGlobally(_sum_counts)
     )

@@ -112,9 +112,7 @@ def perplexity_reasons(scores: tuple | None, cuts: dict | None, cfg: CurateConfi
 
 
 # --- exact-substring dedup ---------------------------------------------------------------------------------------
-def shard_windows(
-    group: tuple[int, dict], cuts: dict | None, cfg: CurateConfig
-) -> Iterator[tuple[str, Any]]:
+def shard_windows(group: tuple[int, dict], cuts: dict | None, cfg: CurateConfig) -> Iterator[tuple[str, Any]]:
     """One shard's alive records the perplexity filter kept -> ("window", (digest, (pos, offset))) per window, and
     one ("counts", {...}) with the time spent."""
     index, joined = group
@@ -169,4 +167,6 @@ def cut_record(line: str, starts: np.ndarray | None, k: int, counts: dict) -> tu
 def substring_report(cfg: CurateConfig, counts: dict) -> dict:
     """The report's "substring_dedup" section from the summed counts."""
     section = {key: counts.get(f"substr:{key}", 0) for key in substr.SECTION_COUNTS}
-    return substr.report_section(cfg.substring_dedup_tokens, section, counts.get("seconds:substring_dedup", 0.0))
+    return substr.report_section(
+        cfg.substring_dedup_tokens, section, counts.get("seconds:substring_dedup", 0.0)
+    )

@@ -93,7 +93,9 @@ def run_both(pattern: str, tmp_path, beam_options: str = LOCAL, sections: dict |
 
 def test_beam_substring_dedup_matches_local(world_records, tmp_path):
     records = planted_repeats(world_records)
-    local = run_both(shards_of([json.dumps(r) for r in records], tmp_path), tmp_path, substring_dedup_tokens=50)
+    local = run_both(
+        shards_of([json.dumps(r) for r in records], tmp_path), tmp_path, substring_dedup_tokens=50
+    )
     section = local["substring_dedup"]
     # Not vacuous: the glued record is dropped, the quoting ones are cut (one next to multi-byte characters).
     assert local["removed_by_reason"]["substring_dup"] >= 1, local["removed_by_reason"]
