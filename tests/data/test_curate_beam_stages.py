@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 
 import pytest
 
@@ -72,6 +74,10 @@ def run_both(pattern: str, tmp_path, beam_options: str = LOCAL, sections: dict |
     sections = sections or {}
     reports = []
     for side, runner in (("local", {}), ("beam", {"runner": "beam", "beam_options": beam_options})):
+        if side == "beam" and overrides.get(
+            "perplexity_reference"
+        ):  # reused, not trained again: a few seconds
+            shutil.copytree(tmp_path / "local" / "curate_ref_lm", tmp_path / "beam" / "curate_ref_lm")
         config = make_config(pattern, tmp_path / side, **overrides, **sections.get("curate", {}), **runner)
         curate.run(config_lib.replace(config, **{k: v for k, v in sections.items() if k != "curate"}))
         reports.append(report(tmp_path / side))
@@ -86,7 +92,11 @@ def run_both(pattern: str, tmp_path, beam_options: str = LOCAL, sections: dict |
     for key in ("perplexity_filter", "substring_dedup", "decontamination"):
         assert (key in beam) == (key in local), key
         if key in local:
-            strip = lambda section: {k: v for k, v in section.items() if k not in TIMINGS}
+            strip = lambda section: {
+                k: v.replace("/beam/", "/local/") if k == "model" else v
+                for k, v in section.items()
+                if k not in TIMINGS
+            }
             assert strip(beam[key]) == strip(local[key]), key
     return local
 
@@ -160,3 +170,33 @@ def test_beam_runs_every_stage_together_as_the_local_runner(world_records, scori
     hit = {r["id"] for r in records if matcher.match(r["text"])}
     assert any(reasons.get(i, "").startswith("perplexity:") for i in hit), hit
     assert sum(local["pii_replacements"].values()) > 0
+
+
+def test_beam_trains_the_reference_lm_in_the_driver_as_the_local_runner(world_records, small_world, tmp_path):
+    """perplexity_reference: the local runner trains the reference LM (a few steps) into its workdir; the Beam
+    driver, given a copy of that run, resumes it (finished: no step) before the pipeline and its workers load the
+    checkpoint it names, deciding as the local runner."""
+    clean = [{"id": r["id"], "text": r["text"]} for r in world_records if r["kind"] == "clean"]
+    (tmp_path / "reference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clean[::2]))
+    sections = {
+        "model": {**TINY, "max_seq_len": 64},
+        "data": {"tokenizer": small_world["tokenizer"]},
+        "train": {"steps": 3, "batch_size": 8, "seq_len": 64, "eval_every": 0, "log_every": 1},
+        "checkpoint": {"every_steps": 3, "async_save": False},
+        "mesh": {"data": 1, "fsdp": -1, "tensor": 1, "stage": 1},
+    }
+    local = run_both(
+        shards_of([json.dumps(r) for r in clean[1::2]], tmp_path),
+        tmp_path,
+        sections=sections,
+        perplexity_reference=str(tmp_path / "reference.jsonl"),
+        perplexity_max_tokens=64,
+        perplexity_batch_size=8,
+    )
+    assert local["perplexity_filter"]["model"].startswith(f"ckpt:{tmp_path / 'local' / 'curate_ref_lm'}")
+    assert local["removed_by_reason"]["perplexity:tail"] > 0
+    steps = [
+        sorted(os.listdir(tmp_path / s / "curate_ref_lm" / "checkpoints" / "pretrain"))
+        for s in ("local", "beam")
+    ]
+    assert steps[0] == steps[1] and len(steps[0]) == 1, steps  # the Beam driver trained no further step
