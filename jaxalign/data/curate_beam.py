@@ -27,9 +27,6 @@ is the local runner's input order: files in `sources.expand_glob` order, lines i
              one LSH bucket (`check_ids` and `exact_groups` stream their group twice instead of holding it).
   resolve    CoGroupByKey of exact duplicates with the near decision of their representative: copies of a record
              near dedup removed point at that record's representative (as the local runner does).
-  write      per file (CoGroupByKey of its state, scores and substring flags): its kept lines minus dropped
-             records, spans cut -> W/curated/<shard>.jsonl, its removed entries -> a part of W/removed.jsonl,
-             counts -> one combined summary.
   state      CoGroupByKey per file: its id-checked records, dedup decisions and kept lines (`shard_state`).
   perplexity (curate.perplexity_*) each file's records dedup kept scored by a DoFn holding the LM (loaded once per
              worker), one float per document gathered on one worker for the exact percentile cut points, which
@@ -38,6 +35,9 @@ is the local runner's input order: files in `sources.expand_glob` order, lines i
   substring  (curate.substring_dedup_tokens) the records the perplexity filter kept: every window's digest ->
              GroupByKey -> occurrences after the first record flagged -> GroupByKey per record -> its file's write
              step cuts the spans with substring_dedup.cut (curate_beam_stages.py: shuffle cost, collisions).
+  write      per file (CoGroupByKey of its state, scores and substring flags): its kept lines minus dropped
+             records, spans cut -> W/curated/<shard>.jsonl, its removed entries -> a part of W/removed.jsonl,
+             counts -> one combined summary.
   hits       (with `curate.decontam`) each contaminated record joined (CoGroupByKey on its position) with its dedup
              decision, the write step's later decision (perplexity, substring) and the id check -> its final
              reason; the few of them are gathered for the driver, which writes W/contamination.json with the local
@@ -45,8 +45,9 @@ is the local runner's input order: files in `sources.expand_glob` order, lines i
 The driver then concatenates the removed parts (W/curate_beam/<shard>.removed.jsonl, deleted after) in file order
 into W/removed.jsonl, reads the summaries (W/curate_beam/{counts,bad,fatal,perplexity}.json) and writes
 W/curate_report.json (the local runner's counts and stage sections, "runner": "beam"; timings are summed over
-workers). Outputs are byte-identical to the local runner's. Bad input: with data.on_error="error" the first bad record (in the local runner's order) is raised
-as the usual DataError and no curated file is written; with "skip" bad records are counted and listed.
+workers). Outputs are byte-identical to the local runner's. Bad input: with data.on_error="error" the first bad
+record (in the local runner's order) is raised as the usual DataError and no curated file is written; with "skip"
+bad records are counted and listed.
 
 Unlike the local runner the Beam runner does not resume finished shards: a run recomputes everything (a Beam runner
 retries failed work itself). Workers need jaxalign installed (on Dataflow: --setup_file or --extra_package).
@@ -388,11 +389,11 @@ def _build(beam, p, config: Config, shards: list, out_dir: str, part_dir: str, b
         "dedup": decisions[0] | "decisions by shard" >> beam.Map(_decision_by_shard),
     }
     states = per_shard | "group shards" >> beam.CoGroupByKey() | "shard states" >> beam.Map(shard_state)
-    later, cuts, extra_counts = {"state": states}, None, []
+    per_file, cuts, extra_counts = {"state": states}, None, []
     if cfg.perplexity_model:  # the driver turned a perplexity_reference into the model it trained
-        later["scores"] = states | "score" >> beam.ParDo(stages.ScoreShard(config))
+        per_file["scores"] = states | "score" >> beam.ParDo(stages.ScoreShard(config))
         cut_points = (
-            later["scores"]
+            per_file["scores"]
             | "gather scores" >> beam.combiners.ToList()
             | "cut points" >> beam.Map(stages.cut_points, spec=cfg.perplexity_model, cfg=cfg)
         )
@@ -400,18 +401,18 @@ def _build(beam, p, config: Config, shards: list, out_dir: str, part_dir: str, b
     if cfg.substring_dedup_tokens:
         windows = _split(
             beam,
-            dict(later) | "group for windows" >> beam.CoGroupByKey(),
+            dict(per_file) | "group for windows" >> beam.CoGroupByKey(),
             "windows",
             stages.shard_windows,
             ("window", "counts"),
             cuts=cuts,
             cfg=cfg,
         )
-        later["flags"] = stages.substring_flags(beam, windows["window"])
+        per_file["flags"] = stages.substring_flags(beam, windows["window"])
         extra_counts.append(windows["counts"])
     written = _split(
         beam,
-        later | "join shards" >> beam.CoGroupByKey(),
+        per_file | "join shards" >> beam.CoGroupByKey(),
         "write",
         write_shard,
         ("counts", "later"),
