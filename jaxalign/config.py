@@ -281,11 +281,13 @@ class CurateConfig:
     fineweb_filters: bool = True
     pii: bool = True
     # Exact-substring dedup (Lee et al. 2021): cut spans of >= this many tokens (4 bytes each, substring_dedup.py)
-    # that occur in an earlier kept record from later ones; 0 = off. Lee et al. use 50.
+    # that occur in an earlier kept record from later ones; 0 = off. Lee et al. use 50. A suffix array in the
+    # parent (runner="local") or hashed windows grouped across workers (runner="beam"): the same result.
     substring_dedup_tokens: int = 0
     num_workers: int = 2
     # Where the stages run: "local" (num_workers processes, resumable per shard) or "beam" (an Apache Beam
-    # pipeline, jaxalign/data/curate_beam.py; needs the `beam` extra). beam_options: Beam pipeline flags
+    # pipeline of every stage, perplexity filter and substring dedup included, with byte-identical outputs,
+    # jaxalign/data/curate_beam.py and curate_beam_stages.py; needs the `beam` extra). beam_options: Beam pipeline flags
     # (e.g. "--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp"); "" = Beam's local runner.
     runner: Literal["local", "beam"] = "local"
     beam_options: str = ""
@@ -297,8 +299,8 @@ class CurateConfig:
     decontam_n: int = 13
     # User benchmarks: comma-separated name=glob of JSONL records (question/choices/answer, prompt or text).
     decontam_benchmarks: str = ""
-    # --- perplexity filter (jaxalign/data/perplexity_filter.py, CCNet-style, in the parent process after the
-    # filters): a jaxalign LM ("ckpt:PATH" or "hf:DIR", of architecture model.*) scores each kept document; ""
+    # --- perplexity filter (jaxalign/data/perplexity_filter.py, CCNet-style, after dedup and the filters; in the
+    # parent process, or on Beam workers with runner="beam"): a jaxalign LM ("ckpt:PATH" or "hf:DIR", of architecture model.*) scores each kept document; ""
     # with perplexity_reference="" is off.
     perplexity_model: str = ""
     # A glob of reference text: the pretrain job (model.*, train.*, optim.* of this config) first trains a small LM

@@ -33,8 +33,10 @@ Markers are written last, atomically (`storage.write_atomic`), and name the inpu
 and the output sizes; a re-run skips every shard whose marker still matches. Every step is a function of its shard
 and the global decision only, so 1 and N workers write byte-identical files.
 
-`curate.runner="beam"` runs stages 1-5, through the same per-record function (`process_record`), as an Apache
-Beam pipeline with byte-identical outputs (curate_beam.py; no per-shard resume there); it refuses the others.
+`curate.runner="beam"` runs every stage, through the same per-record function (`process_record`) and the same
+perplexity scorer and span-cutting code, as an Apache Beam pipeline with byte-identical outputs (curate_beam.py,
+curate_beam_stages.py; no per-shard resume there): exact-substring dedup by hashed windows instead of a suffix
+array, the perplexity cut points from one float per document gathered on one worker.
 
 Outputs: W/curated/*.jsonl (kept records, all fields, scrubbed text), W/removed.jsonl (one
 `{"id", "reason", "duplicate_of"?}` per removed record, input order), W/curate_report.json (counts per reason,
@@ -488,17 +490,6 @@ def run(config: Config) -> None:
     if cfg.runner == "beam":  # the same stages as an Apache Beam pipeline (the `beam` extra)
         from jaxalign.data import curate_beam
 
-        local_only = {
-            "substring_dedup_tokens": cfg.substring_dedup_tokens,
-            "perplexity_model": cfg.perplexity_model,
-            "perplexity_reference": cfg.perplexity_reference,
-        }
-        for key, value in local_only.items():
-            if value:
-                raise ConfigError(
-                    f"curate.{key}={value!r} needs curate.runner='local': the Beam runner has the exact and near "
-                    "dedup, quality filter, decontamination and PII stages only"
-                )
         return curate_beam.run(config)
     work_dir, out_dir = storage.join(config.workdir, "curate_work"), storage.join(config.workdir, "curated")
     bench = decontam.load(

@@ -6,8 +6,10 @@ Dataflow / Flink / Spark take their usual flags (see the README). Beam's DirectR
 it downloads from GitHub on first use (offline it falls back to the FnApiRunner after a few seconds);
 "--runner=FnApiRunner" runs the same in-process engine directly. Every record goes through
 `curate.process_record`, the local runner's per-record function (parse checks, exact hash, MinHash words, quality
-filters with C4 line drops, decontamination against `curate.decontam`'s benchmarks, PII), and MinHash signatures through `mh.signatures`; LSH keys
-(`mh.band_keys`), pair verification (`mh.verified`) and clustering (`mh.components`) are shared too.
+filters with C4 line drops, decontamination against `curate.decontam`'s benchmarks, PII), and MinHash signatures
+through `mh.signatures`; LSH keys (`mh.band_keys`), pair verification (`mh.verified`) and clustering
+(`mh.components`) are shared too, as are the perplexity scorer and bucketing (perplexity_filter.py) and the
+exact-substring span cutting (`substring_dedup.cut`).
 
 Pipeline (records are keyed by their global position pos = shard index << 32 | line number, so sorting positions
 is the local runner's input order: files in `sources.expand_glob` order, lines in file order):
@@ -25,16 +27,27 @@ is the local runner's input order: files in `sources.expand_glob` order, lines i
              one LSH bucket (`check_ids` and `exact_groups` stream their group twice instead of holding it).
   resolve    CoGroupByKey of exact duplicates with the near decision of their representative: copies of a record
              near dedup removed point at that record's representative (as the local runner does).
-  write      GroupByKey per file: its kept lines minus dropped records -> W/curated/<shard>.jsonl, its removed
-             entries -> a part of W/removed.jsonl, counts -> one combined summary.
+  state      CoGroupByKey per file: its id-checked records, dedup decisions and kept lines (`shard_state`).
+  perplexity (curate.perplexity_*) each file's records dedup kept scored by a DoFn holding the LM (loaded once per
+             worker), one float per document gathered on one worker for the exact percentile cut points, which
+             reach the write step as a side input (curate_beam_stages.py; the driver first trains the reference LM
+             of `perplexity_reference`, as the local runner does).
+  substring  (curate.substring_dedup_tokens) the records the perplexity filter kept: every window's digest ->
+             GroupByKey -> occurrences after the first record flagged -> GroupByKey per record -> its file's write
+             step cuts the spans with substring_dedup.cut (curate_beam_stages.py: shuffle cost, collisions).
+  write      per file (CoGroupByKey of its state, scores and substring flags): its kept lines minus dropped
+             records, spans cut -> W/curated/<shard>.jsonl, its removed entries -> a part of W/removed.jsonl,
+             counts -> one combined summary.
   hits       (with `curate.decontam`) each contaminated record joined (CoGroupByKey on its position) with its dedup
-             decision and the id check -> its final reason; the few of them are gathered for the driver, which
-             writes W/contamination.json with the local runner's code (`curate.write_contamination`).
+             decision, the write step's later decision (perplexity, substring) and the id check -> its final
+             reason; the few of them are gathered for the driver, which writes W/contamination.json with the local
+             runner's code (`curate.write_contamination`).
 The driver then concatenates the removed parts (W/curate_beam/<shard>.removed.jsonl, deleted after) in file order
-into W/removed.jsonl, reads the summaries (W/curate_beam/{counts,bad,fatal}.json) and writes W/curate_report.json
-(the local runner's counts, "runner": "beam"; timings are summed over workers). Outputs are byte-identical to the
-local runner's. Bad input: with data.on_error="error" the first bad record (in the local runner's order) is raised
-as the usual DataError and no curated file is written; with "skip" bad records are counted and listed.
+into W/removed.jsonl, reads the summaries (W/curate_beam/{counts,bad,fatal,perplexity}.json) and writes
+W/curate_report.json (the local runner's counts and stage sections, "runner": "beam"; timings are summed over
+workers). Outputs are byte-identical to the local runner's. Bad input: with data.on_error="error" the first bad
+record (in the local runner's order) is raised as the usual DataError and no curated file is written; with "skip"
+bad records are counted and listed.
 
 Unlike the local runner the Beam runner does not resume finished shards: a run recomputes everything (a Beam runner
 retries failed work itself). Workers need jaxalign installed (on Dataflow: --setup_file or --extra_package).
@@ -65,6 +78,7 @@ from jaxalign.config import Config, CurateConfig
 from jaxalign.data import curate, decontam, sources
 from jaxalign.data import curate_filters as filters
 from jaxalign.data import curate_minhash as mh
+from jaxalign.data import substring_dedup as substr
 from jaxalign.errors import ConfigError, DataError
 
 _INSTALL = "pip install 'jaxalign[beam]'"
@@ -228,34 +242,63 @@ def resolve(group: tuple[int, dict]) -> Iterator[tuple[int, tuple[str, str]]]:
 
 
 def hit_reason(group: tuple[int, dict]) -> Iterator[tuple]:
-    """A contaminated record with its final reason (a dedup decision wins over its filter reason, as in the local
-    runner) and whether the id check skipped it: (pos, id_json, benchmark indices, items, reason, skipped)."""
+    """A contaminated record with its final reason (a dedup decision wins over its filter reason, and a later
+    stage's reason applies to a record both kept, as in the local runner) and whether the id check skipped it:
+    (pos, id_json, benchmark indices, items, reason, skipped)."""
     pos, joined = group
-    dedup = list(joined["dedup"])
+    dedup, later = list(joined["dedup"]), list(joined.get("later", []))
     skipped = not list(joined["valid"])
     for id_json, benches, items, reason in joined["hit"]:
-        yield pos, id_json, benches, items, dedup[0][0] if dedup else reason, skipped
+        final = dedup[0][0] if dedup else later[0] if later else reason
+        yield pos, id_json, benches, items, final, skipped
+
+
+def shard_state(group: tuple[int, dict]) -> tuple[int, tuple[dict, dict, list]]:
+    """One file's join -> (shard, (valid: line -> (id_json, filter reason) of records the id check kept, dedup:
+    line -> (reason, duplicate_of id_json), lines: [(line, curated JSONL line, pii counts)] in line order))."""
+    index, joined = group
+    return index, (dict(joined["meta"]), dict(joined["dedup"]), sorted(joined["line"]))
 
 
 def write_shard(
-    group: tuple[int, dict], names: list[str], out_dir: str, part_dir: str, fatal: list
-) -> Iterator[dict[str, int]]:
-    """One file's curated records and removed entries (each in line order); yields its counts."""
+    group: tuple[int, dict],
+    names: list[str],
+    out_dir: str,
+    part_dir: str,
+    fatal: list,
+    cfg: CurateConfig,
+    cuts: dict | None = None,
+) -> Iterator[tuple[str, Any]]:
+    """One file's curated records and removed entries (each in line order) -> ("counts", its counts) and ("later",
+    (pos, reason)) per record the perplexity filter or substring dedup removed. The perplexity
+    filter's decisions (`cuts`: the global cut points) and exact-substring dedup's cuts (the flagged window starts
+    of each record) apply to the records dedup kept, in the local runner's order."""
+    from jaxalign.data import curate_beam_stages as stages  # imports Beam
+
     index, joined = group
     if fatal:  # the run fails with the first fatal bad record: write nothing
         return
     t = time.perf_counter()
-    valid = dict(joined["meta"])  # line -> (id_json, filter reason) of records the id check kept
-    dedup = dict(joined["dedup"])  # line -> (reason, duplicate_of id_json)
-    kept, pii = [], np.zeros(3, np.int64)
-    for line_no, line, n_pii in sorted(joined["line"]):
-        if line_no in valid and line_no not in dedup:
+    valid, dedup, _ = state = next(iter(joined["state"]))
+    later = stages.perplexity_reasons(next(iter(joined.get("scores", [])), None), cuts, cfg)
+    flags = dict(joined.get("flags", []))  # line -> flagged window starts (exact-substring dedup)
+    kept, pii, counts = [], np.zeros(3, np.int64), Counter()
+    k = substr.min_bytes(cfg.substring_dedup_tokens)
+    for line_no, line, n_pii in stages.alive_lines(state):
+        if line_no not in later and cfg.substring_dedup_tokens:
+            t_cut = time.perf_counter()
+            reason, line = stages.cut_record(line, flags.get(line_no), k, counts)
+            counts["seconds:substring_dedup"] += time.perf_counter() - t_cut
+            if reason:
+                later[line_no] = reason
+        if line_no not in later:
             kept.append(line)
             pii += n_pii
-    removed, counts = [], Counter(valid=len(valid), kept=len(kept))
+    removed = []
+    counts.update(valid=len(valid), kept=len(kept))
     for line_no in sorted(valid):
         id_json, reason = valid[line_no]
-        reason, duplicate_of = dedup.get(line_no, (reason, "null"))  # ids are never null
+        reason, duplicate_of = dedup.get(line_no, (later.get(line_no, reason), "null"))  # ids are never null
         if reason:
             removed.append(curate.removed_line(json.loads(id_json), reason, json.loads(duplicate_of)))
             counts[f"reason:{reason}"] += 1
@@ -263,7 +306,9 @@ def write_shard(
     storage.write_atomic(storage.join(part_dir, names[index] + ".removed.jsonl"), "".join(removed))
     counts.update({f"pii:{kind}": int(n) for kind, n in zip(filters.PII_KINDS, pii, strict=True)})
     counts.update({"seconds:write": time.perf_counter() - t, "docs:write": len(kept)})
-    yield dict(counts)
+    yield "counts", dict(counts)
+    for line_no, reason in later.items():  # for the decontamination summary: final reasons given after dedup
+        yield "later", (index << _LINE_BITS | line_no, reason)
 
 
 def _sum_counts(dicts) -> dict[str, float]:
@@ -294,6 +339,8 @@ def _split(beam, pcoll, name: str, fn, tags: tuple[str, ...], **kwargs) -> dict:
 
 
 def _build(beam, p, config: Config, shards: list, out_dir: str, part_dir: str, bench: Any) -> None:
+    from jaxalign.data import curate_beam_stages as stages  # imports Beam
+
     cfg, on_error = config.curate, config.data.on_error
     paths, names = [s.path for s in shards], [s.name for s in shards]
     tasks = p | "files" >> beam.Create(list(enumerate(paths))) | "spread" >> beam.Reshuffle()
@@ -341,20 +388,48 @@ def _build(beam, p, config: Config, shards: list, out_dir: str, part_dir: str, b
         "line": mapped["line"],
         "dedup": decisions[0] | "decisions by shard" >> beam.Map(_decision_by_shard),
     }
-    written = (
-        per_shard
-        | "group shards" >> beam.CoGroupByKey()
-        | "write"
-        >> beam.FlatMap(
-            write_shard,
-            names=names,
-            out_dir=out_dir,
-            part_dir=part_dir,
-            fatal=beam.pvalue.AsSingleton(fatal),
+    states = per_shard | "group shards" >> beam.CoGroupByKey() | "shard states" >> beam.Map(shard_state)
+    per_file, cuts, extra_counts = {"state": states}, None, []
+    if cfg.perplexity_model:  # the driver turned a perplexity_reference into the model it trained
+        per_file["scores"] = states | "score" >> beam.ParDo(stages.ScoreShard(config))
+        cut_points = (
+            per_file["scores"]
+            | "gather scores" >> beam.combiners.ToList()
+            | "cut points" >> beam.Map(stages.cut_points, spec=cfg.perplexity_model, cfg=cfg)
         )
+        cuts = beam.pvalue.AsSingleton(cut_points)
+    if cfg.substring_dedup_tokens:
+        windows = _split(
+            beam,
+            dict(per_file) | "group for windows" >> beam.CoGroupByKey(),
+            "windows",
+            stages.shard_windows,
+            ("window", "counts"),
+            cuts=cuts,
+            cfg=cfg,
+        )
+        per_file["flags"] = stages.substring_flags(beam, windows["window"])
+        extra_counts.append(windows["counts"])
+    written = _split(
+        beam,
+        per_file | "join shards" >> beam.CoGroupByKey(),
+        "write",
+        write_shard,
+        ("counts", "later"),
+        names=names,
+        out_dir=out_dir,
+        part_dir=part_dir,
+        fatal=beam.pvalue.AsSingleton(fatal),
+        cfg=cfg,
+        cuts=cuts,
     )
     counts = (
-        (written, mapped["counts"], bad | "count bad" >> beam.Map(lambda b: {"bad": 1}))
+        (
+            written["counts"],
+            mapped["counts"],
+            bad | "count bad" >> beam.Map(lambda b: {"bad": 1}),
+            *extra_counts,
+        )
         | "all counts" >> beam.Flatten()
         | "sum counts" >> beam.CombineGlobally(_sum_counts)
     )
@@ -363,12 +438,15 @@ def _build(beam, p, config: Config, shards: list, out_dir: str, part_dir: str, b
         "bad": bad | "first bad" >> beam.combiners.Top.Smallest(curate.MAX_BAD_LISTED),
         "fatal": fatal,
     }
+    if cuts is not None:
+        summaries["perplexity"] = cut_points | "perplexity section" >> beam.Map(lambda c: c["report"])
     if bench is not None:  # contaminated records only (few): their final reasons, gathered for the driver
         summaries["hits"] = (
             {
                 "hit": mapped["hit"],
                 "valid": valid | "valid positions" >> beam.Map(lambda m: (m[0], None)),
                 "dedup": decisions[0],
+                "later": written["later"],
             }
             | "join hits" >> beam.CoGroupByKey()
             | "hit reasons" >> beam.FlatMap(hit_reason)
@@ -398,8 +476,19 @@ def run(config: Config) -> None:
         pipeline = beam.Pipeline(options=options)
     except ValueError as e:  # e.g. an unknown --runner
         raise ConfigError(f"curate.beam_options={cfg.beam_options!r}: {e}".splitlines()[0]) from None
+    reference_seconds, workers_config = 0.0, config
+    if cfg.perplexity_reference:  # trained (or reused) before the pipeline, as the local runner does
+        from jaxalign import config as config_lib
+        from jaxalign.data import perplexity_filter  # JAX, in the driver
+
+        t = time.perf_counter()
+        spec = perplexity_filter.reference_lm(config)
+        reference_seconds = time.perf_counter() - t
+        workers_config = config_lib.replace(
+            config, curate={"perplexity_model": spec, "perplexity_reference": ""}
+        )
     with pipeline as p:
-        _build(beam, p, config, shards, out_dir, part_dir, bench)
+        _build(beam, p, workers_config, shards, out_dir, part_dir, bench)
     fatal = json.loads(storage.read_text(storage.join(part_dir, "fatal.json")))
     if fatal:
         raise DataError(fatal[0][1])
@@ -438,4 +527,15 @@ def run(config: Config) -> None:
         skipped=[h[5] for h in hits],
     )
     extra = curate.write_contamination(config, bench, decision)
+    if workers_config.curate.perplexity_model:
+        section = json.loads(storage.read_text(storage.join(part_dir, "perplexity.json")))
+        section["setup_seconds"] = round(section["setup_seconds"] + reference_seconds, 3)
+        stats.seconds["perplexity"] += section["seconds"]
+        stats.docs["perplexity"] += section["documents"]
+        extra["perplexity_filter"] = section
+    if cfg.substring_dedup_tokens:
+        from jaxalign.data import curate_beam_stages as stages
+
+        extra["substring_dedup"] = stages.substring_report(cfg, counts)
+        stats.docs["substring_dedup"] += extra["substring_dedup"]["docs_in"]
     curate.write_report(config, "beam", shard_counts, totals, reasons, pii, stats, start, bad, extra)

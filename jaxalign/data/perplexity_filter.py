@@ -105,6 +105,14 @@ class Scorer:
             nll_N[idx] = sums_B[: len(idx)] / count_N[idx]
         return nll_N, count_N
 
+    def perplexities(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(perplexity exp(mean NLL) [N] float64, scored tokens [N] int64) of one shard's documents, in order.
+
+        Both runners call this on the same documents (a shard's, in line order), so they form the same batches and
+        get the same bits: see curate_beam_stages.py."""
+        nll_N, count_N = self.score(texts)
+        return np.exp(nll_N), count_N
+
 
 def reference_lm(config: Config) -> str:
     """Trains (or resumes, or reuses) the reference LM on `curate.perplexity_reference`; returns its `ckpt:` path."""
@@ -151,8 +159,52 @@ def buckets_of(ppl_N: np.ndarray, cuts: Sequence[float]) -> tuple[np.ndarray, np
     tail at or above the second's, middle between."""
     finite = ppl_N[np.isfinite(ppl_N)]
     values = np.percentile(finite, list(cuts)) if len(finite) else np.array([np.inf, np.inf])
-    index = np.searchsorted(values, ppl_N, side="right")
-    return np.array(BUCKETS, dtype=object)[index], values
+    return bucket_names(ppl_N, values), values
+
+
+def bucket_names(ppl_N: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The bucket of each perplexity [N] given the cut points `values` [2] (exact: one comparison per document, so
+    a document on a cut point lands the same way wherever it is bucketed)."""
+    return np.array(BUCKETS, dtype=object)[np.searchsorted(values, ppl_N, side="right")]
+
+
+def parse_cuts(cfg: Any) -> tuple[list[float], set[str]]:
+    """(`curate.perplexity_cuts` as floats, the set of `curate.perplexity_keep` bucket names)."""
+    return [float(x) for x in cfg.perplexity_cuts.split(",")], {
+        x.strip() for x in cfg.perplexity_keep.split(",")
+    }
+
+
+def summarise(
+    spec: str,
+    ppl_N: np.ndarray,
+    tokens_N: np.ndarray,
+    cfg: Any,
+    seconds: float,
+    setup_seconds: float,
+    widths: Sequence[int],
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(bucket per document [N], cut points [2], the report section) from every kept document's perplexity (any
+    order: percentiles and counts do not depend on it). seconds: scoring; setup_seconds: loading (and training)."""
+    cuts, keep = parse_cuts(cfg)
+    bucket_N, values = buckets_of(ppl_N, cuts)
+    finite = np.isfinite(ppl_N)
+    report = {
+        "model": spec,
+        "documents": len(ppl_N),
+        "tokens": int(tokens_N.sum()),
+        "docs_per_s": round(len(ppl_N) / max(seconds, 1e-9), 1),
+        "seconds": round(seconds, 3),
+        "setup_seconds": round(setup_seconds, 3),  # the reference LM's training included
+        "compiled_lengths": sorted(set(widths)),
+        "percentiles": cuts,
+        "cut_points": [float(v) for v in values],
+        "median_perplexity": float(np.median(ppl_N[finite])) if finite.any() else None,
+        "buckets": {b: int((bucket_N == b).sum()) for b in BUCKETS},
+        "kept_buckets": [b for b in BUCKETS if b in keep],
+        "removed": int(sum((bucket_N == b).sum() for b in BUCKETS if b not in keep)),
+    }
+    return bucket_N, values, report
 
 
 def run(config: Config, docs: Sequence[tuple[str, np.ndarray]], stats: Any) -> tuple[list[np.ndarray], dict]:
@@ -163,43 +215,25 @@ def run(config: Config, docs: Sequence[tuple[str, np.ndarray]], stats: Any) -> t
     model, tokenizer, rules, spec = load_model(config)
     scorer = Scorer(model, tokenizer, rules, cfg.perplexity_batch_size, cfg.perplexity_max_tokens)
     load_seconds = time.perf_counter() - start
-    nll, tokens, owners = [], [], []
+    ppl, tokens, owners = [], [], []
     t = time.perf_counter()
     for s, (path, dropped) in enumerate(docs):
         lines = storage.read_text(path).split("\n")  # not splitlines(): JSON text may hold U+2028 unescaped
         alive = np.flatnonzero(~dropped)
-        nll_M, count_M = scorer.score([json.loads(lines[j])["text"] for j in alive])
-        nll.append(nll_M)
+        ppl_M, count_M = scorer.perplexities([json.loads(lines[j])["text"] for j in alive])
+        ppl.append(ppl_M)
         tokens.append(count_M)
         owners += [(s, int(j)) for j in alive]
-    nll_N = np.concatenate(nll) if nll else np.zeros(0)
+    ppl_N = np.concatenate(ppl) if ppl else np.zeros(0)
     tokens_N = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
     seconds = time.perf_counter() - t
     stats.seconds["perplexity"] += seconds
-    stats.docs["perplexity"] += len(nll_N)
+    stats.docs["perplexity"] += len(ppl_N)
 
-    ppl_N = np.exp(nll_N)
-    cuts = [float(x) for x in cfg.perplexity_cuts.split(",")]
-    bucket_N, values = buckets_of(ppl_N, cuts)
-    keep = {x.strip() for x in cfg.perplexity_keep.split(",")}
+    bucket_N, _, report = summarise(spec, ppl_N, tokens_N, cfg, seconds, load_seconds, scorer.widths)
+    keep = set(report["kept_buckets"])
     out = [np.full(len(dropped), "", dtype=object) for _, dropped in docs]
     for (s, j), bucket in zip(owners, bucket_N, strict=True):
         if bucket not in keep:
             out[s][j] = bucket
-    finite = np.isfinite(nll_N)
-    report = {
-        "model": spec,
-        "documents": len(nll_N),
-        "tokens": int(tokens_N.sum()),
-        "docs_per_s": round(len(nll_N) / max(seconds, 1e-9), 1),
-        "seconds": round(seconds, 3),
-        "setup_seconds": round(load_seconds, 3),  # the reference LM's training included
-        "compiled_lengths": sorted(scorer.widths),
-        "percentiles": cuts,
-        "cut_points": [float(v) for v in values],
-        "median_perplexity": float(np.median(ppl_N[finite])) if finite.any() else None,
-        "buckets": {b: int((bucket_N == b).sum()) for b in BUCKETS},
-        "kept_buckets": [b for b in BUCKETS if b in keep],
-        "removed": int(sum((bucket_N == b).sum() for b in BUCKETS if b not in keep)),
-    }
     return out, report

@@ -31,8 +31,11 @@ Shapes: n stream bytes, D documents, F flagged window starts, R removed spans.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pydivsufsort
@@ -124,28 +127,94 @@ def dedup(texts: list[bytes], tokens: int) -> Result:
     """Exact-substring dedup of documents `texts` (UTF-8, global input order) at spans of >= min_bytes(tokens)."""
     k = min_bytes(tokens)
     stream, start_D = join(texts)
-    start_R, end_R = _merge(flagged_starts(stream, start_D, k), k)
+    starts_F = flagged_starts(stream, start_D, k)
+    doc_F = np.searchsorted(start_D, starts_F, side="right") - 1
+    spans: list[list[tuple[int, int]]] = [[] for _ in texts]
+    dropped = np.zeros(len(texts), bool)
+    removed = 0
+    bounds = np.flatnonzero(np.r_[True, doc_F[1:] != doc_F[:-1], True]) if len(doc_F) else []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=False):  # each document's flagged starts
+        d = int(doc_F[a])
+        spans[d], dropped[d], n = cut(texts[d], starts_F[a:b] - start_D[d], k)
+        removed += n
+    return Result(spans, dropped, int(sum(map(len, texts))), removed)
+
+
+def cut(text: bytes, starts_F: np.ndarray, k: int) -> tuple[list[tuple[int, int]], bool, int]:
+    """One document's decision from its flagged window starts (sorted byte offsets into `text`, each window
+    [p, p + k) inside it): (spans to remove, whether the document is dropped, bytes removed). Both runners' exact-
+    substring stages (the suffix array here, the hashed windows of curate_beam_stages.py) end in this function."""
+    stream = np.frombuffer(text + bytes([SEPARATOR]), np.uint8)  # the separator: a boundary, as in the stream
+    start_R, end_R = _merge(np.asarray(starts_F, np.int64), k)
     # Shrink each span to whole characters: start forward to a character start, end back to one (the end is the
     # first kept byte; a separator or a character start is a boundary).
     start_R = _snap(stream, start_R, end_R, +1)
     end_R = _snap(stream, end_R, start_R, -1)
     keep = end_R > start_R
-    start_R, end_R = start_R[keep], end_R[keep]
-    doc_R = np.searchsorted(start_D, start_R, side="right") - 1
-    spans: list[list[tuple[int, int]]] = [[] for _ in texts]
-    local_start_R, local_end_R = start_R - start_D[doc_R], end_R - start_D[doc_R]
-    for d, s, e in zip(doc_R.tolist(), local_start_R.tolist(), local_end_R.tolist(), strict=True):
-        spans[d].append((s, e))
-    dropped = np.zeros(len(texts), bool)
-    removed = 0
-    for d in np.unique(doc_R).tolist():
-        rest = remove(texts[d], spans[d])
-        if len(rest.translate(None, b" \t\n\r\x0b\x0c")) < k:
-            dropped[d] = True
-            removed += len(texts[d])
-        else:
-            removed += len(texts[d]) - len(rest)
-    return Result(spans, dropped, int(sum(map(len, texts))), removed)
+    spans = list(zip(start_R[keep].tolist(), end_R[keep].tolist(), strict=True))
+    if not spans:
+        return [], False, 0
+    rest = remove(text, spans)
+    if len(rest.translate(None, b" \t\n\r\x0b\x0c")) < k:
+        return spans, True, len(text)
+    return spans, False, len(text) - len(rest)
+
+
+def window_keys(text: bytes, k: int) -> Iterator[bytes]:
+    """The 16-byte blake2b digest of each window text[p : p + k] that lies inside the document, p = 0, 1, ...
+    (the Beam runner's shuffle key: see curate_beam_stages.py for the collision argument)."""
+    view = memoryview(text)
+    for p in range(len(text) - k + 1):
+        yield hashlib.blake2b(view[p : p + k], digest_size=16).digest()
+
+
+def flag_group(occurrences: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """The occurrences (document position, byte offset) of one window that lie in a document after the first
+    document holding it (repeats inside that first document stay, as in `flagged_starts`). `occurrences` is read
+    twice (a re-iterable Beam group), never held."""
+    first = min(d for d, _ in occurrences)
+    for d, p in occurrences:
+        if d > first:
+            yield d, p
+
+
+def hashed_flags(texts: list[bytes], k: int) -> list[np.ndarray]:
+    """Per document, the sorted flagged window starts found by hashing windows (`window_keys` -> group by digest ->
+    `flag_group`), a dict standing in for Beam's GroupByKey: the Beam stage's steps composed in one process."""
+    groups: dict[bytes, list[tuple[int, int]]] = defaultdict(list)
+    for d, text in enumerate(texts):
+        for p, key in enumerate(window_keys(text, k)):
+            groups[key].append((d, p))
+    flags: list[list[int]] = [[] for _ in texts]
+    for occurrences in groups.values():
+        for d, p in flag_group(occurrences):
+            flags[d].append(p)
+    return [np.sort(np.array(f, np.int64)) for f in flags]
+
+
+def hashed_dedup(texts: list[bytes], tokens: int) -> Result:
+    """`dedup` by hashed windows instead of the suffix array (`hashed_flags`, then the same `cut`)."""
+    k = min_bytes(tokens)
+    decisions = [
+        cut(t, f, k) if len(f) else ([], False, 0) for t, f in zip(texts, hashed_flags(texts, k), strict=True)
+    ]
+    spans = [s for s, _, _ in decisions]
+    dropped = np.array([d for _, d, _ in decisions], bool)
+    return Result(spans, dropped, int(sum(map(len, texts))), sum(n for _, _, n in decisions))
+
+
+def report_section(tokens: int, counts: dict[str, int], seconds: float) -> dict:
+    """curate_report.json's "substring_dedup" section (both runners). counts: docs_in, docs_edited, docs_dropped,
+    spans_removed (in kept records), bytes_in, bytes_removed (a dropped record counts whole)."""
+    return {
+        "min_bytes": min_bytes(tokens),
+        **{key: int(counts.get(key, 0)) for key in SECTION_COUNTS},
+        "fraction_removed": round(counts.get("bytes_removed", 0) / max(counts.get("bytes_in", 0), 1), 6),
+        "seconds": round(seconds, 3),
+    }
+
+
+SECTION_COUNTS = ("docs_in", "docs_edited", "docs_dropped", "spans_removed", "bytes_in", "bytes_removed")
 
 
 def remove(text: bytes, spans: list[tuple[int, int]] | tuple) -> bytes:
@@ -198,15 +267,13 @@ def curate_stage(
         elif spans:
             edits[s].append((k, tuple(spans)))
     kept_spans = [len(sp) for sp, dropped in zip(result.spans, result.dropped, strict=True) if not dropped]
-    report = {
-        "min_bytes": min_bytes(cfg.substring_dedup_tokens),
+    counts = {
         "docs_in": len(texts),
         "docs_edited": sum(1 for n in kept_spans if n),
         "docs_dropped": int(result.dropped.sum()),
-        "spans_removed": sum(kept_spans),  # in kept records; a dropped record counts whole in bytes_removed
+        "spans_removed": sum(kept_spans),
         "bytes_in": result.bytes_in,
         "bytes_removed": result.bytes_removed,
-        "fraction_removed": round(result.bytes_removed / max(result.bytes_in, 1), 6),
-        "seconds": round(time.perf_counter() - t, 3),  # reading the texts included
     }
+    report = report_section(cfg.substring_dedup_tokens, counts, time.perf_counter() - t)  # reading included
     return [tuple(e) for e in edits], report

@@ -140,3 +140,24 @@ def test_curate_substring_dedup_is_identical_for_1_and_2_workers_and_resumes(tmp
     assert report["shards"]["written"] == 0
     with open(tmp_path / "one" / "curate_report.json") as f:
         assert json.load(f)["substring_dedup"]["docs_dropped"] == 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("tokens", [1, 2, 5])
+@pytest.mark.parametrize("multibyte", [False, True], ids=["ascii", "utf8"])
+def test_hashed_windows_flag_what_the_suffix_array_flags(seed, tokens, multibyte):
+    """The Beam stage's steps (window digests -> group -> flag occurrences after the first document -> `cut`) give
+    the suffix array's flagged starts, spans, drops and byte counts (multi-byte characters: spans get snapped)."""
+    texts = random_corpus(seed, 40)
+    if multibyte:
+        texts = [t.decode().replace("b", "é").replace(" ", "€").encode() for t in texts]
+    k = substr.min_bytes(tokens)
+    stream, start_D = substr.join(texts)
+    expected = substr.flagged_starts(stream, start_D, k)
+    hashed = substr.hashed_flags(texts, k)
+    assert np.array_equal(np.sort(np.concatenate([f + start_D[d] for d, f in enumerate(hashed)])), expected)
+    assert len(expected) > 0  # not vacuous: the corpus repeats windows of every tested length
+    a, b = substr.dedup(texts, tokens), substr.hashed_dedup(texts, tokens)
+    assert b.spans == a.spans and b.dropped.tolist() == a.dropped.tolist()
+    assert (b.bytes_in, b.bytes_removed) == (a.bytes_in, a.bytes_removed)
+    assert a.dropped.any() or tokens > 1
