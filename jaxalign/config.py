@@ -456,7 +456,7 @@ class GrpoConfig:
     importance_sampling_level: Literal["token", "sequence"] = "token"
     # Advantage scale: per-group std ("group"), std over the whole batch ("batch"), or none (Dr. GRPO).
     scale_rewards: Literal["group", "batch", "none"] = "group"
-    # Reward functions (jaxalign.rl.rewards: "answer", "format", "reward_model") and their weights (() = all 1).
+    # Reward functions (jaxalign.rl.rewards: "answer", "format", "restate", "reward_model") and their weights (() = all 1).
     reward_funcs: tuple[str, ...] = ("answer", "format")
     reward_weights: tuple[float, ...] = ()
     # The trained reward model for the "reward_model" reward function: a `checkpoints/reward` directory.
