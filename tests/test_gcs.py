@@ -8,6 +8,7 @@ tests/test_storage.py covers the rest on an in-process stand-in; it cannot reach
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 
@@ -17,7 +18,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxalign import main, storage
-from jaxalign.train import metrics
+from jaxalign.stages import common
+from jaxalign.train import checkpoint, metrics
 from tests import gcs_emulator
 from tests.test_storage import ROOT, crash_at_step, local_url_dirs, tiny_pretrain, train_lines
 
@@ -101,3 +103,23 @@ def test_pretrain_with_checkpoints_on_gcs_resumes_bitwise(bucket, capsys):
     assert any(o.startswith("b/metrics/pretrain-") for o in objects)
     assert any(o.startswith("b/tb/pretrain/events.out.tfevents") for o in objects)
 
+    # `model.init_from="ckpt:gs://..."` reads through the same clients: the latest committed step is found by its
+    # marker object, the source run's tokenizer next to it, and a partial restore of the params equals the full one.
+    step_dir = checkpoint.find_step_dir(f"{root}/a/ckpt/pretrain")
+    assert step_dir == f"{root}/a/ckpt/pretrain/8"
+    init = tiny_pretrain(f"{root}/c", f"{root}/c/ckpt")
+    init = dataclasses.replace(init, model=dataclasses.replace(init.model, init_from=f"ckpt:{step_dir}"))
+    assert common.tokenizer_path(init) == f"{root}/a/tokenizer.model"
+    assert checkpoint.saved_config(step_dir)["workdir"] == f"{root}/a"
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+        checkpoint.saved_params_metadata(step_dir),
+    )
+    restored = checkpoint.restore_params(step_dir, target)
+    partial = [
+        (jax.tree_util.keystr(path), np.asarray(x).tobytes())
+        for path, x in jax.tree_util.tree_leaves_with_path({"params": restored})
+    ]
+    full = [(k, v) for k, v in state_bytes(step_dir) if k.startswith("['params']")]
+    assert partial == full and len(full) > 3
