@@ -7,8 +7,8 @@ without credentials:
                               and Orbax's metadata files) sends its JSON-API requests there (`gcsfs.core._location`)
     TENSORSTORE_GCS_HTTP_URL  TensorStore's `gcs` kvstore driver (Orbax's arrays, OCDBT) sends its requests there;
                               read when a context first creates its GCS resource, so setting it before the first
-                              `gs://` checkpoint is enough; with no credentials file and no metadata server it sends
-                              them unauthenticated, which the emulator accepts
+                              `gs://` checkpoint is enough; without a credentials file or a metadata server it logs
+                              that it found none and sends them unauthenticated (the emulator checks no token)
     NO_GCE_CHECK=true         gcsfs skips asking the GCE metadata server for a token (then anonymous)
 
 The wrapper's own `FakeGCSServer.start()` pipes the server's stderr and never reads it
