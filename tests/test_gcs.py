@@ -1,7 +1,8 @@
 """A whole run against a real GCS endpoint: fake-gcs-server on localhost (tests/gcs_emulator.py), reached by the same
 clients as on Google Cloud (gcsfs through etils.epath, google-cloud-storage, TensorStore's `gcs` driver), so the
 workdir AND Orbax's checkpoints (arrays through TensorStore + OCDBT, metadata through epath, the commit marker
-`commit_success.txt` since GCS has no atomic rename) live under `gs://bucket/...` with nothing on local disk.
+`commit_success.txt` since GCS has no atomic rename) live under `gs://bucket/...` with nothing on local disk; then a
+`ckpt:gs://` init's reads and an `hf:` export / import through the same endpoint.
 
 tests/test_storage.py covers the rest on an in-process stand-in; it cannot reach Orbax, which talks HTTP to GCS.
 """
@@ -123,3 +124,28 @@ def test_pretrain_with_checkpoints_on_gcs_resumes_bitwise(bucket, capsys):
     ]
     full = [(k, v) for k, v in state_bytes(step_dir) if k.startswith("['params']")]
     assert partial == full and len(full) > 3
+
+
+def test_hf_export_import_through_gcs(bucket, tmp_path_factory):
+    """`hf.save` / `hf.load` on gs:// through gcsfs: the same bytes as safetensors' own writer on local disk, and
+    the same parameters back."""
+    from flax import nnx
+
+    from jaxalign.models import hf
+    from tests.helpers import random_model
+
+    model = nnx.merge(*random_model(seed=3))
+    url, local = f"gs://{bucket.name}/hf", tmp_path_factory.mktemp("hf_local")
+    hf.save(model, url, max_shard_bytes=40_000)  # several shards and an index
+    hf.save(model, str(local), max_shard_bytes=40_000)
+    names = sorted(p.name for p in storage.path(url).iterdir())
+    assert names == sorted(os.listdir(local)) and hf.INDEX_FILE in names and len(names) > 3
+    for name in names:
+        assert bucket.blob(f"hf/{name}").download_as_bytes() == (local / name).read_bytes(), name
+
+    loaded = hf.load(url)
+    want = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    got = dict(nnx.to_flat_state(nnx.state(loaded, nnx.Param)))
+    assert want.keys() == got.keys()
+    for key in want:
+        np.testing.assert_array_equal(np.asarray(got[key].get_value()), np.asarray(want[key].get_value()))
