@@ -8,6 +8,7 @@ called by `step.py::_glob_step_paths` when the CheckpointManager lists steps) an
 native `gcs` kvstore driver (`_src/serialization/tensorstore_utils.py::build_kvstore_tspec`: `gs://` -> `gcs`, else
 an absolute path for the `file` driver). Neither goes through fsspec, so no stand-in can catch them: checkpoints go to
 a local `checkpoint.directory` here, while the workdir (config, world, tokenizer, metrics, TensorBoard) is `gs://`.
+tests/test_gcs.py puts the checkpoints on `gs://` too, against a GCS emulator those clients do reach.
 """
 
 import importlib.util

@@ -130,9 +130,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         step = self.manager.latest_step()
         if step is None:
-            leftovers = [
-                p.name for p in storage.path(self.directory).iterdir() if ".orbax-checkpoint-tmp" in p.name
-            ]
+            root = storage.path(self.directory)
+            # On an object store the directory exists only once an object is under it (Orbax's `create` makes none).
+            names = [p.name for p in root.iterdir()] if root.exists() else []
+            leftovers = [n for n in names if ".orbax-checkpoint-tmp" in n]
             if leftovers:
                 print(
                     f"checkpoint: {self.directory} holds only uncommitted temporary checkpoints {sorted(leftovers)}; "
