@@ -103,6 +103,7 @@ def lm_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     shards: int = 0,
+    shard_by: str = "record",
 ) -> Loader:
     """Tokenized, packed LM batches of this process's share of `global_batch_size` rows of `seq_len` tokens.
 
@@ -126,6 +127,7 @@ def lm_loader(
         process_index=process_index,
         process_count=process_count,
         shards=shards,
+        shard_by=shard_by,
     )
 
 
@@ -215,6 +217,7 @@ def sft_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     shards: int = 0,
+    shard_by: str = "record",
     replay: tuple[str, float] | None = None,
     text_field: str = "text",
 ) -> Loader:
@@ -252,6 +255,7 @@ def sft_loader(
         process_index=process_index,
         process_count=process_count,
         shards=shards,
+        shard_by=shard_by,
     )
 
 
@@ -405,6 +409,7 @@ def preference_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     shards: int = 0,
+    shard_by: str = "record",
     margin_field: str = "",
     reference: Any = None,
 ) -> Loader:
@@ -450,6 +455,7 @@ def preference_loader(
         process_index=process_index,
         process_count=process_count,
         shards=shards,
+        shard_by=shard_by,
     )
 
 
@@ -586,6 +592,7 @@ def kto_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     shards: int = 0,
+    shard_by: str = "record",
 ) -> Loader:
     """KTO batches (`_KtoBatch`): unpaired examples, one per row, with their mismatched KL rows. Paired records are
     unpaired (module doc of `_KtoEncode`)."""
@@ -614,6 +621,7 @@ def kto_loader(
         process_index=process_index,
         process_count=process_count,
         shards=shards,
+        shard_by=shard_by,
     )
 
 
@@ -687,6 +695,7 @@ def rl_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     shards: int = 0,
+    shard_by: str = "record",
 ) -> Loader:
     """RL prompt batches (`prompt_ids`, `prompt_mask`, `prompt_positions`, `extras`; module doc).
 
@@ -713,4 +722,5 @@ def rl_loader(
         process_index=process_index,
         process_count=process_count,
         shards=shards,
+        shard_by=shard_by,
     )
