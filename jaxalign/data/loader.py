@@ -357,11 +357,19 @@ class _FileShards:
     """A source glob under `shard_by="file"`: its files and their split into shards (sizes only, nothing opened)."""
 
     def __init__(self, pattern: str, shards: int):
+        self.pattern = pattern
         self.files = expand_glob(pattern)
         self.spans = file_shards.plan(self.files, shards, repr(pattern))
 
     def open(self, shard: int, on_error: str) -> grain.MapDataset:
-        return grain.MapDataset.source(_Guarded(file_shards.open_spans(self.spans[shard], on_error)))
+        source = file_shards.open_spans(self.spans[shard], on_error)
+        if not len(source):  # bytes but no line start in them (inside one long line) or only blank lines
+            where = ", ".join(f"{s.file} bytes [{s.start}, {s.end})" for s in self.spans[shard])
+            raise DataError(
+                f"data.shard_by='file': shard {shard} of data.shards={len(self.spans)} of {self.pattern!r} holds "
+                f"no record ({where}); use fewer shards or data.shard_by='record'"
+            )
+        return grain.MapDataset.source(_Guarded(source))
 
 
 def _shard(

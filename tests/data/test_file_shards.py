@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from jaxalign import config as config_lib
 from jaxalign import storage
 from jaxalign.data import file_shards, pipelines, sources, synthetic
 from jaxalign.data.tokenizer import train_sentencepiece
@@ -30,7 +31,7 @@ def tok(world, tmp_path_factory):
 
 def _corpus(tmp_path, with_gzip: bool) -> list[str]:
     """Plain JSONL files of uneven line lengths, with blank lines, CRLF endings and a last line without a newline,
-    and optionally a .gz file (a whole unit)."""
+    and optionally a .gz and a Parquet file (whole units; the Parquet file of another format, between them)."""
     rng = np.random.default_rng(0)
     paths = []
     for k, n in enumerate([37, 3, 61]):
@@ -47,6 +48,10 @@ def _corpus(tmp_path, with_gzip: bool) -> list[str]:
         paths.append(str(tmp_path / "part3.jsonl.gz"))
         with gzip.open(paths[-1], "wt") as f:
             f.writelines(json.dumps({"id": f"3-{i}", "text": "y" * 50}) + "\n" for i in range(40))
+        pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+        paths.insert(2, str(tmp_path / "part1b.parquet"))
+        table = pa.table({"id": [f"p-{i}" for i in range(30)], "text": ["w" * i for i in range(30)]})
+        pq.write_table(table, paths[2], row_group_size=7)
     return paths
 
 
@@ -233,3 +238,31 @@ def test_finite_epochs_and_empty_shards_are_refused(world, tok, tmp_path):
         )
     with pytest.raises(ConfigError, match=r"^data.shard_by='bytes' is not one of \['record', 'file'\]"):
         LOADERS["rl"](world, tok, global_batch_size=2, seed=0, shard_by="bytes")
+    with pytest.raises(ConfigError, match=r"^data.shard_by='bytes' is not one of \['record', 'file'\]"):
+        config_lib.from_config_dict({"data": {"shard_by": "bytes"}})
+    # Bytes but no line starting in them: the second half of one long line.
+    (tmp_path / "long.jsonl").write_text(json.dumps({"text": "a " * 500}) + "\n")
+    with pytest.raises(
+        DataError, match=r"shard 1 of data.shards=2 of .* holds no record \(.*long.jsonl bytes \["
+    ):
+        pipelines.lm_loader(
+            str(tmp_path / "long.jsonl"),
+            tok,
+            seq_len=64,
+            global_batch_size=2,
+            seed=0,
+            shards=2,
+            shard_by="file",
+        )
+
+
+def test_worker_processes_yield_the_same_batches(world, tok):
+    # The byte ranges travel to the workers with the (pickled) source.
+    kw = dict(seq_len=SEQ, global_batch_size=4, seed=3, shards=2, shard_by="file")
+    expected = pipelines.sft_loader(world["sft_train"], tok, **kw)
+    parallel = pipelines.sft_loader(world["sft_train"], tok, num_workers=2, **kw)
+    try:
+        for _ in range(4):
+            _same(next(expected), next(parallel))
+    finally:
+        parallel.close()
