@@ -19,9 +19,9 @@ Measured on the 2-core CPU (peak RSS above the interpreter's; worker state is th
   1 GB, 951k      jsonl.gz                                   59.0 MB, 25.0 s, 21.8 MB state
 The rest is the index itself, 24 bytes per record (start, end, line number).
 
-`--processes=P` adds `data.shard_by="file"` rows: what one process of P opens when the plain file is split into P
-byte ranges (`jaxalign.data.file_shards`, shard 0's span) next to P=1 (the whole file as one span), so the
-per-process index time, peak RSS and worker state are about 1/P of the whole corpus's. Measured (--mb=200
+`--processes=P` adds `data.shard_by="file"` rows: what one process of P opens when the plain file is split
+into P byte ranges (`jaxalign.data.file_shards`, shard 0's span) next to P=1 (the whole file as one span), so
+the per-process index time, peak RSS and worker state are about 1/P of the whole corpus's. Measured (--mb=200
 --processes=4, 185,852 records, a loaded 2-core CPU):
   process      records   index s   peak RSS MB   worker state MB
   P=1 share    185,852      2.01          29.6              4.25

@@ -212,9 +212,10 @@ class DataConfig:
     # "record": one global shuffle of every record, dealt round-robin into the shards; every process opens and
     #   indexes every file. Exact uniform shuffling; fine up to a few hosts or a small corpus.
     # "file": each shard owns a contiguous span of the input's bytes (uncompressed JSONL files split at line
-    #   boundaries, so even one file splits; .gz, Parquet and ArrayRecord files stay whole) and shuffles within it
-    #   every epoch; a process opens and indexes only its shards' spans (1/P of the indexing time and memory on
-    #   P hosts). Needs infinite epochs; a mid-file span reports bad records as file:byte N. For pods.
+    #   boundaries, so even one file splits; Parquet at row groups; .gz and ArrayRecord files stay whole) and
+    #   shuffles within it every epoch; a process opens and indexes only its shards' spans (1/P of the indexing
+    #   time and memory on P hosts). Needs infinite epochs; a mid-file JSONL span reports bad records as
+    #   file:byte N. For pods (jaxalign/data/file_shards.py).
     shard_by: Literal["record", "file"] = "record"
     shuffle: bool = True
     # Size of the synthetic world (number of entities); more entities means more documents.

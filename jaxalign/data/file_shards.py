@@ -6,8 +6,10 @@ shards - 1, so shard k owns bytes [cut_k, cut_k+1) of the files' concatenation:
   - uncompressed JSONL files split anywhere, Hadoop-style: a line belongs to the shard owning its first byte, so a
     shard starting mid-line skips to the next line start and its last line may end past its range; one big file
     splits into `shards` pieces;
-  - .gz JSONL, Parquet and ArrayRecord files are whole units, owned by the shard holding their middle byte (a shard
-    may then get none: `plan` refuses that, naming the shard).
+  - Parquet files split at row groups, as Spark does: a row group belongs to the shard holding its middle byte
+    (from the footer, read only by the processes whose range meets the file); its rows keep true `file:record N`;
+  - .gz JSONL and ArrayRecord files are whole units, owned by the shard holding their middle byte (a shard may then
+    get none: `plan` refuses that, naming the shard).
 Every process computes the same plan from the file sizes, so a fixed `data.shards` gives the same shards, and so
 the same global batches, on any number of processes.
 
@@ -39,8 +41,9 @@ class Span:
 
 
 def splittable(path: str) -> bool:
-    """Whether a file may be cut at a byte offset: uncompressed JSONL."""
-    return sources.file_format(path) == "jsonl" and not path.endswith(".gz")
+    """Whether a file may be cut at a byte offset: uncompressed JSONL (at line starts), Parquet (at row groups)."""
+    kind = sources.file_format(path)
+    return kind == "parquet" or (kind == "jsonl" and not path.endswith(".gz"))
 
 
 def file_size(path: str) -> int:
@@ -80,7 +83,7 @@ def plan(files: Sequence[str], shards: int, what: str = "data.input") -> list[li
         units = sum(not splittable(f) for f in files)
         raise ConfigError(
             f"data.shard_by='file': shard {empty[0]} of data.shards={shards} gets no part of {what} "
-            f"({len(files)} files, {total} bytes, {units} of them .gz/Parquet/ArrayRecord files that are not split); "
+            f"({len(files)} files, {total} bytes, {units} of them .gz/ArrayRecord files that are not split); "
             f"use fewer shards, more or more equal files, or data.shard_by='record'"
         )
     return owned
@@ -98,9 +101,9 @@ def open_spans(spans: Sequence[Span], on_error: str) -> sources.Source:
     opened = []
     for kind, group in groups:
         files = [s.file for s in group]
-        if kind == "jsonl":
+        if kind in ("jsonl", "parquet"):
             ranges = [None if s.whole else (s.start, s.end) for s in group]
-            opened.append(sources.JsonlSource(files, on_error, ranges=ranges))
+            opened.append(sources.FORMATS[kind](files, on_error, ranges=ranges))
         else:
             opened.append(sources.FORMATS[kind](files, on_error))
     return opened[0] if len(opened) == 1 else sources.ConcatSource(opened, on_error)

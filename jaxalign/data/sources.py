@@ -346,24 +346,54 @@ def _parquet_input(path: str) -> Iterator[Any]:
             yield f
 
 
+def _row_group_middle(group: Any) -> int:
+    """The byte offset of the middle of a Parquet row group (pyarrow RowGroupMetaData): its column chunks'."""
+    chunks = [group.column(c) for c in range(group.num_columns)]
+    starts = [c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset for c in chunks]
+    end = max(s + c.total_compressed_size for s, c in zip(starts, chunks, strict=True))
+    return (min(starts) + end) // 2
+
+
 class ParquetSource(Source):
     """Rows of Parquet files. A row is read with its whole row group, and the last few row groups stay cached, so
-    sequential reads are cheap and shuffled reads of large row groups are not: write small row groups (~1k rows)."""
+    sequential reads are cheap and shuffled reads of large row groups are not: write small row groups (~1k rows).
+
+    `ranges` (one per file, None for the whole file) keeps only the row groups whose middle byte lies in the file's
+    byte range [start, end) (as Spark splits Parquet; `jaxalign.data.file_shards`); `_where` keeps the row's true
+    1-based number in its file."""
 
     _CACHED_GROUPS = 4
 
-    def __init__(self, files: Sequence[str], on_error: str = "error"):
+    def __init__(
+        self,
+        files: Sequence[str],
+        on_error: str = "error",
+        ranges: Sequence[tuple[int, int] | None] | None = None,
+    ):
         super().__init__(files, on_error)
+        ranges = list(ranges) if ranges is not None else [None] * len(self.files)
         pq = _import_pyarrow_parquet(self.files[0])
-        self._group_starts: list[list[int]] = []  # per file: first row of each row group, then the row count
-        for path in self.files:
+        self._groups: list[list[int]] = []  # per file: the row groups read
+        self._group_starts: list[
+            list[int]
+        ] = []  # per file: first row of each of them here, then the row count
+        self._first_rows: list[list[int]] = []  # per file: first row of each of them in the file
+        for path, byte_range in zip(self.files, ranges, strict=True):
             try:
                 with _parquet_input(path) as source:
                     meta = pq.ParquetFile(source).metadata
             except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
                 raise DataError(f"{path}: cannot read Parquet ({e})") from None
             sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-            self._group_starts.append(np.cumsum([0, *sizes]).tolist())
+            groups = list(range(meta.num_row_groups))
+            if byte_range is not None:
+                groups = [
+                    g for g in groups if byte_range[0] <= _row_group_middle(meta.row_group(g)) < byte_range[1]
+                ]
+            first_rows = np.cumsum([0, *sizes]).tolist()
+            self._groups.append(groups)
+            self._first_rows.append([first_rows[g] for g in groups])
+            self._group_starts.append(np.cumsum([0, *(sizes[g] for g in groups)]).tolist())
         self._set_lengths([starts[-1] for starts in self._group_starts])
         self._cache: dict[tuple[int, int], list[dict]] = {}
         self._lock = threading.Lock()
@@ -394,11 +424,20 @@ class ParquetSource(Source):
                     self._cache.pop(next(iter(self._cache)))
         return rows
 
-    def read(self, index: int) -> dict[str, Any]:
+    def _position(self, index: int) -> tuple[int, int, int]:
+        """(file index, row group, row within it) of record `index`."""
         f, local = self._file_of(index)
-        where = f"{self.files[f]}:record {local + 1}"
-        group = bisect.bisect_right(self._group_starts[f], local) - 1
-        record = dict(self._rows(f, group)[local - self._group_starts[f][group]])
+        kept = bisect.bisect_right(self._group_starts[f], local) - 1
+        return f, kept, local - self._group_starts[f][kept]
+
+    def where(self, index: int) -> str:
+        f, kept, row = self._position(index)
+        return f"{self.files[f]}:record {self._first_rows[f][kept] + row + 1}"
+
+    def read(self, index: int) -> dict[str, Any]:
+        where = self.where(index)
+        f, kept, row = self._position(index)
+        record = dict(self._rows(f, self._groups[f][kept])[row])
         _check_finite(record, where, "")
         record["_where"] = where
         return record

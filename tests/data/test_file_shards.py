@@ -92,6 +92,28 @@ def test_mid_file_records_report_their_byte_offset_and_whole_files_their_line(tm
 _OPEN_BINARY = storage.open_binary
 
 
+def test_a_parquet_file_splits_at_row_groups_with_true_record_numbers(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    path = str(tmp_path / "rows.parquet")
+    score = [float(i) for i in range(1200)]
+    score[947] = float("nan")
+    table = pa.table(
+        {"id": list(range(1200)), "score": score, "text": [f"row {i} " * 4 for i in range(1200)]}
+    )
+    pq.write_table(table, path, row_group_size=200)  # the footer is a small part of the file
+    spans = file_shards.plan([path], 3)
+    shards = [file_shards.open_spans(s, "skip") for s in spans]
+    # Each shard has whole row groups (6 of 200 rows), in order, together every row once; the bad row is skipped.
+    ids = [[r["id"] for r in (src[i] for i in range(len(src))) if r is not None] for src in shards]
+    assert [i for part in ids for i in part] == [i for i in range(1200) if i != 947]
+    assert all(len(src) % 200 == 0 and len(src) for src in shards)
+    last = file_shards.open_spans(spans[2], "error")
+    with pytest.raises(
+        DataError, match=rf"^{path}:record 948: field 'score' is nan"
+    ):  # its number in the file
+        [last[i] for i in range(len(last))]
+
+
 class _Reads:
     """Wraps `storage.open_binary` (the real one) to count the bytes read per file."""
 
