@@ -6,11 +6,11 @@ default one per process); each stream is packed into its rows of every global ba
 contiguous range of streams, so a fixed `shards` gives the same global batches on any number of processes. With
 `shard_by="file"` each shard is instead a span of the input's bytes (`jaxalign.data.file_shards`), shuffled within
 itself every epoch, so a process opens and indexes only its shards' files or byte ranges (infinite epochs only).
-With infinite epochs (the default, for training) every process yields batches forever. A finite number of epochs is first trimmed to a multiple of the process count,
-so the unpacked loaders (preference, RL) yield equal batch counts on every process; packed loaders may differ by a
-batch or two at the end of a finite input, so iterate those a fixed number of batches (as evaluation does). At the
-end of a finite input the last packed batch is padded (rows of segment id 0, weight 0) and a last partial unpacked
-batch is dropped.
+With infinite epochs (the default, for training) every process yields batches forever. A finite number of epochs
+is first trimmed to a multiple of the process count, so the unpacked loaders (preference, RL) yield equal batch
+counts on every process; packed loaders may differ by a batch or two at the end of a finite input, so iterate those
+a fixed number of batches (as evaluation does). At the end of a finite input the last packed batch is padded (rows
+of segment id 0, weight 0) and a last partial unpacked batch is dropped.
 
 A source is a glob of files, or a seqio Task or Mixture (`seqio:<name>`, `jaxalign.data.seqio_source`: shuffled,
 repeated and dealt into the same shards by seqio, its position the count of records read); `jaxalign.data.mixture`

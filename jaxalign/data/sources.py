@@ -191,14 +191,12 @@ def index_lines(
         numbers.append(np.array([lines + 1], np.int64))
     if not offsets:
         return np.zeros((0, 2), np.int64), np.zeros((0,), np.int64)
-    offsets_nx2, numbers_n = (
-        np.concatenate(offsets).astype(np.int64),
-        np.concatenate(numbers).astype(np.int64),
-    )
-    if stop is not None:
-        keep = offsets_nx2[:, 0] < stop
-        offsets_nx2, numbers_n = offsets_nx2[keep], numbers_n[keep]
-    return offsets_nx2, numbers_n
+    starts_ends = np.concatenate(offsets).astype(np.int64)
+    line_numbers = np.concatenate(numbers).astype(np.int64)
+    if stop is not None:  # the last chunk read may hold lines starting at or past `stop`
+        keep = starts_ends[:, 0] < stop
+        starts_ends, line_numbers = starts_ends[keep], line_numbers[keep]
+    return starts_ends, line_numbers
 
 
 def _remove_if_owner(directory: str, owner: int) -> None:
@@ -374,9 +372,8 @@ class ParquetSource(Source):
         ranges = list(ranges) if ranges is not None else [None] * len(self.files)
         pq = _import_pyarrow_parquet(self.files[0])
         self._groups: list[list[int]] = []  # per file: the row groups read
-        self._group_starts: list[
-            list[int]
-        ] = []  # per file: first row of each of them here, then the row count
+        # Per file: the first row of each of those groups in this source's numbering, then the row count.
+        self._group_starts: list[list[int]] = []
         self._first_rows: list[list[int]] = []  # per file: first row of each of them in the file
         for path, byte_range in zip(self.files, ranges, strict=True):
             try:
