@@ -13,6 +13,7 @@ from jaxalign import storage
 from jaxalign.data import file_shards, pipelines, sources, synthetic
 from jaxalign.data.tokenizer import train_sentencepiece
 from jaxalign.errors import CheckpointError, ConfigError, DataError
+from tests import object_store
 
 SEQ = 192
 
@@ -71,6 +72,21 @@ def test_shards_hold_every_record_exactly_once(tmp_path, shards, with_gzip):
         sizes = [sum(len(storage.read_bytes(p)) for p in paths)]
         owned = [sum(s.end - s.start for s in spans_k) for spans_k in spans]
         assert sum(owned) == sizes[0] and max(owned) - min(owned) <= 1
+
+
+def test_shards_on_an_object_store_hold_every_record_exactly_once(tmp_path):
+    # Sizes by stat, ranges by seek + read through the gs:// code path (tests/object_store.py).
+    local = _corpus(tmp_path, with_gzip=True)
+    with object_store.install():
+        remote = []
+        for path in local:
+            remote.append("gs://bucket/corpus/" + path.rsplit("/", 1)[1])
+            storage.write_atomic(remote[-1], storage.read_bytes(path))
+        expected = _ids(sources.open_source(remote))
+        for shards in (2, 5):
+            spans = file_shards.plan(remote, shards)
+            assert [i for s in spans for i in _ids(file_shards.open_spans(s, "error"))] == expected
+            assert any(not span.whole and span.start > 0 for s in spans for span in s)
 
 
 def test_mid_file_records_report_their_byte_offset_and_whole_files_their_line(tmp_path):
