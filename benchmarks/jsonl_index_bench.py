@@ -21,13 +21,15 @@ The rest is the index itself, 24 bytes per record (start, end, line number).
 
 `--processes=P` adds `data.shard_by="file"` rows: what one process of P opens when the plain file is split
 into P byte ranges (`jaxalign.data.file_shards`, shard 0's span) next to P=1 (the whole file as one span), so
-the per-process index time, peak RSS and worker state are about 1/P of the whole corpus's. Measured (--mb=200
---processes=4, 185,852 records, a loaded 2-core CPU):
+the per-process index time and index memory are about 1/P of the whole corpus's. Measured (--mb=1024
+--processes=4, 951,155 records, a loaded 2-core CPU):
   process      records   index s   peak RSS MB   worker state MB
-  P=1 share    185,852      2.01          29.6              4.25
-  P=4 share     46,490      0.75          29.5              1.06
-The index (worker state) is 1/4; the peak RSS at this size is the fixed ~29 MB working set of scanning 1 MiB chunks
-(the index is 4 MB of it), so it shows the 1/P only on larger corpora (at 1 GB the index is 22 MB of the 58 MB).
+  P=1 share    951,155     10.86          52.8             21.77
+  P=4 share    237,863      3.34          33.6              5.44
+The index (worker state) is 1/4 and the index time ~1/3; peak RSS is a fixed ~28 MB working set (scanning 1 MiB
+chunks) plus the index, so it falls by the index's 3/4. (The same run gave 52.7 MB for the plain file through
+`open_source`: the index is no longer copied once more at its end, which the 1 GB rows above, measured before,
+still include.)
 
 Prints a table; the last line is one JSON object.
 """

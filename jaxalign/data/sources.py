@@ -189,14 +189,16 @@ def index_lines(
     if line_solid and (stop is None or line_start < stop):  # a last line without a newline
         offsets.append(np.array([[line_start, pos]], np.int64))
         numbers.append(np.array([lines + 1], np.int64))
+    if stop is not None and offsets:  # only the last chunk read can hold lines starting at or past `stop`
+        keep = offsets[-1][:, 0] < stop
+        offsets[-1], numbers[-1] = offsets[-1][keep], numbers[-1][keep]
     if not offsets:
         return np.zeros((0, 2), np.int64), np.zeros((0,), np.int64)
-    starts_ends = np.concatenate(offsets).astype(np.int64)
-    line_numbers = np.concatenate(numbers).astype(np.int64)
-    if stop is not None:  # the last chunk read may hold lines starting at or past `stop`
-        keep = starts_ends[:, 0] < stop
-        starts_ends, line_numbers = starts_ends[keep], line_numbers[keep]
-    return starts_ends, line_numbers
+    # No copy beyond the concatenation: the index is the memory that scales with the corpus.
+    return (
+        np.concatenate(offsets).astype(np.int64, copy=False),
+        np.concatenate(numbers).astype(np.int64, copy=False),
+    )
 
 
 def _remove_if_owner(directory: str, owner: int) -> None:
@@ -279,7 +281,8 @@ class JsonlSource(Source):
                 return np.zeros((0, 2), np.int64), np.zeros((0,), np.int64)
             f.seek(first)
             offsets, numbers = index_lines(f, stop=end - first)
-            return offsets + first, numbers
+            offsets += first  # in place: no second copy of the index
+            return offsets, numbers
 
     def locate(self, index: int) -> tuple[int, int]:
         """(file index, 1-based line number) of record `index` (counted from its range's first line when a range
