@@ -208,6 +208,15 @@ class DataConfig:
     # Independent record streams per global batch; 0 means one per process. Fix it (e.g. to the largest process
     # count you will use) to get the same batches on any number of processes.
     shards: int = 0
+    # How the training input is split into those shards (evaluation inputs always split by record):
+    # "record": one global shuffle of every record, dealt round-robin into the shards; every process opens and
+    #   indexes every file. Exact uniform shuffling; fine up to a few hosts or a small corpus.
+    # "file": each shard owns a contiguous span of the input's bytes (uncompressed JSONL files split at line
+    #   boundaries, so even one file splits; Parquet at row groups; .gz and ArrayRecord files stay whole) and
+    #   shuffles within it every epoch; a process opens and indexes only its shards' spans (1/P of the indexing
+    #   time and memory on P hosts). Needs infinite epochs; a mid-file JSONL span reports bad records as
+    #   file:byte N. For pods (jaxalign/data/file_shards.py).
+    shard_by: Literal["record", "file"] = "record"
     shuffle: bool = True
     # Size of the synthetic world (number of entities); more entities means more documents.
     synthetic_entities: int = 400
@@ -860,6 +869,9 @@ def continued_pretraining(
         # one 8,192-token row at a 128k vocabulary) and their gradient never exist at once.
         c.train.update(steps=2500, batch_size=512, grad_accum=1, logits_chunk=1024)
         c.train.update(pod_train or {})
+        # Each host opens and indexes only its own shards' files (a .gz corpus needs at least one file per host,
+        # of similar sizes; plain .jsonl files split at line boundaries), not the whole corpus.
+        c.data.update(shard_by="file")
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; accepted: 'pod'")
     return c

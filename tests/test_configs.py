@@ -182,6 +182,8 @@ def test_config_builds_its_model(path, arg, tmp_path):
         raw.data.input = "/corpus/*.jsonl.gz"
         # The pod variants compute the vocabulary logits 1,024 positions at a time.
         assert raw.train.logits_chunk == (1024 if arg == "pod" else 0)
+        # ... and each host indexes only its own shards of the corpus.
+        assert raw.data.shard_by == ("file" if arg == "pod" else "record")
     config = config_lib.from_config_dict(raw)
     cfg = config.model
 

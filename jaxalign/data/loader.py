@@ -3,12 +3,14 @@
 
 The records (after a global shuffle that changes every epoch) are dealt into `shards` streams (`[shard::shards]`,
 default one per process); each stream is packed into its rows of every global batch and each process runs its
-contiguous range of streams, so a fixed `shards` gives the same global batches on any number of processes. With infinite epochs (the default, for training)
-every process yields batches forever. A finite number of epochs is first trimmed to a multiple of the process count,
-so the unpacked loaders (preference, RL) yield equal batch counts on every process; packed loaders may differ by a
-batch or two at the end of a finite input, so iterate those a fixed number of batches (as evaluation does). At the
-end of a finite input the last packed batch is padded (rows of segment id 0, weight 0) and a last partial unpacked
-batch is dropped.
+contiguous range of streams, so a fixed `shards` gives the same global batches on any number of processes. With
+`shard_by="file"` each shard is instead a span of the input's bytes (`jaxalign.data.file_shards`), shuffled within
+itself every epoch, so a process opens and indexes only its shards' files or byte ranges (infinite epochs only).
+With infinite epochs (the default, for training) every process yields batches forever. A finite number of epochs
+is first trimmed to a multiple of the process count, so the unpacked loaders (preference, RL) yield equal batch
+counts on every process; packed loaders may differ by a batch or two at the end of a finite input, so iterate those
+a fixed number of batches (as evaluation does). At the end of a finite input the last packed batch is padded (rows
+of segment id 0, weight 0) and a last partial unpacked batch is dropped.
 
 A source is a glob of files, or a seqio Task or Mixture (`seqio:<name>`, `jaxalign.data.seqio_source`: shuffled,
 repeated and dealt into the same shards by seqio, its position the count of records read); `jaxalign.data.mixture`
@@ -42,9 +44,9 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from jaxalign.data import chat, seqio_source
+from jaxalign.data import chat, file_shards, seqio_source
 from jaxalign.data.mixture import Mixture
-from jaxalign.data.sources import Source, open_source
+from jaxalign.data.sources import Source, expand_glob, open_source
 from jaxalign.errors import CheckpointError, ConfigError, DataError
 
 _MAX_LOGGED_SKIPS = 10
@@ -70,6 +72,8 @@ class Layout:
     shards: int = 1
     # Further sources mixed in by example count: ((files, weight), ...) (see `assemble`'s `mixture`).
     mixture: tuple = ()
+    # "record": one global shuffle dealt into the shards; "file": each shard its own span of the files.
+    shard_by: str = "record"
 
 
 class Loader:
@@ -239,6 +243,7 @@ def assemble(
     process_count: int | None,
     shards: int = 0,
     mixture: Sequence[tuple[str, Callable[[dict[str, Any], str], tuple[list[dict], int]], float]] = (),
+    shard_by: str = "record",
 ) -> Loader:
     """The shared pipeline: shuffle, repeat, shard, encode (in workers), tally, then `batch(examples, rows)`.
 
@@ -246,7 +251,13 @@ def assemble(
     `mixture` adds sources `(pattern, encode, weight)` whose examples are mixed with the main source's before
     batching (Grain's deterministic mixture by example count; the main source, or the `Mixture`'s sources in their
     proportions, keep 1 - sum of the weights). Every source is shuffled, repeated and dealt into the same shards on
-    its own, so a mixture is as checkpointable and process-count independent as one source."""
+    its own, so a mixture is as checkpointable and process-count independent as one source.
+
+    `shard_by="record"` shuffles each source's records globally (every process indexes every file) and deals them
+    round-robin into the shards; `shard_by="file"` gives each shard its own span of each source's files
+    (`jaxalign.data.file_shards`), shuffled within the shard, so a process opens and indexes only its shards' spans.
+    Shards then hold different record counts, which no process knows for the others' shards, so finite epochs are
+    refused there (training is infinite; evaluation loaders shard by record)."""
     process_index, process_count = _processes(process_index, process_count)
     rows = _check_common(global_batch_size, process_count, on_error, overlong, num_workers)
     shards = shards or process_count
@@ -263,9 +274,22 @@ def assemble(
     main = pattern.parts if isinstance(pattern, Mixture) else ((pattern, 1.0),)
     if (mixture or len(main) > 1) and num_epochs is not None:
         raise ConfigError("a mixture of sources needs infinite epochs (num_epochs=None)")
+    if shard_by not in ("record", "file"):
+        raise ConfigError(f"data.shard_by={shard_by!r} is not one of ['record', 'file']")
+    if shard_by == "file" and num_epochs is not None:
+        raise ConfigError(
+            f"data.shard_by='file' needs infinite epochs (num_epochs=None, got {num_epochs}): its shards hold "
+            "different record counts, so processes would run out at different steps; use data.shard_by='record'"
+        )
     main_share = 1.0 - sum(weights)
     main_total = sum(w for _, w in main)
-    sources = [_open(p, on_error) for p, _ in main] + [_open(p, on_error) for p, _, _ in mixture]
+    patterns = [p for p, _ in main] + [p for p, _, _ in mixture]
+    if shard_by == "file":  # no file is opened here: each shard opens its own spans below
+        sources = [
+            _open(p, on_error) if seqio_source.is_seqio(p) else _FileShards(p, shards) for p in patterns
+        ]
+    else:
+        sources = [_open(p, on_error) for p in patterns]
     if num_workers and any(isinstance(s, seqio_source.SeqioInput) for s in sources):
         raise ConfigError(
             f"data.num_workers={num_workers} must be 0 with a seqio input (tf.data has its own threads)"
@@ -274,8 +298,8 @@ def assemble(
     proportions = [main_share * w / main_total for _, w in main] + weights
     datasets = []
     for i, source in enumerate(sources):
-        if isinstance(source, seqio_source.SeqioInput):
-            datasets.append(source)  # shuffled, repeated and sharded by seqio (below)
+        if isinstance(source, seqio_source.SeqioInput | _FileShards):
+            datasets.append(source)  # shuffled, repeated and sharded per shard (`_shard`)
             continue
         ds = grain.MapDataset.source(_Guarded(source))
         if shuffle:
@@ -293,7 +317,11 @@ def assemble(
     for shard in range(process_index * per_process, (process_index + 1) * per_process):
         parts = [
             _examples(
-                _shard(ds, shard, shards, seed + i, shuffle, num_epochs), enc, num_workers, on_error, counts
+                _shard(ds, shard, shards, seed + i, shuffle, num_epochs, on_error),
+                enc,
+                num_workers,
+                on_error,
+                counts,
             )
             for i, (ds, enc) in enumerate(zip(datasets, encoders, strict=True))
         ]
@@ -314,6 +342,7 @@ def assemble(
         packing=packing,
         shards=shards,
         mixture=tuple((tuple(src.files), w) for src, w in zip(sources[1:], proportions[1:], strict=True)),
+        shard_by=shard_by,
     )
     return Loader(it, layout, counts)
 
@@ -324,17 +353,43 @@ def _open(pattern: str, on_error: str) -> Source | seqio_source.SeqioInput:
     )
 
 
+class _FileShards:
+    """A source glob under `shard_by="file"`: its files and their split into shards (sizes only, nothing opened)."""
+
+    def __init__(self, pattern: str, shards: int):
+        self.pattern = pattern
+        self.files = expand_glob(pattern)
+        self.spans = file_shards.plan(self.files, shards, repr(pattern))
+
+    def open(self, shard: int, on_error: str) -> grain.MapDataset:
+        source = file_shards.open_spans(self.spans[shard], on_error)
+        if not len(source):  # bytes but no line start in them (inside one long line) or only blank lines
+            where = ", ".join(f"{s.file} bytes [{s.start}, {s.end})" for s in self.spans[shard])
+            raise DataError(
+                f"data.shard_by='file': shard {shard} of data.shards={len(self.spans)} of {self.pattern!r} holds "
+                f"no record ({where}); use fewer shards or data.shard_by='record'"
+            )
+        return grain.MapDataset.source(_Guarded(source))
+
+
 def _shard(
-    ds: grain.MapDataset | seqio_source.SeqioInput,
+    ds: grain.MapDataset | seqio_source.SeqioInput | _FileShards,
     shard: int,
     shards: int,
     seed: int,
     shuffle: bool,
     num_epochs: int | None,
+    on_error: str,
 ) -> grain.MapDataset | grain.IterDataset:
-    """Shard `shard` of `shards` of a source's records: dealt round-robin, or a seqio input's own shard."""
+    """Shard `shard` of `shards` of a source's records: dealt round-robin, a seqio input's own shard, or the records
+    of the shard's own file spans, shuffled (anew every epoch) by a seed of (seed, shard) and repeated forever."""
     if isinstance(ds, seqio_source.SeqioInput):
         return ds.stream(shard, shards, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
+    if isinstance(ds, _FileShards):
+        records = ds.open(shard, on_error)
+        if shuffle:
+            records = records.shuffle(seed=int(np.random.SeedSequence([seed, shard]).generate_state(1)[0]))
+        return records.repeat(num_epochs)
     return ds[shard::shards]
 
 

@@ -104,6 +104,7 @@ def lm_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     shards: int = 0,
+    shard_by: str = "record",
 ) -> Loader:
     """Tokenized, packed LM batches of this process's share of `global_batch_size` rows of `seq_len` tokens.
 
@@ -127,6 +128,7 @@ def lm_loader(
         process_index=process_index,
         process_count=process_count,
         shards=shards,
+        shard_by=shard_by,
     )
 
 
@@ -216,6 +218,7 @@ def sft_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     shards: int = 0,
+    shard_by: str = "record",
     replay: tuple[str, float] | None = None,
     text_field: str = "text",
 ) -> Loader:
@@ -253,6 +256,7 @@ def sft_loader(
         process_index=process_index,
         process_count=process_count,
         shards=shards,
+        shard_by=shard_by,
     )
 
 
@@ -406,6 +410,7 @@ def preference_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     shards: int = 0,
+    shard_by: str = "record",
     margin_field: str = "",
     reference: Any = None,
 ) -> Loader:
@@ -451,6 +456,7 @@ def preference_loader(
         process_index=process_index,
         process_count=process_count,
         shards=shards,
+        shard_by=shard_by,
     )
 
 
@@ -587,6 +593,7 @@ def kto_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     shards: int = 0,
+    shard_by: str = "record",
 ) -> Loader:
     """KTO batches (`_KtoBatch`): unpaired examples, one per row, with their mismatched KL rows. Paired records are
     unpaired (module doc of `_KtoEncode`)."""
@@ -615,6 +622,7 @@ def kto_loader(
         process_index=process_index,
         process_count=process_count,
         shards=shards,
+        shard_by=shard_by,
     )
 
 
@@ -688,6 +696,7 @@ def rl_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     shards: int = 0,
+    shard_by: str = "record",
 ) -> Loader:
     """RL prompt batches (`prompt_ids`, `prompt_mask`, `prompt_positions`, `extras`; module doc).
 
@@ -714,4 +723,5 @@ def rl_loader(
         process_index=process_index,
         process_count=process_count,
         shards=shards,
+        shard_by=shard_by,
     )

@@ -150,10 +150,14 @@ _INDEX_CHUNK = 1 << 20
 _WHITESPACE = np.frombuffer(b" \t\r\n\f\v", np.uint8)
 
 
-def index_lines(f: IO[bytes], sink: IO[bytes] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def index_lines(
+    f: IO[bytes], sink: IO[bytes] | None = None, stop: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """([start, end) byte offsets (n, 2), 1-based line numbers (n,)) of the non-empty lines of the binary stream `f`
     (a line is non-empty when it holds a byte other than ASCII whitespace; `end` excludes the newline), read in
-    chunks of `_INDEX_CHUNK` bytes, each also written to `sink` when given."""
+    chunks of `_INDEX_CHUNK` bytes, each also written to `sink` when given. Offsets and line numbers count from
+    where `f` is. With `stop`, only the lines starting before byte `stop` are indexed (the last may end past it),
+    and reading ends with that line."""
     offsets: list[np.ndarray] = []
     numbers: list[np.ndarray] = []
     pos = 0  # bytes read so far
@@ -180,12 +184,21 @@ def index_lines(f: IO[bytes], sink: IO[bytes] | None = None) -> tuple[np.ndarray
         else:
             line_solid |= bool(solid[-1] > 0)
         pos += len(data)
-    if line_solid:  # a last line without a newline
+        if stop is not None and line_start >= stop:  # every line starting before `stop` is complete
+            break
+    if line_solid and (stop is None or line_start < stop):  # a last line without a newline
         offsets.append(np.array([[line_start, pos]], np.int64))
         numbers.append(np.array([lines + 1], np.int64))
+    if stop is not None and offsets:  # only the last chunk read can hold lines starting at or past `stop`
+        keep = offsets[-1][:, 0] < stop
+        offsets[-1], numbers[-1] = offsets[-1][keep], numbers[-1][keep]
     if not offsets:
         return np.zeros((0, 2), np.int64), np.zeros((0,), np.int64)
-    return np.concatenate(offsets).astype(np.int64), np.concatenate(numbers).astype(np.int64)
+    # No copy beyond the concatenation: the index is the memory that scales with the corpus.
+    return (
+        np.concatenate(offsets).astype(np.int64, copy=False),
+        np.concatenate(numbers).astype(np.int64, copy=False),
+    )
 
 
 def _remove_if_owner(directory: str, owner: int) -> None:
@@ -197,10 +210,22 @@ class JsonlSource(Source):
     """The non-empty lines of JSONL(.gz) files, indexed by byte offset in one streaming pass (memory O(records), not
     O(bytes)) and read lazily: plain local files by `pread`, object-store files by ranged reads, and gzip files
     from a decompressed copy written once, during that pass, to a local temporary directory (removed with the source
-    by the process that made it), so neither this process nor a worker holds a whole decompressed file."""
+    by the process that made it), so neither this process nor a worker holds a whole decompressed file.
 
-    def __init__(self, pattern: str | Sequence[str], on_error: str = "error"):
+    `ranges` (one per file, None for the whole file) limits an uncompressed file to the lines starting in its byte
+    range [start, end) (`jaxalign.data.file_shards`): only those bytes, and the rest of the last line, are read.
+    Such a record's `_where` is `file:byte N` (the line's 0-based start offset) when its range starts mid-file."""
+
+    def __init__(
+        self,
+        pattern: str | Sequence[str],
+        on_error: str = "error",
+        ranges: Sequence[tuple[int, int] | None] | None = None,
+    ):
         super().__init__(expand_glob(pattern) if isinstance(pattern, str) else pattern, on_error)
+        self._ranges = list(ranges) if ranges is not None else [None] * len(self.files)
+        if len(self._ranges) != len(self.files):
+            raise ValueError(f"{len(self._ranges)} ranges for {len(self.files)} files")
         self._offsets: list[np.ndarray] = []  # per file: [start, end) byte offsets of each non-empty line
         self._line_numbers: list[np.ndarray] = []
         self._local: dict[int, str] = {}  # file index -> its decompressed local copy (gzip files)
@@ -216,6 +241,10 @@ class JsonlSource(Source):
 
     def _index(self, i: int, path: str) -> tuple[np.ndarray, np.ndarray]:
         try:
+            if self._ranges[i] is not None:
+                if path.endswith(".gz"):
+                    raise ValueError(f"{path}: a gzip file is read whole, not by byte range")
+                return self._index_range(path, *self._ranges[i])
             if not path.endswith(".gz"):
                 with storage.open_binary(path) as f:
                     return index_lines(f)
@@ -232,14 +261,40 @@ class JsonlSource(Source):
         except (OSError, EOFError, gzip.BadGzipFile) as e:
             raise DataError(f"{path}: cannot read ({e})") from None
 
+    @staticmethod
+    def _index_range(path: str, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """`index_lines` over the lines of `path` starting in bytes [start, end): absolute offsets; line numbers
+        counted from the first of those lines."""
+        with storage.open_binary(path) as f:
+            first = start  # where the first line starting at or after `start` starts
+            if start > 0:
+                f.seek(start - 1)  # a line starts at `start` when the byte before it is a newline
+                while chunk := f.read(_INDEX_CHUNK):
+                    newline = chunk.find(b"\n")
+                    if newline >= 0:
+                        first += newline
+                        break
+                    first += len(chunk)
+                else:
+                    first = end  # no newline up to the end of the file: no line starts in the range
+            if first >= end:
+                return np.zeros((0, 2), np.int64), np.zeros((0,), np.int64)
+            f.seek(first)
+            offsets, numbers = index_lines(f, stop=end - first)
+            offsets += first  # in place: no second copy of the index
+            return offsets, numbers
+
     def locate(self, index: int) -> tuple[int, int]:
-        """(file index, 1-based line number) of record `index`."""
+        """(file index, 1-based line number) of record `index` (counted from its range's first line when a range
+        starts mid-file)."""
         f, local = self._file_of(index)
         return f, int(self._line_numbers[f][local])
 
     def where(self, index: int) -> str:
-        f, line = self.locate(index)
-        return f"{self.files[f]}:{line}"
+        f, local = self._file_of(index)
+        if self._ranges[f] is not None and self._ranges[f][0] > 0:
+            return f"{self.files[f]}:byte {int(self._offsets[f][local, 0])}"
+        return f"{self.files[f]}:{int(self._line_numbers[f][local])}"
 
     def _line(self, index: int) -> bytes:
         f, local = self._file_of(index)
@@ -292,24 +347,53 @@ def _parquet_input(path: str) -> Iterator[Any]:
             yield f
 
 
+def _row_group_middle(group: Any) -> int:
+    """The byte offset of the middle of a Parquet row group (pyarrow RowGroupMetaData): its column chunks'."""
+    chunks = [group.column(c) for c in range(group.num_columns)]
+    starts = [c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset for c in chunks]
+    end = max(s + c.total_compressed_size for s, c in zip(starts, chunks, strict=True))
+    return (min(starts) + end) // 2
+
+
 class ParquetSource(Source):
     """Rows of Parquet files. A row is read with its whole row group, and the last few row groups stay cached, so
-    sequential reads are cheap and shuffled reads of large row groups are not: write small row groups (~1k rows)."""
+    sequential reads are cheap and shuffled reads of large row groups are not: write small row groups (~1k rows).
+
+    `ranges` (one per file, None for the whole file) keeps only the row groups whose middle byte lies in the file's
+    byte range [start, end) (as Spark splits Parquet; `jaxalign.data.file_shards`); `_where` keeps the row's true
+    1-based number in its file."""
 
     _CACHED_GROUPS = 4
 
-    def __init__(self, files: Sequence[str], on_error: str = "error"):
+    def __init__(
+        self,
+        files: Sequence[str],
+        on_error: str = "error",
+        ranges: Sequence[tuple[int, int] | None] | None = None,
+    ):
         super().__init__(files, on_error)
+        ranges = list(ranges) if ranges is not None else [None] * len(self.files)
         pq = _import_pyarrow_parquet(self.files[0])
-        self._group_starts: list[list[int]] = []  # per file: first row of each row group, then the row count
-        for path in self.files:
+        self._groups: list[list[int]] = []  # per file: the row groups read
+        # Per file: the first row of each of those groups in this source's numbering, then the row count.
+        self._group_starts: list[list[int]] = []
+        self._first_rows: list[list[int]] = []  # per file: first row of each of them in the file
+        for path, byte_range in zip(self.files, ranges, strict=True):
             try:
                 with _parquet_input(path) as source:
                     meta = pq.ParquetFile(source).metadata
             except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
                 raise DataError(f"{path}: cannot read Parquet ({e})") from None
             sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-            self._group_starts.append(np.cumsum([0, *sizes]).tolist())
+            groups = list(range(meta.num_row_groups))
+            if byte_range is not None:
+                groups = [
+                    g for g in groups if byte_range[0] <= _row_group_middle(meta.row_group(g)) < byte_range[1]
+                ]
+            first_rows = np.cumsum([0, *sizes]).tolist()
+            self._groups.append(groups)
+            self._first_rows.append([first_rows[g] for g in groups])
+            self._group_starts.append(np.cumsum([0, *(sizes[g] for g in groups)]).tolist())
         self._set_lengths([starts[-1] for starts in self._group_starts])
         self._cache: dict[tuple[int, int], list[dict]] = {}
         self._lock = threading.Lock()
@@ -340,11 +424,20 @@ class ParquetSource(Source):
                     self._cache.pop(next(iter(self._cache)))
         return rows
 
-    def read(self, index: int) -> dict[str, Any]:
+    def _position(self, index: int) -> tuple[int, int, int]:
+        """(file index, row group, row within it) of record `index`."""
         f, local = self._file_of(index)
-        where = f"{self.files[f]}:record {local + 1}"
-        group = bisect.bisect_right(self._group_starts[f], local) - 1
-        record = dict(self._rows(f, group)[local - self._group_starts[f][group]])
+        kept = bisect.bisect_right(self._group_starts[f], local) - 1
+        return f, kept, local - self._group_starts[f][kept]
+
+    def where(self, index: int) -> str:
+        f, kept, row = self._position(index)
+        return f"{self.files[f]}:record {self._first_rows[f][kept] + row + 1}"
+
+    def read(self, index: int) -> dict[str, Any]:
+        where = self.where(index)
+        f, kept, row = self._position(index)
+        record = dict(self._rows(f, self._groups[f][kept])[row])
         _check_finite(record, where, "")
         record["_where"] = where
         return record
@@ -404,7 +497,7 @@ class ConcatSource(Source):
         return source.read(local)
 
 
-_FORMATS = {"jsonl": JsonlSource, "parquet": ParquetSource, "array_record": ArrayRecordSource}
+FORMATS = {"jsonl": JsonlSource, "parquet": ParquetSource, "array_record": ArrayRecordSource}
 
 
 def open_source(pattern: str | Sequence[str], on_error: str = "error") -> Source:
@@ -420,5 +513,5 @@ def open_source(pattern: str | Sequence[str], on_error: str = "error") -> Source
             groups[-1][1].append(path)
         else:
             groups.append((kind, [path]))
-    sources = [_FORMATS[kind](paths, on_error) for kind, paths in groups]
+    sources = [FORMATS[kind](paths, on_error) for kind, paths in groups]
     return sources[0] if len(sources) == 1 else ConcatSource(sources, on_error)

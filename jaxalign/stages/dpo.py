@@ -319,7 +319,13 @@ def run(config: Config) -> loop.Result:
         reference=reference,
     )
     loader = pipelines.preference_loader(
-        train_glob, tokenizer, seed=config.seed, shuffle=dcfg.shuffle, num_workers=dcfg.num_workers, **kwargs
+        train_glob,
+        tokenizer,
+        seed=config.seed,
+        shuffle=dcfg.shuffle,
+        num_workers=dcfg.num_workers,
+        shard_by=dcfg.shard_by,
+        **kwargs,
     )
     step_fn = functools.partial(
         train_step, cfg=cfg, optim=config.optim, microbatches=tcfg.grad_accum, logits_chunk=tcfg.logits_chunk

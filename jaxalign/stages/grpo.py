@@ -356,7 +356,13 @@ def run(config: Config) -> loop.Result:
         shards=dcfg.shards,
     )
     loader = pipelines.rl_loader(
-        train_glob, tokenizer, seed=config.seed, shuffle=dcfg.shuffle, num_workers=dcfg.num_workers, **kwargs
+        train_glob,
+        tokenizer,
+        seed=config.seed,
+        shuffle=dcfg.shuffle,
+        num_workers=dcfg.num_workers,
+        shard_by=dcfg.shard_by,
+        **kwargs,
     )
 
     # Every step makes num_iterations optimizer updates: the schedule spans all of them.

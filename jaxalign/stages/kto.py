@@ -121,7 +121,13 @@ def run(config: Config) -> loop.Result:
         shards=dcfg.shards,
     )
     loader = pipelines.kto_loader(
-        train_glob, tokenizer, seed=config.seed, shuffle=dcfg.shuffle, num_workers=dcfg.num_workers, **kwargs
+        train_glob,
+        tokenizer,
+        seed=config.seed,
+        shuffle=dcfg.shuffle,
+        num_workers=dcfg.num_workers,
+        shard_by=dcfg.shard_by,
+        **kwargs,
     )
     batch_shardings = {k: rules.sharding(("batch", "length")) for k in BATCH_KEYS}
     batch_shardings["desirable"] = rules.sharding(("batch",))

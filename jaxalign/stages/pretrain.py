@@ -78,7 +78,8 @@ def run(config: Config) -> loop.Result:
         text_field=config.data.text_field,
         shards=config.data.shards,
     )
-    loader = pipelines.lm_loader(train_glob, tokenizer, **loader_kwargs)
+    # Evaluation (below) shards by record: its small files need not split into data.shards spans.
+    loader = pipelines.lm_loader(train_glob, tokenizer, shard_by=config.data.shard_by, **loader_kwargs)
     batch_shardings = {k: rules.sharding(("batch", "length")) for k in BATCH_KEYS}
 
     # Model and train state, initialised directly into their shardings.

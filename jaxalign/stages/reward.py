@@ -115,7 +115,13 @@ def run(config: Config) -> loop.Result:
         margin_field=config.reward.margin_field,
     )
     loader = pipelines.preference_loader(
-        train_glob, tokenizer, seed=config.seed, shuffle=dcfg.shuffle, num_workers=dcfg.num_workers, **kwargs
+        train_glob,
+        tokenizer,
+        seed=config.seed,
+        shuffle=dcfg.shuffle,
+        num_workers=dcfg.num_workers,
+        shard_by=dcfg.shard_by,
+        **kwargs,
     )
     batch_shardings = {k: rules.sharding(("batch", "length")) for k in BATCH_KEYS}
     if config.reward.margin_field:

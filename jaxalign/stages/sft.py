@@ -102,6 +102,7 @@ def run(config: Config) -> loop.Result:
         num_workers=dcfg.num_workers,
         packing=dcfg.packing,
         replay=replay,
+        shard_by=dcfg.shard_by,
         **kwargs,
     )
     batch_shardings = {k: rules.sharding(("batch", "length")) for k in common.LM_KEYS}

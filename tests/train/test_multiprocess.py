@@ -141,3 +141,42 @@ def test_signal_stops_every_process_at_the_same_step_with_a_checkpoint(corpus, t
     assert max(losses(workdir)) == step
     data_dir = workdir / "checkpoints" / "pretrain" / str(step) / "data"
     assert len([p for p in data_dir.iterdir() if p.suffix == ".json"]) == 2
+
+
+@pytest.mark.slow  # ~4 minutes on a loaded 2-core CPU: one 4-device run, then 2 processes twice
+def test_two_processes_reading_only_their_file_shards_match_one_and_resume(corpus, tmp_path):
+    # data.shard_by=file: the one corpus file splits into two byte ranges, and each process indexes only its own.
+    by_file = "--config.data.shard_by=file"
+    single = tmp_path / "single"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxalign.main", *args(single, corpus), by_file],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    multi = tmp_path / "multi"
+    run = lambda **extra_env: subprocess.run(  # noqa: E731
+        launch_command(multi, corpus, "explicit", by_file),
+        cwd=ROOT,
+        env=launch_env(**extra_env),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    proc = run(JAXALIGN_FAULT_KILL_AFTER_SAVE="4")
+    assert proc.returncode == 128 + signal.SIGKILL, proc.stderr[-3000:]
+    assert committed_steps(multi) == [4]
+    state = json.loads(
+        (multi / "checkpoints" / "pretrain" / "4" / "data" / "process_1-of-2.json").read_text()
+    )
+    assert state["layout"]["shard_by"] == "file" and state["layout"]["shards"] == 2
+    proc = run()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step 4" in proc.stdout
+    a, b = losses(single), losses(multi)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    np.testing.assert_allclose([b[s] for s in range(1, 9)], [a[s] for s in range(1, 9)], rtol=1e-5)
