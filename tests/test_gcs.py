@@ -101,6 +101,7 @@ def test_pretrain_with_checkpoints_on_gcs_resumes_bitwise(bucket, capsys):
     assert not any(".orbax-checkpoint-tmp" in o for o in objects)
     for name in ("config.json", "tokenizer.model", "tokenizer_record.json", "data/manifest.json"):
         assert f"b/{name}" in objects
+    assert not any(o.endswith("metrics.jsonl") for o in objects)  # no append on object stores: parts instead
     assert any(o.startswith("b/metrics/pretrain-") for o in objects)
     assert any(o.startswith("b/tb/pretrain/events.out.tfevents") for o in objects)
 

@@ -12,12 +12,9 @@ tests/test_gcs.py puts the checkpoints on `gs://` too, against a GCS emulator th
 """
 
 import importlib.util
-import json
 import os
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from jaxalign import config as config_lib
@@ -84,46 +81,12 @@ def crash_at_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(loop, "to_global", to_global)
 
 
-def params_bytes(step_dir: str) -> list[tuple[str, bytes]]:
-    restored = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
-    leaves = jax.tree_util.tree_leaves_with_path({"params": restored["params"], "opt": restored["opt_state"]})
-    return [(jax.tree_util.keystr(path), np.asarray(x).tobytes()) for path, x in leaves]
-
-
 def train_lines(workdir: str) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics.read(workdir)]
 
 
-def test_pretrain_on_object_store_resumes_bitwise(gcs, tmp_path, monkeypatch, capsys):
-    main.run(tiny_pretrain("gs://bucket/a", str(tmp_path / "ckpt_a")))
-
-    crash_at_step(monkeypatch, 7)
-    with pytest.raises(RuntimeError, match="simulated crash at step 7"):
-        main.run(tiny_pretrain("gs://bucket/b", str(tmp_path / "ckpt_b")))
-    monkeypatch.undo()
-    monkeypatch.chdir(tmp_path)
-    # The crashed run's parts hold steps 1-5 (step 6's metrics were still on the device); the resumed run drops 5
-    # (after its checkpoint 4) and redoes it.
-    assert [r["step"] for r in metrics.read("gs://bucket/b")] == [1, 2, 3, 4, 5]
-    assert os.listdir(tmp_path / "ckpt_b" / "pretrain") == ["4"]
-    capsys.readouterr()
-    main.run(tiny_pretrain("gs://bucket/b", str(tmp_path / "ckpt_b")))
-    assert "pretrain: resumed from step 4" in capsys.readouterr().out
-
-    a, b = train_lines("gs://bucket/a"), train_lines("gs://bucket/b")
-    assert [r["step"] for r in b] == list(range(1, 9))
-    assert a == b  # loss, grad_norm, lr, ... bitwise: floats compared exactly
-    assert params_bytes(str(tmp_path / "ckpt_a" / "pretrain" / "8")) == params_bytes(
-        str(tmp_path / "ckpt_b" / "pretrain" / "8")
-    )
-
-    objects = set(gcs.store)
-    for name in ("config.json", "tokenizer.model", "tokenizer_record.json", "data/manifest.json"):
-        assert f"bucket/b/{name}" in objects
-    assert not any(o.endswith("metrics.jsonl") for o in objects)  # no append on object stores: parts instead
-    assert any(o.startswith("bucket/b/metrics/pretrain-") for o in objects)
-    assert any(o.startswith("bucket/b/tb/pretrain/events.out.tfevents") for o in objects)
-    assert json.loads(storage.read_text("gs://bucket/b/config.json"))["workdir"] == "gs://bucket/b"
+# The pretrain smoke with resume on gs:// (workdir and Orbax checkpoints) runs against a real GCS-protocol server in
+# tests/test_gcs.py; this stand-in keeps the parts no emulator is needed for.
 
 
 def test_metrics_parts_lose_nothing_a_resume_keeps(gcs):
