@@ -51,11 +51,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_completion_length=24, temperature=0.7, kl_coef=0.05, num_ppo_epochs=2, num_mini_batches=2
     )
     c.pipeline.ppo.update(steps=40, batch_size=8, lr=5e-5, eval_every=20)
-    # GRPO: train.batch_size counts completions (grpo.num_generations per prompt).
+    # GRPO: train.batch_size counts completions (grpo.num_generations per prompt). The answer reward alone is too
+    # sparse here (the DPO policy gets one-digit problems right 1 time in 30, most groups have no reward variance);
+    # the restate reward gives partial credit for restating the question's operands, the step this model gets wrong.
     c.grpo.update(
-        num_generations=8, temperature=0.7, max_completion_length=24, reward_funcs=("answer", "format")
+        num_generations=8,
+        temperature=0.7,
+        max_completion_length=24,
+        reward_funcs=("answer", "format", "restate"),
     )
-    c.pipeline.grpo.update(steps=80, batch_size=32, seq_len=80, lr=1e-4, eval_every=30)
+    c.pipeline.grpo.update(steps=300, batch_size=32, seq_len=80, lr=2e-4, eval_every=100)
     if arg == "smoke":
         c.model.update(SMOKE_MODEL)
         c.train.update(batch_size=8, seq_len=128, log_every=5, eval_every=10, eval_batches=2)

@@ -445,10 +445,9 @@ def rl_records(world: World, sizes: WorldSizes) -> dict[str, list[dict]]:
             for attribute in rng.choice(list(RL_QUESTIONS), size=sizes.rl_facts_per_person, replace=True):
                 question = RL_QUESTIONS[attribute].format(name=p.name)
                 items.append((question, str(getattr(p, attribute)), f"fact_{attribute}"))
-        items += [
-            (f"What is {a} {op} {b}? Answer with a number only.", str(r), "arithmetic")
-            for a, op, b, r in arith
-        ]
+        # SFT's arithmetic question, so the policy answers in SFT's "a op b = r." (the answer reward reads what
+        # follows "=", the restate reward the work before it).
+        items += [(f"What is {a} {op} {b}?", str(r), "arithmetic") for a, op, b, r in arith]
         order = rng.permutation(len(items))
         out[split] = [
             {
@@ -476,7 +475,7 @@ def write_world(
     from jaxalign.data import synthetic_raw
 
     sizes = sizes or WorldSizes()
-    manifest = {"num_people": num_people, "seed": seed, "sizes": dataclasses.asdict(sizes), "version": 1}
+    manifest = {"num_people": num_people, "seed": seed, "sizes": dataclasses.asdict(sizes), "version": 2}
     names = ["pretrain_train", "pretrain_eval", "raw"] + [
         f"{kind}_{split}" for kind in ("sft", "preference", "rl") for split in ("train", "eval")
     ]

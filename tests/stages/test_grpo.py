@@ -48,7 +48,7 @@ def test_format_reward_needs_the_stop_and_a_short_answer():
 
 
 def test_restate_reward_counts_the_restated_parts_of_the_question():
-    question = [{"role": "user", "content": "What is 7 - 3? Answer with a number only."}]
+    question = [{"role": "user", "content": "What is 7 - 3?"}]
     texts = [
         "7 - 3 = 4.",
         "7 - 3 = 5.",
