@@ -60,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_completion_length=24,
         reward_funcs=("answer", "format", "restate"),
     )
-    c.pipeline.grpo.update(steps=300, batch_size=32, seq_len=80, lr=2e-4, eval_every=100)
+    c.pipeline.grpo.update(steps=500, batch_size=32, seq_len=80, lr=2e-4, eval_every=100)
     if arg == "smoke":
         c.model.update(SMOKE_MODEL)
         c.train.update(batch_size=8, seq_len=128, log_every=5, eval_every=10, eval_batches=2)
