@@ -45,7 +45,7 @@ RULES_PATH = epath.Path(__file__).parent / "word_rules.json"
 # documents against spaCy.
 _MAYBE_SUFFIX = re.compile(r"[^A-Za-z0-9]\Z|['’][sS]\Z|[0-9]").search
 _MAYBE_INFIX = re.compile(r"[.+\-*^,~:<>=/]|[^\x00-\x7f]").search
-_CACHE_SIZE = 500_000  # chunks whose tokens are remembered (spaCy caches the same way; most chunks repeat)
+_CACHE_SIZE = 100_000  # chunks whose tokens are remembered (~20 MB; spaCy caches too): most chunks repeat
 
 
 class _Rules(NamedTuple):
