@@ -5,11 +5,10 @@ it. Thresholds and reason names are datatrove's defaults (huggingface/datatrove,
 gopher_repetition_filter.py, gopher_quality_filter.py, c4_filters.py, fineweb_quality_filter.py), which follow
 Gopher (Rae et al. 2021, Table A1 and Sec. A.1.1), C4 (Raffel et al. 2020, tfds c4_utils.py) and FineWeb
 (Penedo et al. 2024). Where datatrove tokenizes (for English, spaCy's rule-based `spacy.blank("en")` tokenizer and
-sentencizer in datatrove 0.10) we use regexes: TOKEN_RE follows spaCy's rules where prose needs them (URLs, dotted
-abbreviations, contractions, hyphens), and a line has one sentence more than it has `.`/`!`/`?` runs followed by a
-space. On 644 real documents (pydoc topics and stdlib docstrings, tests/data/test_curate_datatrove.py) the keep/drop
-decisions equal datatrove's for 640 (Gopher quality), 636 (Gopher repetition) and 644 (C4); every difference is
-code, where spaCy keeps chunks like `print(x` whole.
+sentencizer in datatrove 0.10) we use `jaxalign.data.words`, a port of spaCy's tokenizer that gives the same words
+without importing spaCy; a line has one sentence more than it has `.`/`!`/`?` runs followed by a space. On 644 real
+documents (pydoc topics and stdlib docstrings, tests/data/test_curate_datatrove.py) the keep/drop decisions of Gopher
+quality, Gopher repetition and C4 equal datatrove's for all 644.
 
 Also here: `scrub_pii` (e-mails, public IPv4 addresses, phone numbers) and `mix64`/`ngram_keys`, the 64-bit n-gram
 hashing that the repetition filter and MinHash share.
@@ -25,21 +24,7 @@ from collections.abc import Callable
 import numpy as np
 
 from jaxalign.config import CurateConfig
-
-# A token, following spaCy's English rules (datatrove's English word tokenizer) where they matter on prose: a URL or
-# an e-mail address; a dotted abbreviation ("e.g.", "U.S."); a contraction's parts ("do" "n't", "it" "'s"); a word
-# led by hyphens or dots at the start of a chunk ("-n", "--verbose", ".py"); a word (inner dots kept: "3.14",
-# "example.org"; inner hyphens split off as spaCy's infix rule does: "built-in" is 3 tokens; leading and trailing
-# underscores split off one by one: "__init__" is 5 tokens); a run of 2+ hyphens with the symbols glued to it (a
-# "-----+-----" ruler is one token, not 11); an ellipsis; one other character.
-TOKEN_RE = re.compile(
-    r"https?://\S+?(?=[.,;:!?)\]'\"]*(?:\s|$))|[\w.+-]+@\w+(?:[.-]\w+)*\.\w+"
-    r"|\b(?:[a-z]\.){2,}(?!\w)"
-    r"|\w+?(?=n['’]t\b)|n['’]t\b|['’](?:s|re|ve|ll|d|m)\b"
-    r"|(?<![^\s(\[\"'])[-.]+\w+(?:\.\w+)*|[^\W_](?:\w*[^\W_])?(?:\.\w+)*"
-    r"|-{2,}[^\w\s]*|\.\.\.|[^\w\s]|_",
-    re.IGNORECASE,
-)
+from jaxalign.data import words as words_lib
 
 # --- Gopher quality (datatrove GopherQualityFilter defaults) ---------------------------------------------------
 GOPHER_MIN_DOC_WORDS = 50
@@ -88,21 +73,19 @@ FW_NEW_LINE_RATIO = 0.3
 FW_STOP_CHARS = (".", "'", '"', "!", "?")
 
 
-_WORD_START_RE = re.compile(r"\w")
-_LETTER_RE = re.compile(r"[^\W\d_]")
-
-
 @functools.lru_cache(maxsize=2)
 def tokenize(text: str) -> list[str]:
-    """TOKEN_RE tokens of `text`, cached: the Gopher and FineWeb filters see the same text in a row. Do not mutate."""
-    return TOKEN_RE.findall(text)
+    """The words of `text` as datatrove's English tokenizer has them (`words.words`), cached: the Gopher and FineWeb
+    filters see the same text in a row. Do not mutate."""
+    return words_lib.words(text)
 
 
 def gopher_quality(text: str) -> str:
     """Gopher's document heuristics: length, mean word length, symbols, bullets, ellipses, alphabetic words."""
     tokens = tokenize(text)
     n_tokens = len(tokens)
-    words = list(filter(_WORD_START_RE.match, tokens))  # datatrove's non-symbol words
+    punctuation = words_lib.punctuation()
+    words = [w for w in tokens if not punctuation.issuperset(w)]  # datatrove's non-symbol words
     if len(words) < GOPHER_MIN_DOC_WORDS:
         return "gopher_quality:gopher_short_doc"
     if len(words) > GOPHER_MAX_DOC_WORDS:
@@ -123,7 +106,7 @@ def gopher_quality(text: str) -> str:
     ellipsis_lines = sum(line.rstrip().endswith(("...", "…")) for line in lines)
     if ellipsis_lines / len(lines) > GOPHER_MAX_ELLIPSIS_LINES_RATIO:
         return "gopher_quality:gopher_too_many_end_ellipsis"
-    alpha = len(list(filter(_LETTER_RE.search, tokens)))
+    alpha = sum(any(map(str.isalpha, w)) for w in tokens)  # words with a letter, as datatrove counts them
     if alpha / n_tokens < GOPHER_MIN_ALPHA_WORDS_RATIO:
         return "gopher_quality:gopher_below_alpha_threshold"
     # Gopher's "at least two of" these words: distinct ones, as datatrove counts them (a set intersection); datatrove

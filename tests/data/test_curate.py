@@ -236,7 +236,7 @@ def _datatrove_repetition(text: str) -> str:
         return "gopher_repetition:dup_line_frac"
     if chars_l / len(text) > 0.2:
         return "gopher_repetition:dup_line_char_frac"
-    words = filters.TOKEN_RE.findall(text)
+    words = filters.tokenize(text)
     for n, frac in ((2, 0.2), (3, 0.18), (4, 0.16)):
         grams = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
         if grams:

@@ -5,9 +5,10 @@ tests/fixtures/datatrove_filters.json.gz, made by tests/fixtures/make_datatrove_
 whose English word tokenizer is spaCy's rule-based `spacy.blank("en")` (no model download; nltk is not used for
 English). `test_fixture_is_what_datatrove_decides` re-runs datatrove live on a sample when it is installed.
 
-Ours tokenizes with a regex (curate_filters.TOKEN_RE). Where the two disagree, the cause is the tokenizer, listed
-per document in KNOWN_DIFFERENCES; the test fails if any other document disagrees or a listed one starts agreeing
-(the list then shrinks), so the agreement figure cannot drift silently.
+Ours tokenizes with `jaxalign.data.words` (a port of spaCy's English tokenizer, compared token by token in
+tests/data/test_words.py). KNOWN_DIFFERENCES lists, per filter, documents whose decision may differ and why; the test
+fails if any other document disagrees or a listed one starts agreeing, so the agreement cannot drift silently. It is
+empty: every decision agrees.
 """
 
 from __future__ import annotations
@@ -25,36 +26,8 @@ FIXTURE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "datatrove_filters.json.gz"
 )
 
-# filter -> {document id: the tokenizer difference that flips the decision}. All are code inside one whitespace
-# chunk, which spaCy keeps whole (it splits prefixes and suffixes off a chunk, and infixes only at hyphens between
-# letters, colons, slashes and a few more) and our regex splits at every bracket or operator.
-_CODE = "code: spaCy keeps chunks like `print(C` or `g.throw(E(V` whole; we split at each bracket"
-_DE_COMPRESSION = "spaCy keeps `de)compression` whole; we split `(de)compression` into 4 tokens"
-KNOWN_DIFFERENCES: dict[str, dict[str, str]] = {
-    "gopher_quality": {
-        "doc:lzma.py": _DE_COMPRESSION + ": 50 words (ours, kept) against 48 (datatrove, gopher_short_doc)",
-        "doc:socketserver.py": _CODE
-        + " (`ThreadingUDPServer(ThreadingMixIn`): alpha ratio 0.798 against 0.805",
-        "doc:turtle.py": _CODE + " (`turtle.forward(15`): alpha ratio 0.791 against 0.803",
-        "doc:wsgiref/simple_server.py": _CODE + ' (`name__=="__main`): alpha ratio 0.763 against 0.809',
-    },
-    "gopher_repetition": {
-        "doc:bz2.py": _DE_COMPRESSION + ": its top 4-gram is 0.211 of the characters (> 0.16)",
-        **dict.fromkeys(
-            (
-                "topic:async",
-                "topic:numeric-types",
-                "doc:http/cookies.py",
-                "doc:json/__init__.py",
-                "doc:lib2to3/fixes/fix_dict.py",
-                "doc:lib2to3/fixes/fix_isinstance.py",
-                "doc:lib2to3/fixes/fix_throw.py",
-            ),
-            _CODE + ": more repeated n-grams such as `( self , other`",
-        ),
-    },
-    "c4": {},
-}
+# filter -> {document id: why its decision differs from datatrove's}.
+KNOWN_DIFFERENCES: dict[str, dict[str, str]] = {"gopher_quality": {}, "gopher_repetition": {}, "c4": {}}
 
 
 def load_fixture() -> dict:
@@ -71,7 +44,7 @@ def ours(text: str, name: str) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("name", sorted(KNOWN_DIFFERENCES))
-def test_decisions_equal_datatrove_on_real_text_except_known_tokenizer_differences(name):
+def test_decisions_equal_datatrove_on_real_text_except_known_differences(name):
     docs = load_fixture()["docs"]
     differ = {}
     for doc in docs:
