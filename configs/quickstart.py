@@ -6,7 +6,7 @@
       500). Re-running the command skips
       finished stages and resumes an interrupted one.
     python -m jaxalign.main --config=configs/quickstart.py:smoke --config.workdir=runs/quickstart_smoke
-      every stage on a tiny model: 8.6 minutes at load ~6 (4.2 CPU-minutes), most of it compiling each stage.
+      every stage on a tiny model: 2.3 minutes on the idle machine, most of it compiling each stage.
 
 Select stages with --config.pipeline.stages=sft,dpo (they read the checkpoints already in the workdir); set a stage's
 length with --config.pipeline.dpo.steps=200 (also batch_size, seq_len, lr, warmup_steps, eval_every, every_steps).
