@@ -34,6 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Arithmetic on one-digit operands (300 distinct problems, each ~10 times in the pretraining text; 30 held-out RL
     # prompts score arith_accuracy): two-digit arithmetic is beyond this model, whose every score was then 0.
     c.data.update(synthetic_arith_max=10, synthetic_arith_docs=750, synthetic_rl_arithmetic=300)
+    # RL arithmetic prompts as SFT asks them, so answers show the work the GRPO restate reward checks.
+    c.data.synthetic_rl_show_work = True
     c.checkpoint.update(every_steps=100, keep=2)
     c.pipeline.stages = "curate,pretrain,sft,reward,dpo,ppo,grpo,eval"
     # Evaluation: every policy stage on the world's held-out splits (greedy answers), against SFT.

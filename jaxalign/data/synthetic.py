@@ -175,6 +175,9 @@ class WorldSizes:
     preference_arithmetic: int | None = None  # None: num_people
     rl_facts_per_person: int = 1
     rl_arithmetic: int | None = None  # None: num_people
+    # RL arithmetic prompts as SFT's question ("What is a op b?", answered "a op b = r.") instead of asking for the
+    # number only ("What is a op b? Answer with a number only.").
+    rl_arith_show_work: bool = False
     # Raw corpus: every person is described in this many clean archive entries (4 people per entry).
     raw_mentions_per_person: int = 3
     # Multiplies the number of planted duplicates, junk, boilerplate and PII documents.
@@ -445,9 +448,10 @@ def rl_records(world: World, sizes: WorldSizes) -> dict[str, list[dict]]:
             for attribute in rng.choice(list(RL_QUESTIONS), size=sizes.rl_facts_per_person, replace=True):
                 question = RL_QUESTIONS[attribute].format(name=p.name)
                 items.append((question, str(getattr(p, attribute)), f"fact_{attribute}"))
-        # SFT's arithmetic question, so the policy answers in SFT's "a op b = r." (the answer reward reads what
-        # follows "=", the restate reward the work before it).
-        items += [(f"What is {a} {op} {b}?", str(r), "arithmetic") for a, op, b, r in arith]
+        # With rl_arith_show_work, SFT's question, so the policy answers in SFT's "a op b = r." (the answer reward
+        # reads what follows "=", the restate reward the work before it).
+        ask = "" if sizes.rl_arith_show_work else " Answer with a number only."
+        items += [(f"What is {a} {op} {b}?{ask}", str(r), "arithmetic") for a, op, b, r in arith]
         order = rng.permutation(len(items))
         out[split] = [
             {
@@ -475,7 +479,7 @@ def write_world(
     from jaxalign.data import synthetic_raw
 
     sizes = sizes or WorldSizes()
-    manifest = {"num_people": num_people, "seed": seed, "sizes": dataclasses.asdict(sizes), "version": 2}
+    manifest = {"num_people": num_people, "seed": seed, "sizes": dataclasses.asdict(sizes), "version": 1}
     names = ["pretrain_train", "pretrain_eval", "raw"] + [
         f"{kind}_{split}" for kind in ("sft", "preference", "rl") for split in ("train", "eval")
     ]
