@@ -25,6 +25,9 @@ CHAIN = (
     "--config.data.synthetic_arith_max=100",
     "--config.data.synthetic_arith_docs=0",
     "--config.data.synthetic_rl_arithmetic=0",
+    # The default world's RL prompts (the quickstart's show-work prompts change the world's text, hence its tokenizer:
+    # with them this chain's reward model reached 0.767 pair accuracy instead of 0.967).
+    "--config.data.synthetic_rl_show_work=False",
 )
 STAGES = "--config.pipeline.stages=pretrain,sft,reward,dpo,eval"
 
