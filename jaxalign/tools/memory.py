@@ -236,6 +236,28 @@ def estimate(
     )
 
 
+def abstract_step_inputs(
+    config: Config, rules: Rules
+) -> tuple[Any, dict[str, jax.ShapeDtypeStruct], Any, Any]:
+    """The pretraining step's inputs on `rules`' mesh, abstract (nothing is allocated): (train state and batch as
+    ShapeDtypeStructs carrying their shardings, the state's shardings, the batch's sharding). The batch holds
+    `pretrain.BATCH_KEYS`, each (train.batch_size, train.seq_len): float32 weights, the rest int32."""
+    # The tool is an entry point like main, so it may use the stage's batch layout.
+    from jaxalign.stages import pretrain
+
+    state, shardings = abstract_state(config, rules)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+    batch_sharding = rules.sharding(("batch", "length"))
+    shape_BxT = (config.train.batch_size, config.train.seq_len)
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            shape_BxT, np.float32 if k == "weights" else np.int32, sharding=batch_sharding
+        )
+        for k in pretrain.BATCH_KEYS
+    }
+    return state, batch, shardings, batch_sharding
+
+
 def compiled_memory(config: Config, devices: list[jax.Device] | None = None) -> dict[str, int]:
     """XLA's memory analysis (bytes per device) of the pretraining step compiled for the config's mesh over
     `devices` (default: all), from abstract inputs: nothing is allocated."""
@@ -246,14 +268,7 @@ def compiled_memory(config: Config, devices: list[jax.Device] | None = None) -> 
 
     rules = Rules.from_config(config, devices)
     common.check_batch(config, rules)
-    state, shardings = abstract_state(config, rules)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
-    batch_sharding = rules.sharding(("batch", "length"))
-    shape = (config.train.batch_size, config.train.seq_len)
-    batch = {
-        k: jax.ShapeDtypeStruct(shape, np.float32 if k == "weights" else np.int32, sharding=batch_sharding)
-        for k in pretrain.BATCH_KEYS
-    }
+    state, batch, shardings, batch_sharding = abstract_step_inputs(config, rules)
     step = jax.jit(
         lambda s, b: pretrain.train_step(
             s,
