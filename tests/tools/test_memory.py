@@ -14,6 +14,7 @@ import pytest
 
 from jaxalign import config as config_lib
 from jaxalign.errors import ConfigError
+from jaxalign.kernels import vmem
 from jaxalign.models import attention
 from jaxalign.tools import memory
 from tests.test_configs import PUBLISHED
@@ -123,10 +124,12 @@ def test_8b_configs_on_their_meshes(name):
 
 
 @pytest.mark.parametrize("generation, expected", [("v4", "xla"), ("v5e", "flash")])
-def test_auto_attention_is_what_the_model_runs_on_the_target_tpu(generation, expected):
+def test_auto_attention_is_what_the_model_runs_on_the_target_tpu(generation, expected, monkeypatch):
     """llama3_8b (attention="auto", T=8192, bf16, 32 / 8 heads of 128): the flash kernel's dk/dv pass needs more
     than v4's 16 MiB of VMEM (tests/models/test_flash_model_export.py exports XLA attention there); v5e's 128 MiB
     hold it. The estimate assumes what `attention.resolve` picks for the microbatch's shapes on that TPU."""
+    # The fallback is logged once per process and reason: keep this test's line out of other tests' logs.
+    monkeypatch.setattr(vmem, "_logged", set())
     config = load("llama3_8b")
     cfg, T = config.model, config.train.seq_len
     q_BxTxHxDh = jax.ShapeDtypeStruct((1, T, cfg.n_heads, cfg.head_dim), jnp.bfloat16)
