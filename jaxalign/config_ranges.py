@@ -1,4 +1,5 @@
-"""The valid range of every numeric config key (`RANGES`), checked by each section of jaxalign/config.py.
+"""The valid range of every numeric config key (`RANGES`), checked by each section of jaxalign/config.py
+(and of its job-specific sections in jaxalign/config_stages.py).
 
 Ranges are written as they read in an error: "> 0", ">= 0", "in [0, 1)", "-1 or > 0", optionally followed by a
 note in parentheses (`ConfigError: checkpoint.every_steps=0 must be > 0`). tests/test_configs.py checks that every int

@@ -2,6 +2,7 @@
 
     rules = setup(config)                              mesh, rules, the batch check, the MFU peak
     train_glob, eval_glob = inputs(config, "sft")      `data.input`, or the synthetic world's split
+    opts = loader_options(config)                      the training loader's seed, shuffle, num_workers, shard_by
     tok = tokenizer(config)                            `data.tokenizer`, the init checkpoint's, or trained once
     graphdef, params = init_params(config, rules)      random, `hf:` or `ckpt:` weights, placed in their shardings
                                                        (+ LoRA adapters / an NF4 base when `lora.rank > 0`)
@@ -129,6 +130,14 @@ def inputs(config: Config, kind: str) -> tuple[Any, str]:
         return config.data.input, config.data.eval_input
     paths = world(config)
     return paths[f"{kind}_train"], config.data.eval_input or paths[f"{kind}_eval"]
+
+
+def loader_options(config: Config) -> dict[str, Any]:
+    """The training loader's order and parallelism, the same for every stage: {seed: `config.seed`, shuffle,
+    num_workers, shard_by: from `config.data`}. Held-out loaders read in order instead (seed=0, shuffle=False, and
+    shard by record: their small files need not split into `data.shards` spans)."""
+    d = config.data
+    return dict(seed=config.seed, shuffle=d.shuffle, num_workers=d.num_workers, shard_by=d.shard_by)
 
 
 def _input_patterns(config: Config) -> list[str]:

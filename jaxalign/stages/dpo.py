@@ -321,10 +321,7 @@ def run(config: Config) -> loop.Result:
     loader = pipelines.preference_loader(
         train_glob,
         tokenizer,
-        seed=config.seed,
-        shuffle=dcfg.shuffle,
-        num_workers=dcfg.num_workers,
-        shard_by=dcfg.shard_by,
+        **common.loader_options(config),
         **kwargs,
     )
     step_fn = functools.partial(

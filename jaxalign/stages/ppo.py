@@ -541,10 +541,7 @@ def run(config: Config) -> loop.Result:
     loader = pipelines.rl_loader(
         train_glob,
         tokenizer,
-        seed=config.seed,
-        shuffle=dcfg.shuffle,
-        num_workers=dcfg.num_workers,
-        shard_by=dcfg.shard_by,
+        **common.loader_options(config),
         **kwargs,
     )
     updates = cfg.num_ppo_epochs * cfg.num_mini_batches

@@ -70,16 +70,12 @@ def run(config: Config) -> loop.Result:
     loader_kwargs = dict(
         seq_len=tcfg.seq_len,
         global_batch_size=tcfg.batch_size,
-        seed=config.seed,
-        shuffle=config.data.shuffle,
-        num_workers=config.data.num_workers,
         on_error=config.data.on_error,
         overlong=config.data.overlong,
         text_field=config.data.text_field,
         shards=config.data.shards,
     )
-    # Evaluation (below) shards by record: its small files need not split into data.shards spans.
-    loader = pipelines.lm_loader(train_glob, tokenizer, shard_by=config.data.shard_by, **loader_kwargs)
+    loader = pipelines.lm_loader(train_glob, tokenizer, **common.loader_options(config), **loader_kwargs)
     batch_shardings = {k: rules.sharding(("batch", "length")) for k in BATCH_KEYS}
 
     # Model and train state, initialised directly into their shardings.
@@ -95,8 +91,9 @@ def run(config: Config) -> loop.Result:
     )
     eval_fn = None
     if eval_glob and tcfg.eval_every:
+        # In order and sharded by record: its small files need not split into data.shards spans.
         make_eval_loader = lambda: pipelines.lm_loader(
-            eval_glob, tokenizer, **{**loader_kwargs, "seed": 0, "shuffle": False, "num_workers": 0}
+            eval_glob, tokenizer, seed=0, shuffle=False, num_workers=0, **loader_kwargs
         )
         eval_fn = common.lm_evaluator(config, rules, make_eval_loader, graphdef, state_shardings.params)
 

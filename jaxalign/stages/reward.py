@@ -117,10 +117,7 @@ def run(config: Config) -> loop.Result:
     loader = pipelines.preference_loader(
         train_glob,
         tokenizer,
-        seed=config.seed,
-        shuffle=dcfg.shuffle,
-        num_workers=dcfg.num_workers,
-        shard_by=dcfg.shard_by,
+        **common.loader_options(config),
         **kwargs,
     )
     batch_shardings = {k: rules.sharding(("batch", "length")) for k in BATCH_KEYS}

@@ -97,12 +97,9 @@ def run(config: Config) -> loop.Result:
     loader = pipelines.sft_loader(
         train_glob,
         tokenizer,
-        seed=config.seed,
-        shuffle=dcfg.shuffle,
-        num_workers=dcfg.num_workers,
         packing=dcfg.packing,
         replay=replay,
-        shard_by=dcfg.shard_by,
+        **common.loader_options(config),
         **kwargs,
     )
     batch_shardings = {k: rules.sharding(("batch", "length")) for k in common.LM_KEYS}

@@ -12,12 +12,18 @@ sharded alike. Activations are an estimate from the model shape, the per-device 
 compute dtype and the attention implementation (`activation_bytes`: what the backward pass keeps per layer, one
 layer's recompute working set, the gathered weights of one layer, and float32 logits with their gradient).
 
+The attention implementation is the one the model would run on the target (`--platform`, default tpu; with
+`--tpu_generation` a given TPU): `models.attention.resolve` of the microbatch's abstract q and k under an abstract
+mesh of the target's device, as when lowering for it. So model.attention="auto" is "xla" on cpu, "flash" on gpu,
+and on TPU "flash" where the kernel fits the generation's VMEM, else "xla" (e.g. v4 at T=8192); without a generation
+the fit is not checked ("flash").
+
 `--compile` also lowers and compiles the real pretraining step for the mesh on this machine's devices (abstract
 inputs, nothing allocated) and prints XLA's `memory_analysis()` of it: arguments, outputs, aliased (donated) and
 temporary bytes per device. XLA:CPU plans buffers differently from TPU/GPU compilers, so use it to check the
 estimate on small models, not to size an accelerator.
 
-Legend: D d_model, H / K query / key-value heads, Dh head dim, F MLP width,
+Legend: B rows, D d_model, H / K query / key-value heads, Dh head dim, F MLP width,
 V vocabulary, L layers, T sequence length, c bytes of the compute dtype, tp tensor-parallel size.
 """
 
@@ -30,15 +36,18 @@ import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
-from jax.sharding import AbstractMesh, AxisType
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from jaxalign import config as config_lib
 from jaxalign.config import Config, ModelConfig
 from jaxalign.errors import ConfigError, UserError
+from jaxalign.kernels import vmem
 from jaxalign.main import _CONFIG, _parse_flags
+from jaxalign.models import attention as attention_lib
 from jaxalign.models.transformer import Transformer
 from jaxalign.parallel.mesh import AXES, Rules, mesh_shape
 from jaxalign.train import state as state_lib
@@ -53,6 +62,12 @@ _PLATFORM = flags.DEFINE_enum(
     ["cpu", "gpu", "tpu"],
     "target platform for attention='auto' (default: tpu; cpu with --compile)",
 )
+_TPU_GENERATION = flags.DEFINE_enum(
+    "tpu_generation",
+    None,
+    list(vmem.VMEM_CAPACITY_BYTES),
+    "target TPU generation (implies --platform=tpu): attention='auto' uses XLA where flash does not fit its VMEM",
+)
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -66,7 +81,8 @@ def _human(num_bytes: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-    """Bytes per device of one training step's state and activations on `mesh`."""
+    """Bytes per device of one training step's state and activations on `mesh`, with the attention implementation
+    ("xla" or "flash") the activations assume."""
 
     mesh: dict[str, int]
     params: int
@@ -74,6 +90,7 @@ class Estimate:
     opt_state: int
     activations: int
     num_params: int
+    attention: str
 
     @property
     def total(self) -> int:
@@ -85,9 +102,32 @@ def default_devices(config: Config) -> int:
     return math.prod(max(getattr(config.mesh, a), 1) for a in AXES)
 
 
-def abstract_mesh(config: Config, num_devices: int) -> AbstractMesh:
+def target_device(platform: str, generation: str | None = None) -> AbstractDevice:
+    """The abstract device of the target `platform` ("cpu", "gpu" or "tpu"), of TPU `generation` (a key of
+    `vmem.VMEM_CAPACITY_BYTES`) when given: what an abstract mesh carries when lowering for that platform."""
+    if platform not in ("cpu", "gpu", "tpu"):
+        raise ConfigError(f"platform={platform!r} is not one of ['cpu', 'gpu', 'tpu']")
+    if generation is None:
+        # A device kind vmem.DEVICE_KINDS does not list: the flash kernel's VMEM fit is not checked.
+        kind = {"cpu": "cpu", "gpu": "cuda", "tpu": "TPU"}[platform]
+        return AbstractDevice(
+            device_kind=kind, num_cores=1, platform="cuda" if platform == "gpu" else platform
+        )
+    if platform != "tpu" or generation not in vmem.VMEM_CAPACITY_BYTES:
+        raise ConfigError(
+            f"tpu_generation={generation!r} (platform={platform!r}) needs platform 'tpu' and one of "
+            f"{list(vmem.VMEM_CAPACITY_BYTES)}"
+        )
+    kind = next(k for k, g in vmem.DEVICE_KINDS.items() if g == generation)
+    return AbstractDevice(device_kind=kind, num_cores=1, platform="tpu")
+
+
+def abstract_mesh(config: Config, num_devices: int, device: AbstractDevice | None = None) -> AbstractMesh:
+    """The config's mesh over `num_devices` abstract devices (of `device`'s platform and kind when given)."""
     sizes = mesh_shape(config.mesh, num_devices)
-    return AbstractMesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    return AbstractMesh(
+        tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES), abstract_device=device
+    )
 
 
 def abstract_state(config: Config, rules: Rules) -> tuple[Any, Any]:
@@ -112,10 +152,16 @@ def per_device_bytes(tree: Any, shardings: Any) -> int:
     return int(sum(jax.tree.leaves(sizes)))
 
 
-def resolve_attention(implementation: str, platform: str) -> str:
-    if implementation == "auto":
-        return "xla" if platform == "cpu" else "flash"
-    return implementation
+def train_attention(config: Config, rows: int, mesh: AbstractMesh) -> str:
+    """The attention implementation the model's training forward runs for `model.attention` on `mesh`'s device:
+    `attention.resolve` of abstract q (rows, T, H, Dh) and k (rows, T, K, Dh) in the compute dtype, with segment
+    ids (training batches carry them), under `mesh` as when lowering for its platform."""
+    cfg, T = config.model, config.train.seq_len
+    dtype = jnp.dtype(cfg.compute_dtype)
+    q_BxTxHxDh = jax.ShapeDtypeStruct((rows, T, cfg.n_heads, cfg.head_dim), dtype)
+    k_BxTxKxDh = jax.ShapeDtypeStruct((rows, T, cfg.n_kv_heads, cfg.head_dim), dtype)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return attention_lib.resolve(cfg.attention, q_BxTxHxDh, k_BxTxKxDh, segments=True)
 
 
 def activation_bytes(
@@ -160,10 +206,13 @@ def activation_bytes(
     return int(rows * seq_len * per_token + logits + layer_weights)
 
 
-def estimate(config: Config, num_devices: int | None = None, platform: str = "tpu") -> Estimate:
-    """Per-device bytes of a config's train step on a mesh of `num_devices` (default: `default_devices`)."""
+def estimate(
+    config: Config, num_devices: int | None = None, platform: str = "tpu", generation: str | None = None
+) -> Estimate:
+    """Per-device bytes of a config's train step on a mesh of `num_devices` (default: `default_devices`) of the
+    target `platform` (TPU `generation` when given; see `target_device`)."""
     num_devices = num_devices or default_devices(config)
-    mesh = abstract_mesh(config, num_devices)
+    mesh = abstract_mesh(config, num_devices, target_device(platform, generation))
     rules = Rules(mesh, config.mesh.rules)
     state, shardings = abstract_state(config, rules)
     params = per_device_bytes(state.params, shardings.params)
@@ -172,7 +221,7 @@ def estimate(config: Config, num_devices: int | None = None, platform: str = "tp
     tcfg = config.train
     micro = tcfg.batch_size // tcfg.grad_accum
     rows = math.ceil(micro / rules.data_parallel_size)
-    attention = resolve_attention(config.model.attention, platform)
+    attention = train_attention(config, rows, mesh)
     acts = activation_bytes(
         config.model, rows, tcfg.seq_len, mesh.shape["tensor"], attention, tcfg.logits_chunk
     )
@@ -183,7 +232,30 @@ def estimate(config: Config, num_devices: int | None = None, platform: str = "tp
         opt_state=rest,
         activations=acts,
         num_params=sum(math.prod(a.shape) for a in jax.tree.leaves(state.params)),
+        attention=attention,
     )
+
+
+def abstract_step_inputs(
+    config: Config, rules: Rules
+) -> tuple[Any, dict[str, jax.ShapeDtypeStruct], Any, Any]:
+    """The pretraining step's inputs on `rules`' mesh, abstract (nothing is allocated): (train state and batch as
+    ShapeDtypeStructs carrying their shardings, the state's shardings, the batch's sharding). The batch holds
+    `pretrain.BATCH_KEYS`, each (train.batch_size, train.seq_len): float32 weights, the rest int32."""
+    # The tool is an entry point like main, so it may use the stage's batch layout.
+    from jaxalign.stages import pretrain
+
+    state, shardings = abstract_state(config, rules)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+    batch_sharding = rules.sharding(("batch", "length"))
+    shape_BxT = (config.train.batch_size, config.train.seq_len)
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            shape_BxT, np.float32 if k == "weights" else np.int32, sharding=batch_sharding
+        )
+        for k in pretrain.BATCH_KEYS
+    }
+    return state, batch, shardings, batch_sharding
 
 
 def compiled_memory(config: Config, devices: list[jax.Device] | None = None) -> dict[str, int]:
@@ -196,14 +268,7 @@ def compiled_memory(config: Config, devices: list[jax.Device] | None = None) -> 
 
     rules = Rules.from_config(config, devices)
     common.check_batch(config, rules)
-    state, shardings = abstract_state(config, rules)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
-    batch_sharding = rules.sharding(("batch", "length"))
-    shape = (config.train.batch_size, config.train.seq_len)
-    batch = {
-        k: jax.ShapeDtypeStruct(shape, np.float32 if k == "weights" else np.int32, sharding=batch_sharding)
-        for k in pretrain.BATCH_KEYS
-    }
+    state, batch, shardings, batch_sharding = abstract_step_inputs(config, rules)
     step = jax.jit(
         lambda s, b: pretrain.train_step(
             s,
@@ -228,13 +293,17 @@ def compiled_memory(config: Config, devices: list[jax.Device] | None = None) -> 
     return out
 
 
-def report(config: Config, num_devices: int | None, platform: str, compile_step: bool) -> dict[str, Any]:
+def report(
+    config: Config, num_devices: int | None, platform: str, compile_step: bool, generation: str | None = None
+) -> dict[str, Any]:
     """Prints the table and the JSON line; returns the JSON record."""
-    est = estimate(config, num_devices, platform)
+    est = estimate(config, num_devices, platform, generation)
     n = math.prod(est.mesh.values())
     mesh = " ".join(f"{a}={s}" for a, s in est.mesh.items())
     count = f"{est.num_params / 1e9:.2f}B" if est.num_params >= 1e8 else f"{est.num_params / 1e6:.2f}M"
-    print(f"{config.job}: {count} parameters on {n} devices ({mesh}); per device:")
+    target = f"tpu {generation}" if generation else platform
+    print(f"{config.job}: {count} parameters on {n} devices ({mesh}), {est.attention} attention on {target};")
+    print("per device:")
     rows = [
         ("parameters", est.params),
         ("gradients", est.grads),
@@ -253,6 +322,7 @@ def report(config: Config, num_devices: int | None, platform: str, compile_step:
         "opt_state": est.opt_state,
         "activations": est.activations,
         "total": est.total,
+        "attention": est.attention,
     }
     if compile_step:
         devices = jax.devices()
@@ -270,14 +340,15 @@ def report(config: Config, num_devices: int | None, platform: str, compile_step:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    platform = _PLATFORM.value or ("cpu" if _COMPILE.value else "tpu")
+    generation = _TPU_GENERATION.value
+    platform = _PLATFORM.value or ("cpu" if _COMPILE.value and not generation else "tpu")
     config_dict = _CONFIG.value
     # Nothing is written or read: a workdir and a corpus are not needed to size a run.
     config_dict.workdir = config_dict.workdir or "(unused)"
     if "data" in config_dict and config_dict.data.input is None:  # the big-model jobs leave it to the user
         config_dict.data.input = "(unused)"
     try:
-        report(config_lib.from_config_dict(config_dict), _DEVICES.value, platform, _COMPILE.value)
+        report(config_lib.from_config_dict(config_dict), _DEVICES.value, platform, _COMPILE.value, generation)
     except UserError as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

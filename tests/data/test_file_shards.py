@@ -10,24 +10,11 @@ import pytest
 
 from jaxalign import config as config_lib
 from jaxalign import storage
-from jaxalign.data import file_shards, pipelines, sources, synthetic
-from jaxalign.data.tokenizer import train_sentencepiece
+from jaxalign.data import file_shards, pipelines, sources
 from jaxalign.errors import CheckpointError, ConfigError, DataError
 from tests import object_store
 
 SEQ = 192
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return synthetic.write_world(str(tmp_path_factory.mktemp("world")), 40, seed=1)
-
-
-@pytest.fixture(scope="module")
-def tok(world, tmp_path_factory):
-    with open(world["pretrain_train"], encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f]
-    return train_sentencepiece(texts, str(tmp_path_factory.mktemp("tok") / "sp.model"), 512)
 
 
 def _corpus(tmp_path, with_gzip: bool) -> list[str]:

@@ -6,23 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from jaxalign.data import chat, pipelines, synthetic
-from jaxalign.data.tokenizer import train_sentencepiece
+from jaxalign.data import chat, pipelines
 from jaxalign.errors import CheckpointError, ConfigError, DataError
 
 SEQ = 192  # fits every synthetic conversation with this small vocabulary
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return synthetic.write_world(str(tmp_path_factory.mktemp("world")), 40, seed=1)
-
-
-@pytest.fixture(scope="module")
-def tok(world, tmp_path_factory):
-    with open(world["pretrain_train"], encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f]
-    return train_sentencepiece(texts, str(tmp_path_factory.mktemp("tok") / "sp.model"), 512)
 
 
 def _records(path):

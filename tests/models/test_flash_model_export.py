@@ -19,7 +19,6 @@ import logging
 import re
 
 import jax
-import numpy as np
 import pytest
 from jax import export
 from jax._src.mesh import AbstractDevice
@@ -29,7 +28,7 @@ from jaxalign import config as config_lib
 from jaxalign.kernels import vmem
 from jaxalign.parallel.mesh import AXES, Rules
 from jaxalign.stages import pretrain
-from jaxalign.tools.memory import abstract_state
+from jaxalign.tools.memory import abstract_step_inputs
 
 TRITON = "__gpu$xla.gpu.triton"
 DEVICE_KIND = {"v5e": "TPU v5 lite", "v5p": "TPU v5p", "v6e": "TPU v6 lite", "v4": "TPU v4", "7x": "TPU7x"}
@@ -62,15 +61,7 @@ def mesh_for(platform: str, generation: str | None = None) -> AbstractMesh:
 
 def export_train_step(config: config_lib.Config, mesh: AbstractMesh, platform: str) -> export.Exported:
     """`pretrain.train_step` (loss, gradients, AdamW update) exported for `platform` from abstract inputs."""
-    rules = Rules(mesh, config.mesh.rules)
-    state, shardings = abstract_state(config, rules)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
-    batch_sharding = rules.sharding(("batch", "length"))
-    shape = (config.train.batch_size, config.train.seq_len)
-    batch = {
-        k: jax.ShapeDtypeStruct(shape, np.float32 if k == "weights" else np.int32, sharding=batch_sharding)
-        for k in pretrain.BATCH_KEYS
-    }
+    state, batch, shardings, batch_sharding = abstract_step_inputs(config, Rules(mesh, config.mesh.rules))
     step = jax.jit(
         functools.partial(
             pretrain.train_step, optim=config.optim, z_loss=config.train.z_loss, microbatches=1
@@ -131,7 +122,8 @@ def test_flash_that_does_not_fit_is_a_config_error():
         export_train_step(llama3_8b("flash"), mesh_for("tpu", "v4"), "tpu")
 
 
-def test_auto_falls_back_to_xla_where_the_kernel_does_not_fit(caplog):
+def test_auto_falls_back_to_xla_where_the_kernel_does_not_fit(caplog, monkeypatch):
+    monkeypatch.setattr(vmem, "_logged", set())  # logged once per process and reason: count this test's only
     with caplog.at_level(logging.WARNING, logger=vmem.__name__):
         text = export_train_step(llama3_8b("auto"), mesh_for("tpu", "v4"), "tpu").mlir_module()
     assert "tpu_custom_call" not in text and "8192x8192" in text  # XLA attention

@@ -9,9 +9,13 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from jaxalign import config as config_lib
+from jaxalign.errors import ConfigError
+from jaxalign.kernels import vmem
+from jaxalign.models import attention
 from jaxalign.tools import memory
 from tests.test_configs import PUBLISHED
 
@@ -119,6 +123,42 @@ def test_8b_configs_on_their_meshes(name):
     assert est.total < 40e9
 
 
+@pytest.mark.parametrize("generation, expected", [("v4", "xla"), ("v5e", "flash")])
+def test_auto_attention_is_what_the_model_runs_on_the_target_tpu(generation, expected, monkeypatch):
+    """llama3_8b (attention="auto", T=8192, bf16, 32 / 8 heads of 128): the flash kernel's dk/dv pass needs more
+    than v4's 16 MiB of VMEM (tests/models/test_flash_model_export.py exports XLA attention there); v5e's 128 MiB
+    hold it. The estimate assumes what `attention.resolve` picks for the microbatch's shapes on that TPU."""
+    # The fallback is logged once per process and reason: keep this test's line out of other tests' logs.
+    monkeypatch.setattr(vmem, "_logged", set())
+    config = load("llama3_8b")
+    cfg, T = config.model, config.train.seq_len
+    q_BxTxHxDh = jax.ShapeDtypeStruct((1, T, cfg.n_heads, cfg.head_dim), jnp.bfloat16)
+    k_BxTxKxDh = jax.ShapeDtypeStruct((1, T, cfg.n_kv_heads, cfg.head_dim), jnp.bfloat16)
+    with jax.sharding.use_abstract_mesh(
+        memory.abstract_mesh(config, 8, memory.target_device("tpu", generation))
+    ):
+        assert attention.resolve("auto", q_BxTxHxDh, k_BxTxKxDh, segments=True) == expected
+    est = memory.estimate(config, generation=generation)
+    assert est.attention == expected
+    # Against a TPU of unknown generation (fit unchecked: flash), only the attention term differs: with full remat,
+    # one layer's XLA softmax probabilities (float32 and a bf16 copy, H x T per token) replace its float32 log-sum-
+    # exp (H per token), for the one 8192-token row per device.
+    unchecked = memory.estimate(config)
+    assert unchecked.attention == "flash"
+    extra = T * cfg.n_heads * (T * (4 + 2) - 4) if expected == "xla" else 0
+    assert est.activations - unchecked.activations == extra
+    assert (est.params, est.opt_state) == (unchecked.params, unchecked.opt_state)
+
+
+def test_auto_attention_follows_the_platform_and_a_fixed_choice_is_kept():
+    config = load("llama3_8b")
+    assert memory.estimate(config, platform="cpu").attention == "xla"
+    assert memory.estimate(config, platform="gpu").attention == "flash"
+    assert memory.estimate(load("llama3_8b", model__attention="xla"), generation="v5e").attention == "xla"
+    with pytest.raises(ConfigError, match=r"tpu_generation='v4' \(platform='gpu'\) needs platform 'tpu'"):
+        memory.estimate(config, platform="gpu", generation="v4")
+
+
 def test_pod_config_per_slice_and_over_two_slices():
     config = load("llama3_8b", "pod")
     one, two = memory.estimate(config), memory.estimate(config, 128)
@@ -138,6 +178,7 @@ def test_command_line(tmp_path):
             "--config=configs/llama3_8b.py",
             "--config.mesh.fsdp=4",
             "--devices=4",
+            "--tpu_generation=v4",
         ],
         cwd=ROOT,
         env=env,
@@ -149,6 +190,7 @@ def test_command_line(tmp_path):
     record = json.loads(proc.stdout.splitlines()[-1])
     assert record["mesh"]["fsdp"] == 4 and record["num_params"] == 8_030_261_248
     assert record["total"] == record["params"] + record["grads"] + record["opt_state"] + record["activations"]
+    assert record["attention"] == "xla" and "xla attention on tpu v4" in proc.stdout  # flash does not fit v4
     assert "optimizer state" in proc.stdout
     proc = subprocess.run(
         [sys.executable, "-m", "jaxalign.tools.memory", "--config=configs/llama3_8b.py", "--devices=6"],
