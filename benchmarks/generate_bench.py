@@ -1,11 +1,12 @@
 """Generation throughput of `rl.sampler` on the reference model.
 
     python benchmarks/generate_bench.py [--repeats 5] [--batch 8] [--prompt 32] [--new 128] [--scan]
+                                        [--temperature 0]
 
 Reference model of benchmarks/train_throughput.py (vocab 8192, d_model 256, 4 layers, 4 heads of 64, 2 KV heads,
 MLP 1024, f32, one device); 8 prompts of 32 tokens, 128 greedy new tokens (no EOS, so every step runs). Times the
 two compiled programs of `sampler.generate` separately: the prefill and the decode loop (sampling of all
-`--new` tokens, `--new - 1` cached forward steps). `first_call_s` is the first `generate` call, compiles included.
+`--new` tokens, `--new - 1` cached forward steps). `--temperature` > 0 samples instead (as RL does; no EOS either). `first_call_s` is the first `generate` call, compiles included.
 The last line is one JSON object.
 """
 
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--scan", action="store_true")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the reference workload)")
     args = parser.parse_args()
 
     cfg = ModelConfig(
@@ -86,13 +88,13 @@ def main() -> None:
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, P)).tolist()
 
     start = time.perf_counter()
-    out = sampler.generate(model, prompts, max_new_tokens=C, temperature=0.0)
+    rng = jax.random.key(0)
+    out = sampler.generate(model, prompts, max_new_tokens=C, temperature=args.temperature, rng=rng)
     jax.block_until_ready(out)
     first_call_s = time.perf_counter() - start
 
     ids = jax.device_put(np.asarray(prompts, np.int32))
     mask = jax.device_put(np.ones((B, P), np.int32))
-    rng = jax.random.key(0)
     prefill_times, decode_times = [], []
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -108,7 +110,7 @@ def main() -> None:
             mask_r,
             rng,
             max_new_tokens=C,
-            temperature=0.0,
+            temperature=args.temperature,
             top_k=0,
             top_p=1.0,
             eos_ids=(),
@@ -135,13 +137,14 @@ def main() -> None:
         ("load average (1 min)", f"{load:.2f}"),
     ]
     width = max(len(r[0]) for r in rows)
-    print(f"greedy generation, reference model on {jax.devices()[0].device_kind} (scan={args.scan})")
+    kind = "greedy" if args.temperature == 0 else f"sampled (temperature {args.temperature:g})"
+    print(f"{kind} generation, reference model on {jax.devices()[0].device_kind} (scan={args.scan})")
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
     print(
         json.dumps(
             {
-                "workload": "reference",
+                "workload": "reference" if args.temperature == 0 else f"temperature={args.temperature:g}",
                 "decode_tokens_per_s": round(B * C / decode_s, 1),
                 "prefill_tokens_per_s": round(B * P / prefill_s, 1),
                 "first_call_s": round(first_call_s, 2),

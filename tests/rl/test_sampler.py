@@ -130,6 +130,41 @@ def test_top_k_top_p_never_emit_a_masked_token(top_k, top_p):
     assert np.abs(freq - probs).max() <= 4 * np.sqrt(probs.max() / N)
 
 
+@pytest.mark.parametrize("top_k", [0, 40])
+def test_inverse_cdf_draws_match_the_distribution_across_blocks(top_k):
+    """8192 draws over 1000 tokens (8 blocks of 128, the last one padded) at temperature 1: frequencies match the
+    softmax within 4 standard errors per token, masked tokens (beyond the top 40, spread over every block) never
+    come out, and every row of one call draws on its own (rows differ)."""
+    V, N = 1000, 8192
+    logits = np.random.default_rng(1).normal(size=V).astype(np.float32) * 2
+    kept = numpy_kept(logits, top_k, 1.0)
+    probs = np.where(kept, np.exp(logits - logits.max()), 0.0)
+    probs /= probs.sum()
+    draw = jax.jit(functools.partial(sampler.sample_tokens, temperature=1.0, top_k=top_k))
+    tokens, logps = (np.asarray(x) for x in draw(jnp.tile(logits, (N, 1)), jax.random.key(3)))
+    assert kept[tokens].all()
+    np.testing.assert_allclose(logps, np.log(probs[tokens]), rtol=1e-5, atol=1e-5)
+    freq = np.bincount(tokens, minlength=V) / N
+    assert np.all(np.abs(freq - probs) <= 4 * np.sqrt(probs * (1 - probs) / N) + 1 / N)
+    assert len(set(tokens[:64].tolist())) > 8
+
+
+def test_inverse_cdf_never_draws_zero_mass_at_either_end_of_the_range(monkeypatch):
+    """u = 0 draws each row's first token of positive mass; u = the total (where float rounding can leave no
+    cumulative sum above u) its last one. Rows with empty blocks and masked tokens in between: never a masked
+    token."""
+    probs = np.zeros((3, 300), np.float32)
+    probs[0, [5, 130]] = [0.25, 0.75]
+    probs[1, 299] = 1.0
+    probs[2, :3] = [0.5, 0.0, 0.5]
+    for u, expected in ((0.0, [5, 299, 0]), (1.0, [130, 299, 2])):
+        monkeypatch.setattr(
+            sampler.jax.random, "uniform", lambda key, shape, dtype, u=u: jnp.full(shape, u, dtype)
+        )
+        tokens = sampler.inverse_cdf_sample(jnp.asarray(probs), jax.random.key(0))
+        np.testing.assert_array_equal(tokens, expected)
+
+
 def test_top_k_1_is_greedy_through_the_loop(model):
     np.testing.assert_array_equal(
         generate(model, temperature=1.0, top_k=1, rng=5).tokens, generate(model, temperature=0.0).tokens
