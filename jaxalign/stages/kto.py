@@ -23,7 +23,7 @@ from jaxalign.data import pipelines
 from jaxalign.errors import ConfigError
 from jaxalign.models.logps import target_logps
 from jaxalign.models.transformer import flops_per_token
-from jaxalign.stages import common
+from jaxalign.stages import common, model_init
 from jaxalign.train import loop
 from jaxalign.train import state as state_lib
 
@@ -56,7 +56,7 @@ def train_step(
     logits_chunk: int = 0,
 ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
     graphdef = state.graphdef
-    ref_params = jax.lax.stop_gradient(common.reference(ref_params, state.params))
+    ref_params = jax.lax.stop_gradient(model_init.reference(ref_params, state.params))
     # The reference point over the whole batch (no gradient), and the reference log-probs of the examples.
     kl_logps = completion_logps(jax.lax.stop_gradient(state.params), graphdef, _kl_rows(batch), logits_chunk)
     ref_kl_logps = completion_logps(ref_params, graphdef, _kl_rows(batch), logits_chunk)
@@ -88,7 +88,7 @@ def example_metrics(params, batch, ref_params, *, graphdef, beta: float, logits_
     """Held-out: the mean implicit reward beta * (log-ratio) of desirable and undesirable examples."""
     r = beta * (
         completion_logps(params, graphdef, batch, logits_chunk)
-        - completion_logps(common.reference(ref_params, params), graphdef, batch, logits_chunk)
+        - completion_logps(model_init.reference(ref_params, params), graphdef, batch, logits_chunk)
     )
     d = batch["desirable"]
     return {
@@ -107,9 +107,9 @@ def run(config: Config) -> loop.Result:
     rules = common.setup(config)
     train_glob, eval_glob = common.inputs(config, "preference")
     tokenizer = common.tokenizer(config)
-    graphdef, state, state_shardings, fresh = common.train_state(config, rules, "kto")
-    ref_params = common.reference_params(config, rules, state, state_shardings, fresh)
-    ref_shardings = common.reference_shardings(ref_params, state_shardings.params)
+    graphdef, state, state_shardings, fresh = model_init.train_state(config, rules, "kto")
+    ref_params = model_init.reference_params(config, rules, state, state_shardings, fresh)
+    ref_shardings = model_init.reference_shardings(ref_params, state_shardings.params)
     kwargs = dict(
         seq_len=tcfg.seq_len,
         global_batch_size=tcfg.batch_size,

@@ -22,7 +22,7 @@ from jaxalign.data import pipelines
 from jaxalign.errors import ConfigError
 from jaxalign.models import heads
 from jaxalign.models.transformer import flops_per_token
-from jaxalign.stages import common
+from jaxalign.stages import common, model_init
 from jaxalign.train import loop
 from jaxalign.train import state as state_lib
 
@@ -89,7 +89,7 @@ def load_scorer(checkpoint_dir: str, tokenizer=None, rules=None, batch_size: int
 
         mesh_cfg = config_lib.MeshConfig(data=1, fsdp=1, tensor=1, stage=1)
         rules = Rules(make_mesh(mesh_cfg, jax.devices()[:1]), mesh_cfg.rules)
-    graphdef, params = common.init_params(cfg, rules, scalar=True)
+    graphdef, params = model_init.init_params(cfg, rules, scalar=True)
     return heads.RewardScorer(graphdef, params, tokenizer, batch_size)
 
 
@@ -124,7 +124,7 @@ def run(config: Config) -> loop.Result:
     if config.reward.margin_field:
         batch_shardings["margin"] = rules.sharding(("batch",))
 
-    graphdef, state, state_shardings, _ = common.train_state(config, rules, "reward", scalar=True)
+    graphdef, state, state_shardings, _ = model_init.train_state(config, rules, "reward", scalar=True)
     step_fn = functools.partial(
         train_step, optim=config.optim, center_coef=config.reward.center_coef, microbatches=tcfg.grad_accum
     )
