@@ -1,6 +1,6 @@
 """Preference optimisation on pairs: DPO (every TRL loss type), SimPO and ORPO (KTO is `stages/kto.py`).
 
-Batches come from `data.pipelines.preference_loader` (legend there): `chosen_*` and `rejected_*` rows [B, T] that
+Batches come from `data.prompt_pipelines.preference_loader` (legend there): `chosen_*` and `rejected_*` rows [B, T] that
 share the prompt. Per-sequence log-probs are sums over completion tokens (`weights`), computed for the 2B rows in one
 forward pass through the chunked log-softmax of `models.logps` (`train.logits_chunk`), so the full [2B, T, V] float32
 logits never exist at once.
@@ -27,7 +27,7 @@ from flax import nnx
 
 from jaxalign import losses, storage
 from jaxalign.config import Config, DpoConfig, OptimConfig
-from jaxalign.data import mixture, pipelines, seqio_source
+from jaxalign.data import mixture, prompt_pipelines, seqio_source
 from jaxalign.data.sources import open_source
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.models.logps import target_logps
@@ -176,7 +176,7 @@ def precompute_reference(
     source = open_source(pattern, on_error=config.data.on_error)
     fingerprint = {"files": list(source.files), "records": len(source), "init_from": config.model.init_from}
     if not (storage.exists(done) and json.loads(storage.read_text(done)) == fingerprint):
-        encode = pipelines.preference_encoder(
+        encode = prompt_pipelines.preference_encoder(
             tokenizer,
             seq_len=config.train.seq_len,
             max_prompt_length=config.data.max_prompt_length,
@@ -318,7 +318,7 @@ def run(config: Config) -> loop.Result:
         shards=dcfg.shards,
         reference=reference,
     )
-    loader = pipelines.preference_loader(
+    loader = prompt_pipelines.preference_loader(
         train_glob,
         tokenizer,
         **common.loader_options(config),
@@ -330,7 +330,9 @@ def run(config: Config) -> loop.Result:
     eval_fn = None
     if eval_glob and tcfg.eval_every:
         metric = functools.partial(pair_metrics, graphdef=graphdef, cfg=cfg, logits_chunk=tcfg.logits_chunk)
-        make = lambda: pipelines.preference_loader(eval_glob, tokenizer, seed=0, shuffle=False, **kwargs)
+        make = lambda: prompt_pipelines.preference_loader(
+            eval_glob, tokenizer, seed=0, shuffle=False, **kwargs
+        )
         eval_fn = common.evaluator(
             metric,
             common.read_batches(make, tcfg.eval_batches),

@@ -44,7 +44,7 @@ import numpy as np
 
 from jaxalign import losses
 from jaxalign.config import Config, GrpoConfig, OptimConfig
-from jaxalign.data import pipelines
+from jaxalign.data import prompt_pipelines
 from jaxalign.errors import ConfigError
 from jaxalign.models.transformer import flops_per_token
 from jaxalign.parallel.mesh import Rules
@@ -355,7 +355,7 @@ def run(config: Config) -> loop.Result:
         overlong=dcfg.overlong,
         shards=dcfg.shards,
     )
-    loader = pipelines.rl_loader(
+    loader = prompt_pipelines.rl_loader(
         train_glob,
         tokenizer,
         **common.loader_options(config),
@@ -375,7 +375,7 @@ def run(config: Config) -> loop.Result:
 
     eval_fn = None
     if eval_glob and tcfg.eval_every:
-        make = lambda: pipelines.rl_loader(eval_glob, tokenizer, seed=0, shuffle=False, **kwargs)
+        make = lambda: prompt_pipelines.rl_loader(eval_glob, tokenizer, seed=0, shuffle=False, **kwargs)
         eval_fn = answer_evaluator(
             config, rules, tokenizer, graphdef, common.read_batches(make, tcfg.eval_batches)
         )

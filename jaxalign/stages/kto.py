@@ -1,6 +1,6 @@
 """KTO (Kahneman-Tversky optimisation) on unpaired desirable / undesirable examples, with a frozen reference.
 
-Batches come from `data.pipelines.kto_loader`: one example per row (`inputs`, `targets`, `weights`, `positions`,
+Batches come from `data.prompt_pipelines.kto_loader`: one example per row (`inputs`, `targets`, `weights`, `positions`,
 `segment_ids` [B, T], `desirable` [B]) and its KL row (`kl_*` [B, T]: the same prompt with another record's
 completion). As TRL's KTOTrainer: the reference point `kl` is the mean policy/reference log-ratio of the KL rows over
 the whole batch, clamped at 0 and detached, computed once before the split into microbatches; each example then loses
@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxalign import losses
 from jaxalign.config import Config, DpoConfig, OptimConfig
-from jaxalign.data import pipelines
+from jaxalign.data import prompt_pipelines
 from jaxalign.errors import ConfigError
 from jaxalign.models.logps import target_logps
 from jaxalign.models.transformer import flops_per_token
@@ -120,7 +120,7 @@ def run(config: Config) -> loop.Result:
         overlong=dcfg.overlong,
         shards=dcfg.shards,
     )
-    loader = pipelines.kto_loader(
+    loader = prompt_pipelines.kto_loader(
         train_glob,
         tokenizer,
         **common.loader_options(config),
@@ -133,7 +133,7 @@ def run(config: Config) -> loop.Result:
     )
     eval_fn = None
     if eval_glob and tcfg.eval_every:
-        make = lambda: pipelines.kto_loader(eval_glob, tokenizer, seed=0, shuffle=False, **kwargs)
+        make = lambda: prompt_pipelines.kto_loader(eval_glob, tokenizer, seed=0, shuffle=False, **kwargs)
         eval_fn = common.evaluator(
             functools.partial(
                 example_metrics, graphdef=graphdef, beta=cfg.beta, logits_chunk=tcfg.logits_chunk

@@ -53,7 +53,7 @@ from flax import nnx
 from jaxalign import config as config_lib
 from jaxalign import losses, storage
 from jaxalign.config import Config, ModelConfig, OptimConfig, PpoConfig
-from jaxalign.data import pipelines
+from jaxalign.data import prompt_pipelines
 from jaxalign.errors import ConfigError
 from jaxalign.models.heads import RewardScorer, ScalarModel
 from jaxalign.models.transformer import Transformer, flops_per_token
@@ -538,7 +538,7 @@ def run(config: Config) -> loop.Result:
         overlong=dcfg.overlong,
         shards=dcfg.shards,
     )
-    loader = pipelines.rl_loader(
+    loader = prompt_pipelines.rl_loader(
         train_glob,
         tokenizer,
         **common.loader_options(config),
@@ -560,7 +560,7 @@ def run(config: Config) -> loop.Result:
 
     eval_fn = None
     if eval_glob and tcfg.eval_every:
-        make = lambda: pipelines.rl_loader(eval_glob, tokenizer, seed=0, shuffle=False, **kwargs)
+        make = lambda: prompt_pipelines.rl_loader(eval_glob, tokenizer, seed=0, shuffle=False, **kwargs)
         batches = common.read_batches(make, tcfg.eval_batches)
         eval_fn = score_evaluator(config, rules, tokenizer, graphdefs[0], scorer, to_rm, batches)
     seq = dcfg.max_prompt_length + cfg.max_completion_length

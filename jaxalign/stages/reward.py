@@ -1,6 +1,6 @@
 """Reward model: a scalar head on the transformer trunk trained with the Bradley-Terry loss on preference pairs.
 
-Batches come from `data.pipelines.preference_loader` (legend there): `chosen_*` and `rejected_*` rows [B, T] that share
+Batches come from `data.prompt_pipelines.preference_loader` (legend there): `chosen_*` and `rejected_*` rows [B, T] that share
 the prompt (and `margin` [B] with `reward.margin_field`). A row's reward is the head's score at its last real token
 (`models.heads`), computed over the whole sequence (prompt + completion + its end-of-turn), chosen and rejected in one
 forward pass of 2B rows. Held-out metrics: `eval/accuracy` (pairwise: r_chosen > r_rejected) and `eval/loss`.
@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxalign import losses
 from jaxalign.config import Config, OptimConfig
-from jaxalign.data import pipelines
+from jaxalign.data import prompt_pipelines
 from jaxalign.errors import ConfigError
 from jaxalign.models import heads
 from jaxalign.models.transformer import flops_per_token
@@ -114,7 +114,7 @@ def run(config: Config) -> loop.Result:
         shards=dcfg.shards,
         margin_field=config.reward.margin_field,
     )
-    loader = pipelines.preference_loader(
+    loader = prompt_pipelines.preference_loader(
         train_glob,
         tokenizer,
         **common.loader_options(config),
@@ -130,7 +130,9 @@ def run(config: Config) -> loop.Result:
     )
     eval_fn = None
     if eval_glob and tcfg.eval_every:
-        make = lambda: pipelines.preference_loader(eval_glob, tokenizer, seed=0, shuffle=False, **kwargs)
+        make = lambda: prompt_pipelines.preference_loader(
+            eval_glob, tokenizer, seed=0, shuffle=False, **kwargs
+        )
         eval_fn = common.evaluator(
             functools.partial(pair_metrics, graphdef=graphdef),
             common.read_batches(make, tcfg.eval_batches),
