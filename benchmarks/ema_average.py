@@ -56,7 +56,7 @@ def held_out_loss(workdir: str, init_from: str, batches: int) -> float:
     from jaxalign import config as config_lib
     from jaxalign.data import pipelines
     from jaxalign.parallel.mesh import Rules
-    from jaxalign.stages import common
+    from jaxalign.stages import common, model_init
 
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
         saved = json.load(f)
@@ -71,7 +71,7 @@ def held_out_loss(workdir: str, init_from: str, batches: int) -> float:
     rules = Rules.from_config(config)
     tokenizer = common.tokenizer(config)
     _, eval_glob = common.inputs(config, "pretrain")
-    graphdef, params = common.init_params(config, rules)
+    graphdef, params = model_init.init_params(config, rules)
     make_loader = lambda: pipelines.lm_loader(
         eval_glob,
         tokenizer,

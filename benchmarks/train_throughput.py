@@ -42,7 +42,7 @@ from jaxalign.config import DpoConfig, MeshConfig, ModelConfig, OptimConfig
 from jaxalign.models.transformer import flops_per_token, init_model, num_params
 from jaxalign.parallel.mesh import Rules, make_mesh
 from jaxalign.stages import dpo, pretrain, reward, sft
-from jaxalign.stages.common import init_params
+from jaxalign.stages.model_init import init_params
 from jaxalign.train import perf
 from jaxalign.train import state as state_lib
 
@@ -147,7 +147,7 @@ def main() -> None:
     if args.lora_rank:
         from jaxalign.config import LoraConfig
         from jaxalign.peft import lora
-        from jaxalign.stages.common import BaseReference
+        from jaxalign.stages.model_init import BaseReference
 
         lora_cfg = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank, quantize=args.quantize)
         graphdef, params = lora.attach(graphdef, params, lora_cfg, rules, seed=0)

@@ -32,7 +32,7 @@ from flax import nnx
 from jaxalign import config as config_lib
 from jaxalign import storage
 from jaxalign.config import Config, StageRun
-from jaxalign.stages import common
+from jaxalign.stages import common, model_init
 from jaxalign.train import checkpoint as checkpoint_lib
 
 MODULES = {
@@ -175,7 +175,7 @@ def evaluate_stages(config: Config) -> dict[str, Any]:
 
     def policy(stage: str) -> Policy:
         cfg = dataclasses.replace(config.model, init_from=f"ckpt:{_checkpoint(config, stage)}")
-        model = nnx.merge(*common.init_params(config, rules, model_cfg=cfg, adapters=False))
+        model = nnx.merge(*model_init.init_params(config, rules, model_cfg=cfg, adapters=False))
         return Policy(model, tokenizer, config.data.chat_template, ecfg.batch_size)
 
     have = lambda stage: storage.path(_checkpoint(config, stage)).is_dir()

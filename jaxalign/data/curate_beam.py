@@ -5,11 +5,11 @@ Runs on any Beam runner chosen by `curate.beam_options` (flags for `PipelineOpti
 Dataflow / Flink / Spark take their usual flags (see the README). Beam's DirectRunner first tries Prism, whose binary
 it downloads from GitHub on first use (offline it falls back to the FnApiRunner after a few seconds);
 "--runner=FnApiRunner" runs the same in-process engine directly. Every record goes through
-`curate.process_record`, the local runner's per-record function (parse checks, exact hash, MinHash words, quality
-filters with C4 line drops, decontamination against `curate.decontam`'s benchmarks, PII), and MinHash signatures
-through `mh.signatures`; LSH keys (`mh.band_keys`), pair verification (`mh.verified`) and clustering
-(`mh.components`) are shared too, as are the perplexity scorer and bucketing (perplexity_filter.py) and the
-exact-substring span cutting (`substring_dedup.cut`).
+`curate_stages.process_record`, the local runner's per-record function (parse checks, exact hash, MinHash
+words, quality filters with C4 line drops, decontamination against `curate.decontam`'s benchmarks, PII), and
+MinHash signatures through `mh.signatures`; LSH keys (`mh.band_keys`), pair verification (`mh.verified`) and
+clustering (`mh.components`) are shared too, as are the perplexity scorer and bucketing (perplexity_filter.py)
+and the exact-substring span cutting (`substring_dedup.cut`).
 
 Pipeline (records are keyed by their global position pos = shard index << 32 | line number, so sorting positions
 is the local runner's input order: files in `sources.expand_glob` order, lines in file order):
@@ -75,7 +75,7 @@ import numpy as np
 
 from jaxalign import storage
 from jaxalign.config import Config, CurateConfig
-from jaxalign.data import curate, decontam, sources
+from jaxalign.data import curate, curate_stages, decontam, sources
 from jaxalign.data import curate_filters as filters
 from jaxalign.data import curate_minhash as mh
 from jaxalign.data import substring_dedup as substr
@@ -124,7 +124,7 @@ def map_shard(
     ("hit", (pos, (id_json, benchmark indices, {benchmark index: item indices}, filter reason))) per record holding
     an n-gram of `bench`'s evaluation items (decontamination), and one ("counts", {stage: seconds or docs})."""
     index, path = task
-    stats, bad, chain = curate.Stats(), [], filters.enabled(cfg)
+    stats, bad, chain = curate_stages.Stats(), [], filters.enabled(cfg)
     a_K, b_K = mh.permutations(cfg.num_bands * cfg.rows_per_band, seed)
     pending: list[tuple[tuple, list[bytes]]] = []  # (meta without signature, words) awaiting a MinHash batch
 
@@ -137,9 +137,9 @@ def map_shard(
         pending.clear()
 
     try:
-        for line_no, record in curate.timed_records(path, "skip", bad, stats):
+        for line_no, record in curate_stages.timed_records(path, "skip", bad, stats):
             pos = index << _LINE_BITS | line_no
-            done = curate.process_record(record, cfg, chain, stats, bench)
+            done = curate_stages.process_record(record, cfg, chain, stats, bench)
             meta = (pos, json.dumps(record["id"], ensure_ascii=False), done.reason, done.exact)
             if done.hits:
                 yield (
@@ -150,7 +150,7 @@ def map_shard(
                 yield "line", (index, (line_no, done.line, done.pii))
             if cfg.near_dedup:
                 pending.append((meta, done.words))
-                if len(pending) == curate.SIG_BATCH_DOCS:
+                if len(pending) == curate_stages.SIG_BATCH_DOCS:
                     yield from flush()
             else:
                 yield "meta", (*meta, b"", [])
@@ -164,7 +164,7 @@ def map_shard(
     yield "counts", _stage_counts(stats)
 
 
-def _stage_counts(stats: curate.Stats) -> dict[str, float]:
+def _stage_counts(stats: curate_stages.Stats) -> dict[str, float]:
     return {
         **{f"seconds:{s}": t for s, t in stats.seconds.items()},
         **{f"docs:{s}": d for s, d in stats.docs.items()},
@@ -182,7 +182,7 @@ def check_ids(group: tuple[str, list], paths: list[str], on_error: str) -> Itera
     yield "meta", first
     for meta in metas:
         if meta[0] != first[0]:
-            message = curate.duplicate_id_message(
+            message = curate_stages.duplicate_id_message(
                 json.loads(id_json), _where(paths, meta[0]), _where(paths, first[0])
             )
             yield "bad", ((1, meta[0]), message, on_error == "error")
@@ -468,7 +468,7 @@ def run(config: Config) -> None:
     bench = decontam.load(
         cfg.decontam, cfg.decontam_n, cfg.decontam_benchmarks, sources.expand_glob(config.data.input)
     )
-    shards = curate.input_shards(config, work_dir)
+    shards = curate_stages.input_shards(config, work_dir)
     storage.path(out_dir).mkdir(parents=True, exist_ok=True)
     storage.path(part_dir).mkdir(parents=True, exist_ok=True)
     storage.write_atomic(storage.join(config.workdir, "config.json"), config.to_json())
@@ -509,7 +509,7 @@ def run(config: Config) -> None:
     curate.remove_stale_outputs(out_dir, shards)
 
     reasons = Counter({k.split(":", 1)[1]: int(v) for k, v in counts.items() if k.startswith("reason:")})
-    stats = curate.Stats()
+    stats = curate_stages.Stats()
     for key, value in counts.items():
         kind, _, stage = key.partition(":")
         if kind in ("seconds", "docs"):

@@ -1,5 +1,5 @@
-"""MinHash-LSH near-duplicate detection for curation (curate.py, curate_beam.py): words, shingles, signatures,
-LSH band keys, pair verification and connected components.
+"""MinHash-LSH near-duplicate detection for curation (curate_stages.py, curate_beam.py): words, shingles,
+signatures, LSH band keys, pair verification and connected components.
 
 Shapes: N records, D documents of a batch, K = num_bands * rows_per_band permutations, B = num_bands bands,
 S shingles, P candidate pairs.
@@ -179,5 +179,5 @@ def components(n: int, pairs: np.ndarray) -> np.ndarray:
 def signatures(
     doc_words: list[list[bytes]], cfg: CurateConfig, a_K: np.ndarray, b_K: np.ndarray
 ) -> np.ndarray:
-    """MinHash signatures [D, K] uint32 of D documents' words (`curate.Processed.words`)."""
+    """MinHash signatures [D, K] uint32 of D documents' words (`curate_stages.Processed.words`)."""
     return minhash(*shingles(doc_words, cfg.ngram), len(doc_words), a_K, b_K)

@@ -1,5 +1,6 @@
 """The machinery under every input pipeline: record streams, worker processes, packing and the checkpointable
-`Loader` that feeds the training loop (the per-stage encoders and batch formats are in `jaxalign.data.pipelines`).
+`Loader` that feeds the training loop (the per-stage encoders and batch formats are in `jaxalign.data.pipelines`:
+LM, SFT, and `jaxalign.data.prompt_pipelines`: preference, KTO, RL prompts).
 
 The records (after a global shuffle that changes every epoch) are dealt into `shards` streams (`[shard::shards]`,
 default one per process); each stream is packed into its rows of every global batch and each process runs its

@@ -135,7 +135,7 @@ def load_model(config: Config) -> tuple[Any, Any, Any, str]:
     """(model, tokenizer, rules, spec) of the scoring LM. A `ckpt:` model takes its architecture from the
     checkpoint's saved config; an `hf:` one must match `model.*` (as the stages' `model.init_from`)."""
     from jaxalign.parallel.mesh import Rules
-    from jaxalign.stages import common
+    from jaxalign.stages import common, model_init
     from jaxalign.train import checkpoint
 
     cfg = config.curate
@@ -150,7 +150,7 @@ def load_model(config: Config) -> tuple[Any, Any, Any, str]:
     sub = config_lib.replace(config, model=model_cfg)
     rules = Rules.from_config(sub)
     tokenizer = common.load_tokenizer(common.tokenizer_path(sub))
-    model = nnx.merge(*common.init_params(sub, rules, adapters=False))
+    model = nnx.merge(*model_init.init_params(sub, rules, adapters=False))
     return model, tokenizer, rules, spec
 
 

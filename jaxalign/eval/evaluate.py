@@ -220,10 +220,10 @@ def write_results(workdir: str, name: str, result: Mapping[str, Any]) -> dict[st
 
 
 def _load_policy(config: Config, rules: Any, tokenizer: Any, init_from: str) -> Policy:
-    from jaxalign.stages import common
+    from jaxalign.stages import model_init
 
     cfg = dataclasses.replace(config.model, init_from=init_from)
-    model = nnx.merge(*common.init_params(config, rules, model_cfg=cfg, adapters=False))
+    model = nnx.merge(*model_init.init_params(config, rules, model_cfg=cfg, adapters=False))
     return Policy(model, tokenizer, config.data.chat_template, config.eval.batch_size)
 
 

@@ -1,6 +1,6 @@
 """Parameter-efficient fine-tuning: LoRA adapters (`lora.py`), an NF4 double-quantised frozen base (`nf4.py`, QLoRA)
 and Hugging Face PEFT adapter files (`peft_io.py`). Every stage gets them through `lora.*` config keys and the shared
-state init in `stages/common.py`.
+state init in `stages/model_init.py`.
 
 Why not qwix (0.1.8, evaluated before writing this; measured on this model, CPU, flax 0.12.8):
 - `qwix.apply_lora_to_model(Transformer, LoraProvider(module_path=".*", rank=4, alpha=8, weight_qtype="nf4"), tokens)`

@@ -1,6 +1,6 @@
 """Preference optimisation on pairs: DPO (every TRL loss type), SimPO and ORPO (KTO is `stages/kto.py`).
 
-Batches come from `data.pipelines.preference_loader` (legend there): `chosen_*` and `rejected_*` rows [B, T] that
+Batches come from `data.prompt_pipelines.preference_loader` (legend there): `chosen_*` and `rejected_*` rows [B, T] that
 share the prompt. Per-sequence log-probs are sums over completion tokens (`weights`), computed for the 2B rows in one
 forward pass through the chunked log-softmax of `models.logps` (`train.logits_chunk`), so the full [2B, T, V] float32
 logits never exist at once.
@@ -27,12 +27,12 @@ from flax import nnx
 
 from jaxalign import losses, storage
 from jaxalign.config import Config, DpoConfig, OptimConfig
-from jaxalign.data import mixture, pipelines, seqio_source
+from jaxalign.data import mixture, prompt_pipelines, seqio_source
 from jaxalign.data.sources import open_source
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.models.logps import target_logps
 from jaxalign.models.transformer import flops_per_token
-from jaxalign.stages import common
+from jaxalign.stages import common, model_init
 from jaxalign.train import loop
 from jaxalign.train import state as state_lib
 
@@ -137,7 +137,7 @@ def train_step(
         tokens_per_pair = jnp.sum(batch["chosen_weights"]) / pairs
     if cfg.objective == "dpo":
         if ref_params is not None:  # live reference: computed once over the whole batch
-            ref = common.reference(ref_params, state.params)
+            ref = model_init.reference(ref_params, state.params)
             ref_c, ref_r = reference_logps(ref, batch, state.graphdef, logits_chunk)
         else:
             ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -176,7 +176,7 @@ def precompute_reference(
     source = open_source(pattern, on_error=config.data.on_error)
     fingerprint = {"files": list(source.files), "records": len(source), "init_from": config.model.init_from}
     if not (storage.exists(done) and json.loads(storage.read_text(done)) == fingerprint):
-        encode = pipelines.preference_encoder(
+        encode = prompt_pipelines.preference_encoder(
             tokenizer,
             seq_len=config.train.seq_len,
             max_prompt_length=config.data.max_prompt_length,
@@ -254,7 +254,7 @@ def pair_metrics(params, batch, ref_params=None, *, graphdef, cfg: DpoConfig, lo
     (c, r) = _split(sequence_logps(params, graphdef, batch, logits_chunk)[0])
     if cfg.objective == "dpo":
         rc, rr = (
-            reference_logps(common.reference(ref_params, params), batch, graphdef, logits_chunk)
+            reference_logps(model_init.reference(ref_params, params), batch, graphdef, logits_chunk)
             if ref_params is not None
             else (batch["ref_chosen_logps"], batch["ref_rejected_logps"])
         )
@@ -275,15 +275,15 @@ def run(config: Config) -> loop.Result:
     rules = common.setup(config)
     train_glob, eval_glob = common.inputs(config, "preference")
     tokenizer = common.tokenizer(config)
-    graphdef, state, state_shardings, fresh = common.train_state(config, rules, "dpo")
+    graphdef, state, state_shardings, fresh = model_init.train_state(config, rules, "dpo")
     batch_shardings = {k: rules.sharding(("batch", "length")) for k in BATCH_KEYS}
 
     # The frozen reference: the initial policy (a copy: the state's buffers are donated to the step).
     ref_params = ref_shardings = None
     reference = None
     if cfg.objective == "dpo":
-        ref_params = common.reference_params(config, rules, state, state_shardings, fresh)
-        ref_shardings = common.reference_shardings(ref_params, state_shardings.params)
+        ref_params = model_init.reference_params(config, rules, state, state_shardings, fresh)
+        ref_shardings = model_init.reference_shardings(ref_params, state_shardings.params)
         if cfg.reference == "precomputed":
             patterns = mixture.globs(train_glob) + ([eval_glob] if eval_glob else [])
             if seqio := [p for p in patterns if seqio_source.is_seqio(p)]:
@@ -300,7 +300,7 @@ def run(config: Config) -> loop.Result:
                         tokenizer,
                         pattern,
                         graphdef,
-                        common.reference(ref_params, state.params),
+                        model_init.reference(ref_params, state.params),
                         batch_shardings,
                     )
                 )
@@ -318,7 +318,7 @@ def run(config: Config) -> loop.Result:
         shards=dcfg.shards,
         reference=reference,
     )
-    loader = pipelines.preference_loader(
+    loader = prompt_pipelines.preference_loader(
         train_glob,
         tokenizer,
         **common.loader_options(config),
@@ -330,7 +330,9 @@ def run(config: Config) -> loop.Result:
     eval_fn = None
     if eval_glob and tcfg.eval_every:
         metric = functools.partial(pair_metrics, graphdef=graphdef, cfg=cfg, logits_chunk=tcfg.logits_chunk)
-        make = lambda: pipelines.preference_loader(eval_glob, tokenizer, seed=0, shuffle=False, **kwargs)
+        make = lambda: prompt_pipelines.preference_loader(
+            eval_glob, tokenizer, seed=0, shuffle=False, **kwargs
+        )
         eval_fn = common.evaluator(
             metric,
             common.read_batches(make, tcfg.eval_batches),

@@ -44,13 +44,13 @@ import numpy as np
 
 from jaxalign import losses
 from jaxalign.config import Config, GrpoConfig, OptimConfig
-from jaxalign.data import pipelines
+from jaxalign.data import prompt_pipelines
 from jaxalign.errors import ConfigError
 from jaxalign.models.transformer import flops_per_token
 from jaxalign.parallel.mesh import Rules
 from jaxalign.rl import rewards as rewards_lib
 from jaxalign.rl import sampler
-from jaxalign.stages import common, rollout
+from jaxalign.stages import common, model_init, rollout
 from jaxalign.train import loop
 from jaxalign.train import state as state_lib
 
@@ -161,7 +161,7 @@ def train_step(
     measured = {}
     if cfg.beta:
         batch["ref_logps"] = jax.lax.stop_gradient(
-            policy_logps(common.reference(ref_params, state.params), state.graphdef, batch, cfg)
+            policy_logps(model_init.reference(ref_params, state.params), state.graphdef, batch, cfg)
         )
     if cfg.num_iterations > 1:
         old = jax.lax.stop_gradient(policy_logps(state.params, state.graphdef, batch, cfg))
@@ -355,7 +355,7 @@ def run(config: Config) -> loop.Result:
         overlong=dcfg.overlong,
         shards=dcfg.shards,
     )
-    loader = pipelines.rl_loader(
+    loader = prompt_pipelines.rl_loader(
         train_glob,
         tokenizer,
         **common.loader_options(config),
@@ -363,19 +363,19 @@ def run(config: Config) -> loop.Result:
     )
 
     # Every step makes num_iterations optimizer updates: the schedule spans all of them.
-    graphdef, state, state_shardings, fresh = common.train_state(
+    graphdef, state, state_shardings, fresh = model_init.train_state(
         config, rules, "grpo", total_steps=tcfg.steps * cfg.num_iterations
     )
     ref_params = ref_shardings = None
     if cfg.beta:  # the frozen reference: the initial policy (a copy: the state's buffers are donated)
-        ref_params = common.reference_params(config, rules, state, state_shardings, fresh)
-        ref_shardings = common.reference_shardings(ref_params, state_shardings.params)
+        ref_params = model_init.reference_params(config, rules, state, state_shardings, fresh)
+        ref_shardings = model_init.reference_shardings(ref_params, state_shardings.params)
     step_fn = functools.partial(train_step, cfg=cfg, optim=config.optim, microbatches=tcfg.grad_accum)
     prepare = Rollout(config, rules, tokenizer, graphdef, make_reward_set(config, tokenizer, rules))
 
     eval_fn = None
     if eval_glob and tcfg.eval_every:
-        make = lambda: pipelines.rl_loader(eval_glob, tokenizer, seed=0, shuffle=False, **kwargs)
+        make = lambda: prompt_pipelines.rl_loader(eval_glob, tokenizer, seed=0, shuffle=False, **kwargs)
         eval_fn = answer_evaluator(
             config, rules, tokenizer, graphdef, common.read_batches(make, tcfg.eval_batches)
         )

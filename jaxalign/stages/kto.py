@@ -1,6 +1,6 @@
 """KTO (Kahneman-Tversky optimisation) on unpaired desirable / undesirable examples, with a frozen reference.
 
-Batches come from `data.pipelines.kto_loader`: one example per row (`inputs`, `targets`, `weights`, `positions`,
+Batches come from `data.prompt_pipelines.kto_loader`: one example per row (`inputs`, `targets`, `weights`, `positions`,
 `segment_ids` [B, T], `desirable` [B]) and its KL row (`kl_*` [B, T]: the same prompt with another record's
 completion). As TRL's KTOTrainer: the reference point `kl` is the mean policy/reference log-ratio of the KL rows over
 the whole batch, clamped at 0 and detached, computed once before the split into microbatches; each example then loses
@@ -19,11 +19,11 @@ from flax import nnx
 
 from jaxalign import losses
 from jaxalign.config import Config, DpoConfig, OptimConfig
-from jaxalign.data import pipelines
+from jaxalign.data import prompt_pipelines
 from jaxalign.errors import ConfigError
 from jaxalign.models.logps import target_logps
 from jaxalign.models.transformer import flops_per_token
-from jaxalign.stages import common
+from jaxalign.stages import common, model_init
 from jaxalign.train import loop
 from jaxalign.train import state as state_lib
 
@@ -56,7 +56,7 @@ def train_step(
     logits_chunk: int = 0,
 ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
     graphdef = state.graphdef
-    ref_params = jax.lax.stop_gradient(common.reference(ref_params, state.params))
+    ref_params = jax.lax.stop_gradient(model_init.reference(ref_params, state.params))
     # The reference point over the whole batch (no gradient), and the reference log-probs of the examples.
     kl_logps = completion_logps(jax.lax.stop_gradient(state.params), graphdef, _kl_rows(batch), logits_chunk)
     ref_kl_logps = completion_logps(ref_params, graphdef, _kl_rows(batch), logits_chunk)
@@ -88,7 +88,7 @@ def example_metrics(params, batch, ref_params, *, graphdef, beta: float, logits_
     """Held-out: the mean implicit reward beta * (log-ratio) of desirable and undesirable examples."""
     r = beta * (
         completion_logps(params, graphdef, batch, logits_chunk)
-        - completion_logps(common.reference(ref_params, params), graphdef, batch, logits_chunk)
+        - completion_logps(model_init.reference(ref_params, params), graphdef, batch, logits_chunk)
     )
     d = batch["desirable"]
     return {
@@ -107,9 +107,9 @@ def run(config: Config) -> loop.Result:
     rules = common.setup(config)
     train_glob, eval_glob = common.inputs(config, "preference")
     tokenizer = common.tokenizer(config)
-    graphdef, state, state_shardings, fresh = common.train_state(config, rules, "kto")
-    ref_params = common.reference_params(config, rules, state, state_shardings, fresh)
-    ref_shardings = common.reference_shardings(ref_params, state_shardings.params)
+    graphdef, state, state_shardings, fresh = model_init.train_state(config, rules, "kto")
+    ref_params = model_init.reference_params(config, rules, state, state_shardings, fresh)
+    ref_shardings = model_init.reference_shardings(ref_params, state_shardings.params)
     kwargs = dict(
         seq_len=tcfg.seq_len,
         global_batch_size=tcfg.batch_size,
@@ -120,7 +120,7 @@ def run(config: Config) -> loop.Result:
         overlong=dcfg.overlong,
         shards=dcfg.shards,
     )
-    loader = pipelines.kto_loader(
+    loader = prompt_pipelines.kto_loader(
         train_glob,
         tokenizer,
         **common.loader_options(config),
@@ -133,7 +133,7 @@ def run(config: Config) -> loop.Result:
     )
     eval_fn = None
     if eval_glob and tcfg.eval_every:
-        make = lambda: pipelines.kto_loader(eval_glob, tokenizer, seed=0, shuffle=False, **kwargs)
+        make = lambda: prompt_pipelines.kto_loader(eval_glob, tokenizer, seed=0, shuffle=False, **kwargs)
         eval_fn = common.evaluator(
             functools.partial(
                 example_metrics, graphdef=graphdef, beta=cfg.beta, logits_chunk=tcfg.logits_chunk

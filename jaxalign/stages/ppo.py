@@ -53,13 +53,13 @@ from flax import nnx
 from jaxalign import config as config_lib
 from jaxalign import losses, storage
 from jaxalign.config import Config, ModelConfig, OptimConfig, PpoConfig
-from jaxalign.data import pipelines
+from jaxalign.data import prompt_pipelines
 from jaxalign.errors import ConfigError
 from jaxalign.models.heads import RewardScorer, ScalarModel
 from jaxalign.models.transformer import Transformer, flops_per_token
 from jaxalign.parallel.mesh import Rules
 from jaxalign.rl import sampler
-from jaxalign.stages import common, rollout
+from jaxalign.stages import common, model_init, rollout
 from jaxalign.train import checkpoint, loop
 from jaxalign.train import state as state_lib
 
@@ -199,7 +199,7 @@ def rollout_values(state, batch, ref_params, cfg: PpoConfig) -> dict[str, jax.Ar
     mask_BxC = batch["completion_mask"]
     old_BxC = jax.lax.stop_gradient(policy_logps(policy_gd, state.params["policy"], batch, cfg))
     ref_BxC = jax.lax.stop_gradient(
-        policy_logps(policy_gd, common.reference(ref_params, state.params["policy"]), batch, cfg)
+        policy_logps(policy_gd, model_init.reference(ref_params, state.params["policy"]), batch, cfg)
     )
     values_BxC = jax.lax.stop_gradient(completion_values(value_gd, state.params["value"], batch))
     rewards_BxC, kl_BxC = ppo_rewards(
@@ -443,25 +443,25 @@ def value_model_config(config: Config) -> ModelConfig:
     if config.ppo.value_init == "policy":
         return config.model
     saved = checkpoint.saved_config(checkpoint.find_step_dir(config.ppo.reward_model))["model"]
-    run_fields = {k: getattr(config.model, k) for k in common._NOT_ARCHITECTURE if k != "init_from"}
+    run_fields = {k: getattr(config.model, k) for k in model_init._NOT_ARCHITECTURE if k != "init_from"}
     return ModelConfig(**{**saved, **run_fields, "init_from": f"ckpt:{config.ppo.reward_model}"})
 
 
 def train_state(config: Config, rules: Rules, total_steps: int):
-    """(graphdefs, state, state shardings, fresh), as `common.train_state` for the pair policy + value model."""
+    """(graphdefs, state, state shardings, fresh), as `model_init.train_state` for the pair policy + value model."""
     vcfg = value_model_config(config)
     stage_dir = checkpoint.stage_directory(config, "ppo")
     make = lambda gd, p: state_lib.create(
         gd, p, config.optim, total_steps, config.seed, config.train.ema_decay
     )
-    # With LoRA the base is read again and the loop restores the adapters over it (`common.train_state`).
+    # With LoRA the base is read again and the loop restores the adapters over it (`model_init.train_state`).
     if config.checkpoint.enabled and checkpoint.has_committed_step(stage_dir) and config.lora.rank == 0:
         pg, pa = jax.eval_shape(lambda: nnx.split(Transformer(config.model, nnx.Rngs(config.seed), rules)))
         vg, va = jax.eval_shape(lambda: nnx.split(ScalarModel(vcfg, nnx.Rngs(config.seed), rules)))
         state = jax.eval_shape(functools.partial(make, (pg, vg)), {"policy": pa, "value": va})
         return (pg, vg), state, state_lib.state_shardings(state, rules), False
-    pg, policy = common.init_params(config, rules)
-    vg, value = common.init_params(config, rules, scalar=True, model_cfg=vcfg)
+    pg, policy = model_init.init_params(config, rules)
+    vg, value = model_init.init_params(config, rules, scalar=True, model_cfg=vcfg)
     state, shardings = state_lib.create_sharded(
         (pg, vg),
         {"policy": policy, "value": value},
@@ -538,7 +538,7 @@ def run(config: Config) -> loop.Result:
         overlong=dcfg.overlong,
         shards=dcfg.shards,
     )
-    loader = pipelines.rl_loader(
+    loader = prompt_pipelines.rl_loader(
         train_glob,
         tokenizer,
         **common.loader_options(config),
@@ -549,18 +549,18 @@ def run(config: Config) -> loop.Result:
     graphdefs, state, state_shardings, fresh = train_state(config, rules, tcfg.steps * updates)
     ref_shardings = state_shardings.params["policy"]
     if config.lora.rank > 0:  # the policy's base with its adapters off
-        ref_params = ref_shardings = common.BaseReference()
+        ref_params = ref_shardings = model_init.BaseReference()
     elif fresh:  # the frozen reference: the initial policy (a copy: the state's buffers are donated)
         copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ref_shardings)
         ref_params = copy(state.params["policy"])
     else:
-        ref_params = common.init_params(config, rules)[1]
+        ref_params = model_init.init_params(config, rules)[1]
     step_fn = functools.partial(train_step, cfg=cfg, optim=config.optim, microbatches=tcfg.grad_accum)
     prepare = Rollout(config, rules, tokenizer, graphdefs[0], scorer, to_rm)
 
     eval_fn = None
     if eval_glob and tcfg.eval_every:
-        make = lambda: pipelines.rl_loader(eval_glob, tokenizer, seed=0, shuffle=False, **kwargs)
+        make = lambda: prompt_pipelines.rl_loader(eval_glob, tokenizer, seed=0, shuffle=False, **kwargs)
         batches = common.read_batches(make, tcfg.eval_batches)
         eval_fn = score_evaluator(config, rules, tokenizer, graphdefs[0], scorer, to_rm, batches)
     seq = dcfg.max_prompt_length + cfg.max_completion_length

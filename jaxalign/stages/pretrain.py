@@ -17,7 +17,7 @@ from jaxalign.config import Config, OptimConfig
 from jaxalign.data import pipelines
 from jaxalign.models.logps import target_logps
 from jaxalign.models.transformer import flops_per_token
-from jaxalign.stages import common
+from jaxalign.stages import common, model_init
 from jaxalign.train import loop
 from jaxalign.train import state as state_lib
 
@@ -79,7 +79,7 @@ def run(config: Config) -> loop.Result:
     batch_shardings = {k: rules.sharding(("batch", "length")) for k in BATCH_KEYS}
 
     # Model and train state, initialised directly into their shardings.
-    graphdef, state, state_shardings, _ = common.train_state(config, rules, "pretrain")
+    graphdef, state, state_shardings, _ = model_init.train_state(config, rules, "pretrain")
 
     # The step.
     step_fn = functools.partial(

@@ -1,6 +1,6 @@
 """Reward model: a scalar head on the transformer trunk trained with the Bradley-Terry loss on preference pairs.
 
-Batches come from `data.pipelines.preference_loader` (legend there): `chosen_*` and `rejected_*` rows [B, T] that share
+Batches come from `data.prompt_pipelines.preference_loader` (legend there): `chosen_*` and `rejected_*` rows [B, T] that share
 the prompt (and `margin` [B] with `reward.margin_field`). A row's reward is the head's score at its last real token
 (`models.heads`), computed over the whole sequence (prompt + completion + its end-of-turn), chosen and rejected in one
 forward pass of 2B rows. Held-out metrics: `eval/accuracy` (pairwise: r_chosen > r_rejected) and `eval/loss`.
@@ -18,11 +18,11 @@ from flax import nnx
 
 from jaxalign import losses
 from jaxalign.config import Config, OptimConfig
-from jaxalign.data import pipelines
+from jaxalign.data import prompt_pipelines
 from jaxalign.errors import ConfigError
 from jaxalign.models import heads
 from jaxalign.models.transformer import flops_per_token
-from jaxalign.stages import common
+from jaxalign.stages import common, model_init
 from jaxalign.train import loop
 from jaxalign.train import state as state_lib
 
@@ -89,7 +89,7 @@ def load_scorer(checkpoint_dir: str, tokenizer=None, rules=None, batch_size: int
 
         mesh_cfg = config_lib.MeshConfig(data=1, fsdp=1, tensor=1, stage=1)
         rules = Rules(make_mesh(mesh_cfg, jax.devices()[:1]), mesh_cfg.rules)
-    graphdef, params = common.init_params(cfg, rules, scalar=True)
+    graphdef, params = model_init.init_params(cfg, rules, scalar=True)
     return heads.RewardScorer(graphdef, params, tokenizer, batch_size)
 
 
@@ -114,7 +114,7 @@ def run(config: Config) -> loop.Result:
         shards=dcfg.shards,
         margin_field=config.reward.margin_field,
     )
-    loader = pipelines.preference_loader(
+    loader = prompt_pipelines.preference_loader(
         train_glob,
         tokenizer,
         **common.loader_options(config),
@@ -124,13 +124,15 @@ def run(config: Config) -> loop.Result:
     if config.reward.margin_field:
         batch_shardings["margin"] = rules.sharding(("batch",))
 
-    graphdef, state, state_shardings, _ = common.train_state(config, rules, "reward", scalar=True)
+    graphdef, state, state_shardings, _ = model_init.train_state(config, rules, "reward", scalar=True)
     step_fn = functools.partial(
         train_step, optim=config.optim, center_coef=config.reward.center_coef, microbatches=tcfg.grad_accum
     )
     eval_fn = None
     if eval_glob and tcfg.eval_every:
-        make = lambda: pipelines.preference_loader(eval_glob, tokenizer, seed=0, shuffle=False, **kwargs)
+        make = lambda: prompt_pipelines.preference_loader(
+            eval_glob, tokenizer, seed=0, shuffle=False, **kwargs
+        )
         eval_fn = common.evaluator(
             functools.partial(pair_metrics, graphdef=graphdef),
             common.read_batches(make, tcfg.eval_batches),

@@ -23,7 +23,7 @@ from jaxalign.data import pipelines
 from jaxalign.errors import ConfigError
 from jaxalign.models.logps import target_logps
 from jaxalign.models.transformer import flops_per_token
-from jaxalign.stages import common
+from jaxalign.stages import common, model_init
 from jaxalign.train import loop
 from jaxalign.train import state as state_lib
 
@@ -105,7 +105,7 @@ def run(config: Config) -> loop.Result:
     batch_shardings = {k: rules.sharding(("batch", "length")) for k in common.LM_KEYS}
 
     # Model and train state.
-    graphdef, state, state_shardings, _ = common.train_state(config, rules, "sft")
+    graphdef, state, state_shardings, _ = model_init.train_state(config, rules, "sft")
     step_fn = functools.partial(
         train_step, optim=config.optim, microbatches=tcfg.grad_accum, logits_chunk=tcfg.logits_chunk
     )

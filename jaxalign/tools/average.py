@@ -12,7 +12,7 @@ rounded mean). `DIR` is written as a step directory that `model.init_from="ckpt:
 loads through the usual path: `DIR/state` holds `{"params": mean}` (Orbax, no pickle), `DIR/config` the config the
 last averaged step was saved with (its `data.tokenizer` set to the run's tokenizer, so a stage started from DIR finds
 it), and `DIR/average.json` records the source, steps and item. `--hf-out` also exports the averaged policy as a
-Hugging Face checkpoint (`models.hf.save`), loading DIR through `stages.common.init_params` on this host's devices.
+Hugging Face checkpoint (`models.hf.save`), loading DIR through `stages.model_init.init_params` on this host's devices.
 
 Averaging one step is a copy: `--last 1 --item ema` exports a run's EMA. LoRA runs are refused (their checkpoints
 hold adapters, whose average is not the average of the merged weights), as are trees that differ between steps
@@ -132,7 +132,7 @@ def export_hf(out: str, hf_out: str, saved_config: dict) -> None:
 
     from jaxalign.models import hf
     from jaxalign.parallel.mesh import Rules
-    from jaxalign.stages import common
+    from jaxalign.stages import model_init
 
     meta = checkpoint.saved_params_metadata(out)
     if "trunk" in meta or "trunk" in meta.get("policy", {}):
@@ -146,7 +146,7 @@ def export_hf(out: str, hf_out: str, saved_config: dict) -> None:
             "model": {**saved_config["model"], "init_from": f"ckpt:{checkpoint._absolute(out)}"},
         }
     )
-    graphdef, params = common.init_params(config, Rules.from_config(config), adapters=False)
+    graphdef, params = model_init.init_params(config, Rules.from_config(config), adapters=False)
     hf.save(nnx.merge(graphdef, params), hf_out)
 
 

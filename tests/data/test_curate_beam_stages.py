@@ -16,7 +16,7 @@ from flax import nnx  # noqa: E402
 from jaxalign import config as config_lib  # noqa: E402
 from jaxalign.data import curate, decontam, synthetic  # noqa: E402
 from jaxalign.parallel.mesh import Rules  # noqa: E402
-from jaxalign.stages import common  # noqa: E402
+from jaxalign.stages import model_init  # noqa: E402
 from tests.data.test_curate import document, make_config, outputs  # noqa: E402
 from tests.data.test_curate_beam import LOCAL, MULTI, report, shards_of  # noqa: E402
 from tests.data.test_perplexity_filter import TINY  # noqa: E402
@@ -44,7 +44,7 @@ def scoring_lm(small_world, tmp_path_factory) -> dict:
     cd.model.update(TINY, max_seq_len=128)
     cd.train.seq_len = 128
     config = config_lib.from_config_dict(cd)
-    model = nnx.merge(*common.init_params(config, Rules.from_config(config), adapters=False))
+    model = nnx.merge(*model_init.init_params(config, Rules.from_config(config), adapters=False))
     hf.save(model, str(directory / "hf"))
     return {
         "curate": {"perplexity_model": f"hf:{directory / 'hf'}", "perplexity_max_tokens": 128},

@@ -188,10 +188,10 @@ def test_eval_clean_subset_equals_the_score_over_clean_items(planted, small_worl
     from flax import nnx
 
     from jaxalign.parallel.mesh import Rules
-    from jaxalign.stages import common
+    from jaxalign.stages import common, model_init
 
     # The same config and seed: the same random model the job evaluated.
-    model = nnx.merge(*common.init_params(config, Rules.from_config(config), adapters=False))
+    model = nnx.merge(*model_init.init_params(config, Rules.from_config(config), adapters=False))
     tok = common.load_tokenizer(small_world["tokenizer"])
     expected = mc.evaluate(model, tok, clean, 8)
     full = mc.evaluate(model, tok, records, 8)

@@ -10,7 +10,7 @@ import pytest
 
 from jaxalign import config as config_lib
 from jaxalign import storage
-from jaxalign.data import file_shards, pipelines, sources
+from jaxalign.data import file_shards, pipelines, prompt_pipelines, sources
 from jaxalign.errors import CheckpointError, ConfigError, DataError
 from tests import object_store
 
@@ -197,7 +197,7 @@ def _concat(parts):
 
 LOADERS = {
     "lm": lambda w, t, **kw: pipelines.lm_loader(w["pretrain_train"], t, seq_len=SEQ, **kw),
-    "rl": lambda w, t, **kw: pipelines.rl_loader(w["rl_train"], t, max_prompt_length=80, **kw),
+    "rl": lambda w, t, **kw: prompt_pipelines.rl_loader(w["rl_train"], t, max_prompt_length=80, **kw),
     "sft+replay": lambda w, t, **kw: pipelines.sft_loader(
         w["sft_train"], t, seq_len=SEQ, replay=(w["pretrain_train"], 0.25), **kw
     ),

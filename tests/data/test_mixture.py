@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxalign import config as config_lib
-from jaxalign.data import mixture, pipelines
+from jaxalign.data import mixture, pipelines, prompt_pipelines
 from jaxalign.data.pipelines import _LmEncode, _SftEncode
 from jaxalign.data.tokenizer import SentencePieceTokenizer
 from jaxalign.errors import CheckpointError, ConfigError
@@ -44,7 +44,7 @@ def rl_sources(small_world, tmp_path_factory):
 
 
 def _rl_loader(parts, tok, batch, **kw):
-    return pipelines.rl_loader(
+    return prompt_pipelines.rl_loader(
         mixture.Mixture(tuple(parts)), tok, global_batch_size=batch, seed=5, max_prompt_length=80, **kw
     )
 

@@ -17,7 +17,7 @@ from jaxalign.data import perplexity_filter, synthetic
 from jaxalign.errors import ConfigError
 from jaxalign.models.transformer import Transformer
 from jaxalign.parallel.mesh import Rules
-from jaxalign.stages import common
+from jaxalign.stages import common, model_init
 from tests.data.test_curate import make_config, outputs
 
 TINY = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
@@ -30,7 +30,7 @@ def test_batched_scores_equal_one_document_at_a_time(small_world, tmp_path):
     cd.model.update(TINY, max_seq_len=256)
     config = config_lib.from_config_dict(cd)
     rules = Rules.from_config(config)
-    model = nnx.merge(*common.init_params(config, rules, adapters=False))  # sharded over the 8 devices
+    model = nnx.merge(*model_init.init_params(config, rules, adapters=False))  # sharded over the 8 devices
     texts = [json.loads(line)["text"] for line in open(small_world["pretrain_train"])][:9]
     texts += [
         "Short.",

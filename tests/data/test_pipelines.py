@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxalign.data import chat, pipelines
+from jaxalign.data import chat, pipelines, prompt_pipelines
 from jaxalign.errors import CheckpointError, ConfigError, DataError
 
 SEQ = 192  # fits every synthetic conversation with this small vocabulary
@@ -188,7 +188,7 @@ def test_preference_rows_share_the_prompt_and_train_on_completions(world, tok):
     prompts = {
         tuple(chat.render(tok, r["prompt"], add_generation_prompt=True)[0]): r for r in records.values()
     }
-    loader = pipelines.preference_loader(
+    loader = prompt_pipelines.preference_loader(
         world["preference_eval"], tok, seq_len=SEQ, global_batch_size=4, seed=0, max_prompt_length=80
     )
     batch = next(loader)
@@ -211,7 +211,7 @@ def test_preference_rows_share_the_prompt_and_train_on_completions(world, tok):
             trained = batch[f"{side}_targets"][row][batch[f"{side}_weights"][row] > 0]
             assert tok.decode(trained) == record[side][0]["content"] + "<|im_end|>"
             assert np.all(batch[f"{side}_weights"][row][~real] == 0)
-    both = pipelines.concatenated(batch)
+    both = prompt_pipelines.concatenated(batch)
     assert both["inputs"].shape == (8, SEQ)
     np.testing.assert_array_equal(both["weights"][4:], batch["rejected_weights"])
 
@@ -220,7 +220,7 @@ def test_preference_rows_share_the_prompt_and_train_on_completions(world, tok):
 def test_preference_prompt_truncation(tmp_path, tok, mode):
     prompt = " ".join(f"w{i}" for i in range(30))
     path = _write(tmp_path / "p.jsonl", [{"prompt": prompt, "chosen": " yes", "rejected": " no"}])
-    loader = pipelines.preference_loader(
+    loader = prompt_pipelines.preference_loader(
         path,
         tok,
         seq_len=SEQ,
@@ -238,7 +238,7 @@ def test_preference_prompt_truncation(tmp_path, tok, mode):
         batch["chosen_targets"][0][7 : 7 + len(tok.encode(" yes")) + 1], [*tok.encode(" yes"), tok.eos_id]
     )
     assert loader.counts["truncated"] == 1
-    strict = pipelines.preference_loader(
+    strict = prompt_pipelines.preference_loader(
         path, tok, seq_len=SEQ, global_batch_size=1, seed=0, max_prompt_length=8, overlong="reject"
     )
     with pytest.raises(
@@ -249,7 +249,7 @@ def test_preference_prompt_truncation(tmp_path, tok, mode):
 
 def test_preference_completion_is_cut_to_fit(tmp_path, tok):
     path = _write(tmp_path / "p.jsonl", [{"prompt": "Q", "chosen": " a" * 100, "rejected": " b"}])
-    loader = pipelines.preference_loader(
+    loader = prompt_pipelines.preference_loader(
         path, tok, seq_len=16, global_batch_size=1, seed=0, max_prompt_length=8, num_epochs=1
     )
     batch = next(loader)
@@ -259,7 +259,7 @@ def test_preference_completion_is_cut_to_fit(tmp_path, tok):
 
 def test_preference_max_prompt_length_must_leave_room(world, tok):
     with pytest.raises(ConfigError, match="data.max_prompt_length=64 must be smaller than train.seq_len=64"):
-        pipelines.preference_loader(
+        prompt_pipelines.preference_loader(
             world["preference_eval"], tok, seq_len=64, global_batch_size=1, seed=0, max_prompt_length=64
         )
 
@@ -269,7 +269,7 @@ def test_preference_max_prompt_length_must_leave_room(world, tok):
 
 def test_rl_prompts_are_left_padded_with_their_columns(world, tok):
     records = {r["id"]: r for r in _records(world["rl_eval"])}
-    loader = pipelines.rl_loader(
+    loader = prompt_pipelines.rl_loader(
         world["rl_eval"], tok, global_batch_size=4, seed=0, max_prompt_length=64, columns=("answer",)
     )
     batch = next(loader)
@@ -287,7 +287,7 @@ def test_rl_prompts_are_left_padded_with_their_columns(world, tok):
 
 def test_rl_required_columns(tmp_path, tok):
     path = _write(tmp_path / "rl.jsonl", [{"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "Hi"}])
-    loader = pipelines.rl_loader(
+    loader = prompt_pipelines.rl_loader(
         path, tok, global_batch_size=2, seed=0, max_prompt_length=16, shuffle=False, columns=("answer",)
     )
     with pytest.raises(DataError, match=rf"^{path}:2: missing field 'answer' for the reward functions"):
@@ -300,10 +300,10 @@ def test_rl_required_columns(tmp_path, tok):
 LOADERS = {
     "lm": lambda w, t, **kw: pipelines.lm_loader(w["pretrain_train"], t, seq_len=SEQ, **kw),
     "sft": lambda w, t, **kw: pipelines.sft_loader(w["sft_train"], t, seq_len=SEQ, **kw),
-    "preference": lambda w, t, **kw: pipelines.preference_loader(
+    "preference": lambda w, t, **kw: prompt_pipelines.preference_loader(
         w["preference_train"], t, seq_len=SEQ, max_prompt_length=80, **kw
     ),
-    "rl": lambda w, t, **kw: pipelines.rl_loader(w["rl_train"], t, max_prompt_length=80, **kw),
+    "rl": lambda w, t, **kw: prompt_pipelines.rl_loader(w["rl_train"], t, max_prompt_length=80, **kw),
 }
 
 
@@ -470,7 +470,7 @@ def test_bad_records_are_one_line_errors_naming_file_and_line(tmp_path, tok, kin
     path.write_bytes(b"\n".join(lines) + b"\n")
     make = {
         "sft": lambda **kw: pipelines.sft_loader(str(path), tok, seq_len=SEQ, **kw),
-        "preference": lambda **kw: pipelines.preference_loader(
+        "preference": lambda **kw: prompt_pipelines.preference_loader(
             str(path), tok, seq_len=SEQ, max_prompt_length=8, **kw
         ),
         "lm": lambda **kw: pipelines.lm_loader(str(path), tok, seq_len=SEQ, **kw),

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("seqio")
 
 from jaxalign import config as config_lib  # noqa: E402
-from jaxalign.data import mixture, pipelines  # noqa: E402
+from jaxalign.data import mixture, prompt_pipelines  # noqa: E402
 from jaxalign.data.tokenizer import train_sentencepiece  # noqa: E402
 from jaxalign.errors import ConfigError  # noqa: E402
 from jaxalign.stages import common  # noqa: E402
@@ -44,7 +44,7 @@ def tok(tasks, tmp_path_factory):
 
 
 def _rl(pattern, tok, **kw):
-    return pipelines.rl_loader(
+    return prompt_pipelines.rl_loader(
         pattern, tok, max_prompt_length=32, **{"global_batch_size": 4, "seed": 0, **kw}
     )
 

@@ -1,4 +1,4 @@
-"""LoRA through the stages' shared state init (`stages.common`): a QLoRA SFT run resumes bitwise from checkpoints that
+"""LoRA through the stages' shared state init (`stages.model_init`): a QLoRA SFT run resumes bitwise from checkpoints that
 hold only the adapters and their optimizer state, and DPO's reference is the base with the adapters off (at the first
 step policy == reference: the loss is exactly log 2 and the implicit rewards are 0)."""
 
@@ -20,7 +20,7 @@ from jaxalign.config import (
     TrainConfig,
 )
 from jaxalign.peft import lora
-from jaxalign.stages import common, dpo, sft
+from jaxalign.stages import dpo, model_init, sft
 from jaxalign.train import state as state_lib
 from tests.helpers import rules_for, tiny
 
@@ -73,7 +73,7 @@ def test_qlora_sft_resumes_bitwise_from_adapter_only_checkpoints(small_world, tm
     later = dataclasses.replace(
         later, model=dataclasses.replace(MODEL, init_from=f"ckpt:{tmp_path / 'b' / 'checkpoints' / 'sft'}")
     )
-    _, started = common.init_params(later, rules_for(devices=1))
+    _, started = model_init.init_params(later, rules_for(devices=1))
     merged = nnx.state(lora.merge(nnx.merge(straight.state.graphdef, straight.state.params)), nnx.Param)
     want = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(merged)}
     got = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(started)}
@@ -145,7 +145,7 @@ def test_grpo_lora_step_samples_with_adapters_and_uses_the_base_as_reference():
     optim = OptimConfig(lr=1e-2, warmup_steps=0)
     state, _ = state_lib.create_sharded(graphdef, params, optim, 10, 0, rules)
     step = jax.jit(functools.partial(grpo.train_step, cfg=cfg, optim=optim, microbatches=1))
-    _, metrics = step(state, batch, common.BaseReference())
+    _, metrics = step(state, batch, model_init.BaseReference())
     logps = grpo.policy_logps(params, graphdef, batch, cfg)
     ref = grpo.policy_logps(lora.disabled(params), graphdef, batch, cfg)
     _, weight, m = losses.grpo_loss(

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from jaxalign.config import DpoConfig, OptimConfig
-from jaxalign.data import pipelines
+from jaxalign.data import pipelines, prompt_pipelines
 from jaxalign.data.tokenizer import SentencePieceTokenizer
 from jaxalign.models.heads import ScalarModel
 from jaxalign.models.transformer import Transformer
@@ -52,7 +52,7 @@ def sft_batch(small_world, tok):
 
 @pytest.fixture(scope="module")
 def pref_batch(small_world, tok):
-    loader = pipelines.preference_loader(
+    loader = prompt_pipelines.preference_loader(
         small_world["preference_train"],
         tok,
         seq_len=64,

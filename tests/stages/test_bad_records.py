@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from jaxalign.data import pipelines
+from jaxalign.data import pipelines, prompt_pipelines
 from jaxalign.data.tokenizer import SentencePieceTokenizer
 from jaxalign.errors import DataError
 
@@ -128,8 +128,8 @@ def make_loader(kind, path, tok, on_error):
     if kind == "sft":
         return pipelines.sft_loader(path, tok, seq_len=128, packing=False, **common)
     if kind == "preference":
-        return pipelines.preference_loader(path, tok, seq_len=64, max_prompt_length=32, **common)
-    return pipelines.rl_loader(path, tok, max_prompt_length=32, **common)
+        return prompt_pipelines.preference_loader(path, tok, seq_len=64, max_prompt_length=32, **common)
+    return prompt_pipelines.rl_loader(path, tok, max_prompt_length=32, **common)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -155,10 +155,10 @@ def test_the_synthetic_world_passes_every_check(small_world, tok):
     common = dict(global_batch_size=1, seed=0, shuffle=False, num_epochs=1, overlong="reject")
     loaders = {
         "sft_train": lambda path: pipelines.sft_loader(path, tok, seq_len=128, packing=False, **common),
-        "preference_train": lambda path: pipelines.preference_loader(
+        "preference_train": lambda path: prompt_pipelines.preference_loader(
             path, tok, seq_len=192, max_prompt_length=64, **common
         ),
-        "rl_train": lambda path: pipelines.rl_loader(path, tok, max_prompt_length=64, **common),
+        "rl_train": lambda path: prompt_pipelines.rl_loader(path, tok, max_prompt_length=64, **common),
     }
     for name, make in loaders.items():
         loader = make(small_world[name])

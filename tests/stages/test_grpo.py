@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxalign import losses
 from jaxalign.config import Config, GrpoConfig, OptimConfig, from_config_dict
-from jaxalign.data import pipelines, synthetic
+from jaxalign.data import prompt_pipelines, synthetic
 from jaxalign.data.tokenizer import train_sentencepiece
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.models.heads import RewardScorer, ScalarModel
@@ -285,7 +285,7 @@ def test_rollout_advantages_are_per_prompt_under_grad_accum_and_a_data_parallel_
     state, _ = state_lib.create_sharded(graphdef, params, config.optim, 10, 0, rules)
     reward_set = rewards.RewardSet({"length": _length_reward})
     rollout = grpo.Rollout(config, rules, tok, graphdef, reward_set)
-    loader = pipelines.rl_loader(
+    loader = prompt_pipelines.rl_loader(
         world["rl_train"], tok, global_batch_size=4, seed=0, max_prompt_length=48, columns=("answer",)
     )
     prompts = next(loader)
@@ -334,7 +334,9 @@ def test_rollout_skips_the_groups_of_a_failing_reward_and_counts_them(tmp_path, 
     rollout = grpo.Rollout(
         config, rules, tok, graphdef, rewards.RewardSet({"nan": nan_for_first}, on_error="skip")
     )
-    loader = pipelines.rl_loader(world["rl_train"], tok, global_batch_size=2, seed=0, max_prompt_length=48)
+    loader = prompt_pipelines.rl_loader(
+        world["rl_train"], tok, global_batch_size=2, seed=0, max_prompt_length=48
+    )
     prompts = next(loader)
     loader.close()
     batch, metrics = rollout(state, prompts, step=1)
@@ -378,11 +380,11 @@ def test_empty_and_overlong_prompts_are_one_line_or_counted(tmp_path, tok):
     records.append({"prompt": "word " * 200, "answer": "x"})
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     kwargs = dict(global_batch_size=1, seed=0, max_prompt_length=48, shuffle=False, overlong="reject")
-    loader = pipelines.rl_loader(str(path), tok, **kwargs)
+    loader = prompt_pipelines.rl_loader(str(path), tok, **kwargs)
     with pytest.raises(DataError, match=r"rl.jsonl:2: field 'prompt' is empty"):
         next(loader), next(loader)  # the reader runs ahead: the error may come with the first batch
     loader.close()
-    loader = pipelines.rl_loader(str(path), tok, **{**kwargs, "on_error": "skip", "num_epochs": 1})
+    loader = prompt_pipelines.rl_loader(str(path), tok, **{**kwargs, "on_error": "skip", "num_epochs": 1})
     got = list(loader)
     assert len(got) == 1 and got[0]["extras"][0]["answer"] == "2"
     assert loader.counts["skipped"] == 2  # the empty and the over-long prompt
@@ -391,7 +393,7 @@ def test_empty_and_overlong_prompts_are_one_line_or_counted(tmp_path, tok):
     with pytest.raises(
         DataError, match=r"rl.jsonl:1: the prompt has \d+ tokens, over data.max_prompt_length=48"
     ):
-        next(pipelines.rl_loader(str(path), tok, **kwargs))
+        next(prompt_pipelines.rl_loader(str(path), tok, **kwargs))
 
 
 def _even_token_reward(completions, extras):
@@ -417,7 +419,7 @@ def test_grpo_steps_raise_the_mean_reward(tmp_path, world, tok):
         functools.partial(grpo.train_step, cfg=config.grpo, optim=config.optim, microbatches=1),
         donate_argnums=0,
     )
-    loader = pipelines.rl_loader(
+    loader = prompt_pipelines.rl_loader(
         world["rl_train"], tok, global_batch_size=8, seed=0, max_prompt_length=48, columns=("answer",)
     )
     rewards_per_step = []

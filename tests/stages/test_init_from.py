@@ -1,4 +1,4 @@
-"""`model.init_from="ckpt:..."` (`stages.common.init_params`): weights matched by path across `scan_layers`, a reward
+"""`model.init_from="ckpt:..."` (`stages.model_init.init_params`): weights matched by path across `scan_layers`, a reward
 model from a policy (trunk copied, head fresh), a value model from a reward model (trunk and head), one-line errors
 for an ambiguous run directory and another architecture, and restores straight into the target mesh's shardings.
 
@@ -20,7 +20,7 @@ from jaxalign.data.tokenizer import SentencePieceTokenizer
 from jaxalign.errors import CheckpointError
 from jaxalign.models.heads import ScalarModel
 from jaxalign.models.transformer import Transformer, param_shardings
-from jaxalign.stages import common
+from jaxalign.stages import model_init
 from jaxalign.train import state as state_lib
 from jaxalign.train.checkpoint import Checkpointer
 from tests.helpers import rules_for, tiny
@@ -56,7 +56,7 @@ def save_run(workdir, stage, loader, rules, *, scalar=False, seed=0, edit=None, 
     """A run directory with one checkpoint (step 2) of a freshly initialised policy (or scalar model); `edit` may
     change the params first. Returns the saved params, flat."""
     config = _config(workdir, seed=seed, **model)
-    graphdef, params = common.init_params(config, rules, scalar=scalar)
+    graphdef, params = model_init.init_params(config, rules, scalar=scalar)
     if edit is not None:
         params = edit(params)
     state, _ = state_lib.create_sharded(graphdef, params, OptimConfig(), 10, seed, rules)
@@ -88,7 +88,7 @@ def test_scan_layers_either_way_loads_the_same_values(tmp_path, policy_run, load
     workdir, source = policy_run
     rules = rules_for(devices=1)
     scanned_cfg = _config(tmp_path, scan_layers=True, init_from=f"ckpt:{workdir}")
-    _, scanned = common.init_params(scanned_cfg, rules)
+    _, scanned = model_init.init_params(scanned_cfg, rules)
     flat = _flat(scanned)
     assert flat["blocks/mlp/w_gate"].shape == (MODEL.n_layers, MODEL.d_model, MODEL.d_ff)
     unstacked = _unstack(flat)
@@ -99,7 +99,7 @@ def test_scan_layers_either_way_loads_the_same_values(tmp_path, policy_run, load
     # And back: a checkpoint saved with scan_layers=True loads into scan_layers=False.
     scanned_run = tmp_path / "scanned_run"
     save_run(scanned_run, "sft", loader, rules, seed=7, scan_layers=True, edit=lambda _: scanned)
-    _, back = common.init_params(_config(tmp_path, init_from=f"ckpt:{scanned_run}"), rules)
+    _, back = model_init.init_params(_config(tmp_path, init_from=f"ckpt:{scanned_run}"), rules)
     back = _flat(back)
     assert sorted(back) == sorted(source)
     for key, value in source.items():
@@ -109,7 +109,7 @@ def test_scan_layers_either_way_loads_the_same_values(tmp_path, policy_run, load
 def test_reward_model_from_a_policy_copies_the_trunk_and_starts_a_fresh_head(tmp_path, policy_run):
     workdir, source = policy_run
     rules = rules_for(devices=1)
-    _, rm = common.init_params(_config(tmp_path, init_from=f"ckpt:{workdir}"), rules, scalar=True)
+    _, rm = model_init.init_params(_config(tmp_path, init_from=f"ckpt:{workdir}"), rules, scalar=True)
     rm = _flat(rm)
     trunk = {k[len("trunk/") :]: v for k, v in rm.items() if k.startswith("trunk/")}
     assert sorted(trunk) == sorted(
@@ -118,7 +118,7 @@ def test_reward_model_from_a_policy_copies_the_trunk_and_starts_a_fresh_head(tmp
     for key, value in trunk.items():
         np.testing.assert_array_equal(value, source[key], err_msg=key)
     # The head is what a random initialisation of this config gives (seed 0), not anything from the checkpoint.
-    _, fresh = common.init_params(_config(tmp_path), rules, scalar=True)
+    _, fresh = model_init.init_params(_config(tmp_path), rules, scalar=True)
     fresh = _flat(fresh)
     np.testing.assert_array_equal(rm["head"], fresh["head"])
     assert rm["head_bias"] == 0 and np.std(rm["head"]) > 0.5 * MODEL.init_std
@@ -137,7 +137,7 @@ def test_value_model_from_a_reward_model_copies_trunk_and_head(tmp_path, loader)
         return nnx.from_flat_state(list(flat.items()))
 
     source = save_run(tmp_path / "rm", "reward", loader, rules, scalar=True, seed=5, edit=trained_head)
-    _, value = common.init_params(
+    _, value = model_init.init_params(
         _config(tmp_path, init_from=f"ckpt:{tmp_path / 'rm'}/checkpoints/reward"), rules, scalar=True
     )
     value = _flat(value)
@@ -152,12 +152,14 @@ def test_a_run_directory_with_two_stages_is_refused_naming_them(tmp_path, policy
     for stage in ("sft", "reward"):  # a pipeline's run directory: one checkpoint directory per stage
         shutil.copytree(policy_run[0] / "checkpoints" / "sft", tmp_path / "checkpoints" / stage)
     with pytest.raises(CheckpointError) as e:
-        common.init_params(_config(tmp_path / "new", init_from=f"ckpt:{tmp_path}"), rules)
+        model_init.init_params(_config(tmp_path / "new", init_from=f"ckpt:{tmp_path}"), rules)
     message = str(e.value)
     assert "has checkpoints of stages ['reward', 'sft']; name one" in message and "\n" not in message
     assert f"'ckpt:{tmp_path}/checkpoints/<stage>'" in message
     # Naming one works, and the step directory itself too.
-    _, params = common.init_params(_config(tmp_path, init_from=f"ckpt:{tmp_path}/checkpoints/sft/2"), rules)
+    _, params = model_init.init_params(
+        _config(tmp_path, init_from=f"ckpt:{tmp_path}/checkpoints/sft/2"), rules
+    )
     assert "lm_head" in _flat(params)
 
 
@@ -165,13 +167,13 @@ def test_another_architecture_is_a_checkpoint_error_naming_the_field(tmp_path, p
     workdir, _ = policy_run
     config = _config(tmp_path, d_ff=2 * MODEL.d_ff, init_from=f"ckpt:{workdir}")
     with pytest.raises(CheckpointError) as e:
-        common.init_params(config, rules_for(devices=1))
+        model_init.init_params(config, rules_for(devices=1))
     message = str(e.value)
     assert f"d_ff: checkpoint {MODEL.d_ff}, config {2 * MODEL.d_ff}" in message, message
     assert message.startswith("model.init_from: ") and "\n" not in message
     # How the model runs is not its architecture: scan_layers, remat and attention may differ.
     ok = _config(tmp_path, scan_layers=True, remat="full", init_from=f"ckpt:{workdir}")
-    common.init_params(ok, rules_for(devices=1))
+    model_init.init_params(ok, rules_for(devices=1))
 
 
 @pytest.mark.parametrize("scalar, scan_layers", [(False, False), (False, True), (True, False)])
@@ -179,7 +181,7 @@ def test_restore_onto_a_sharded_mesh_gives_the_rule_shardings(tmp_path, policy_r
     workdir, source = policy_run
     rules = rules_for(fsdp=4, tensor=2)
     config = _config(tmp_path, scan_layers=scan_layers, init_from=f"ckpt:{workdir}")
-    _, params = common.init_params(config, rules, scalar=scalar)
+    _, params = model_init.init_params(config, rules, scalar=scalar)
     cls = ScalarModel if scalar else Transformer
     _, abstract = jax.eval_shape(lambda: nnx.split(cls(config.model, nnx.Rngs(0), rules)))
     expected = dict(nnx.to_flat_state(param_shardings(abstract, rules)))

@@ -117,13 +117,13 @@ def test_ppo_resume_after_sigkill_is_bitwise_identical(straight, tmp_path):
 
 def test_a_later_stage_starts_from_the_ppo_policy(straight):
     from jaxalign.config import from_config_dict
-    from jaxalign.stages import common
+    from jaxalign.stages import model_init
     from tests.helpers import rules_for
 
     saved = json.loads((straight / "config.json").read_text())
     model = {**saved["model"], "init_from": f"ckpt:{straight / 'checkpoints' / 'ppo'}"}
     config = from_config_dict({"workdir": str(straight / "later"), "model": model})
-    _, params = common.init_params(config, rules_for(1))
+    _, params = model_init.init_params(config, rules_for(1))
     policy = ocp.StandardCheckpointer().restore(straight / "checkpoints" / "ppo" / "20" / "state")["params"][
         "policy"
     ]

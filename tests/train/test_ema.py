@@ -23,7 +23,7 @@ from jaxalign.config import OptimConfig
 from jaxalign.errors import CheckpointError, ConfigError
 from jaxalign.models import hf
 from jaxalign.parallel.mesh import Rules
-from jaxalign.stages import common, pretrain
+from jaxalign.stages import model_init, pretrain
 from jaxalign.tools import average
 from jaxalign.train import state as state_lib
 from tests.helpers import lm_batch, random_model, rules_for
@@ -144,7 +144,7 @@ def _load(workdir, init_from):
     """(graphdef, params) of the run's model loaded from `init_from` through the stages' init path."""
     saved = json.loads((workdir / "config.json").read_text())
     config = config_lib.from_config_dict({**saved, "model": {**saved["model"], "init_from": init_from}})
-    return common.init_params(config, Rules.from_config(config))
+    return model_init.init_params(config, Rules.from_config(config))
 
 
 def _logits(graphdef, params, tokens):
