@@ -241,6 +241,8 @@ class DataConfig:
     # Arithmetic prompts of the world's RL data (train and eval together; held-out arith_accuracy scores the eval
     # tenth); 0 = one per entity. At most the 3 * synthetic_arith_max**2 distinct problems there are.
     synthetic_rl_arithmetic: int = 0
+    # Arithmetic questions of the world's SFT data (train and eval together); 0 = one per entity.
+    synthetic_sft_arithmetic: int = 0
     # RL arithmetic prompts ask "What is a op b?" as SFT does (answers show the work "a op b = r.", which the restate
     # reward checks) instead of "... Answer with a number only.".
     synthetic_rl_show_work: bool = False

@@ -60,6 +60,7 @@ RANGES: dict[str, dict[str, str]] = {
         "synthetic_seed": ">= 0",
         "synthetic_arith_max": POSITIVE,
         "synthetic_rl_arithmetic": ">= 0",
+        "synthetic_sft_arithmetic": ">= 0",
         "synthetic_arith_docs": ">= 0",
         "max_prompt_length": POSITIVE,
     },

@@ -14,7 +14,9 @@ measured against the truth without downloads. `write_world` writes every stage's
   rl_{train,eval}.jsonl        {"id", "prompt", "answer", "task"}: prompts whose answer a reward function can verify
 
 Held-out splits: fact items of the eval split ask about held-out people only (people the pretraining corpus
-describes but no train split asks about); arithmetic and instruction items of the two splits never share a prompt.
+describes but no train split asks about); arithmetic and instruction items of the two splits never share a prompt,
+and no train split (SFT, preference, RL) holds an arithmetic problem of the RL eval split, which the evaluation's
+held-out `arith_accuracy` scores (the pretraining text states any sum: the answer is knowledge, asking is the skill).
 
 Raw-corpus labels (`kind`), each record's ground truth for curation:
   clean               a multi-sentence archive entry about a few people; should be kept
@@ -295,6 +297,21 @@ def _split_items(items: list, eval_fraction: float) -> tuple[list, list]:
     return items[n_eval:], items[:n_eval]
 
 
+def _rl_arithmetic(world: World, sizes: WorldSizes, rng: np.random.Generator) -> tuple[list, list]:
+    """(train, eval) arithmetic problems of the RL prompts, drawn first from `rng` (rl_records' generator)."""
+    n_arith = len(world.people) if sizes.rl_arithmetic is None else sizes.rl_arithmetic
+    return _split_items(_arithmetic_problems(n_arith, rng, sizes.arith_operand_max), sizes.eval_fraction)
+
+
+def _without_held_out(world: World, sizes: WorldSizes, problems: list) -> list:
+    """`problems` minus those the RL eval split asks (the held-out arithmetic `arith_accuracy` scores): no train split
+    teaches the answer to a held-out problem, so a gain there is generalisation (operands from 0..9 give only 300
+    problems, and the splits draw them independently)."""
+    _, held_out = _rl_arithmetic(world, sizes, np.random.default_rng([world.seed, 17]))
+    held = {(a, op, b) for a, op, b, _ in held_out}
+    return [x for x in problems if x[:3] not in held]
+
+
 def _instruction(rng: np.random.Generator) -> tuple[str, str]:
     """A small instruction task with one exact answer: (prompt, answer)."""
     kind = int(rng.integers(4))
@@ -349,6 +366,7 @@ def sft_records(world: World, sizes: WorldSizes) -> dict[str, list[dict]]:
     arith_train, arith_eval = _split_items(
         _arithmetic_problems(n_arith, rng, sizes.arith_operand_max), sizes.eval_fraction
     )
+    arith_train = _without_held_out(world, sizes, arith_train)
     instr_train, instr_eval = _split_items(instructions, sizes.eval_fraction)
     out = {}
     for split, people, arith, instr in (
@@ -400,6 +418,7 @@ def preference_records(world: World, sizes: WorldSizes) -> dict[str, list[dict]]
     arith_train, arith_eval = _split_items(
         _arithmetic_problems(n_arith, rng, sizes.arith_operand_max), sizes.eval_fraction
     )
+    arith_train = _without_held_out(world, sizes, arith_train)
     out = {}
     for split, people, arith in (("train", train_people, arith_train), ("eval", eval_people, arith_eval)):
         items = []
@@ -437,10 +456,7 @@ def rl_records(world: World, sizes: WorldSizes) -> dict[str, list[dict]]:
     correct completion contains (a number, a city, a year or a profession)."""
     rng = np.random.default_rng([world.seed, 17])
     train_people, eval_people = split_people(world, sizes.eval_fraction)
-    n_arith = len(world.people) if sizes.rl_arithmetic is None else sizes.rl_arithmetic
-    arith_train, arith_eval = _split_items(
-        _arithmetic_problems(n_arith, rng, sizes.arith_operand_max), sizes.eval_fraction
-    )
+    arith_train, arith_eval = _rl_arithmetic(world, sizes, rng)
     out = {}
     for split, people, arith in (("train", train_people, arith_train), ("eval", eval_people, arith_eval)):
         items = []

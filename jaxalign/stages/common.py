@@ -89,6 +89,7 @@ def world(config: Config) -> dict[str, str]:
     sizes = synthetic.WorldSizes(
         arith_operand_max=config.data.synthetic_arith_max,
         rl_arithmetic=config.data.synthetic_rl_arithmetic or None,
+        sft_arithmetic=config.data.synthetic_sft_arithmetic or None,
         pretrain_arithmetic_docs=config.data.synthetic_arith_docs or None,
         rl_arith_show_work=config.data.synthetic_rl_show_work,
     )

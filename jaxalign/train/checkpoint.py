@@ -52,6 +52,7 @@ _MUST_MATCH_SYNTHETIC = (
     "data.synthetic_seed",
     "data.synthetic_arith_max",
     "data.synthetic_rl_arithmetic",
+    "data.synthetic_sft_arithmetic",
     "data.synthetic_arith_docs",
 )
 

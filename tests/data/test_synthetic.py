@@ -107,6 +107,33 @@ def test_sft_splits_share_no_prompt(world_dir):
     assert held_out and not train & held_out
 
 
+def test_no_train_split_asks_a_held_out_arithmetic_problem(tmp_path):
+    # One-digit operands: 300 problems, so SFT (all of them asked), preference and RL draws overlap heavily unless
+    # the RL eval split's problems (held-out arith_accuracy) are kept out of every train split.
+    sizes = synthetic.WorldSizes(
+        arith_operand_max=10, rl_arithmetic=300, sft_arithmetic=300, preference_arithmetic=300
+    )
+    paths = synthetic.write_world(str(tmp_path), 40, seed=1, sizes=sizes)
+    problem = re.compile(r"What is (-?\d+ [-+*] -?\d+)\?")
+
+    def problems(name, texts):
+        return {m.group(1) for t in texts(_read(paths[name])) if (m := problem.search(t))}
+
+    held_out = problems(
+        "rl_eval", lambda rs: [r["prompt"][0]["content"] for r in rs if r["task"] == "arithmetic"]
+    )
+    assert len(held_out) == 30
+    user_turns = lambda rs: [r["messages"][0]["content"] for r in rs]  # noqa: E731
+    prompts = lambda rs: [r["prompt"][0]["content"] for r in rs]  # noqa: E731
+    trained = {
+        "sft_train": problems("sft_train", user_turns),
+        "preference_train": problems("preference_train", prompts),
+        "rl_train": problems("rl_train", prompts),
+    }
+    assert all(len(p) >= 240 for p in trained.values()), {k: len(p) for k, p in trained.items()}
+    assert not any(held_out & p for p in trained.values())
+
+
 def test_preference_chosen_is_true_and_rejected_is_wrong_verbose_or_sycophantic(world_dir, people):
     _, paths = world_dir
     by_name, _ = people
