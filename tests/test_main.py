@@ -7,15 +7,11 @@ import sys
 
 import pytest
 
-from tests import xla
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_main(
-    *args: str, devices: int = 4, timeout: int = 300, fast_compile: bool = True
-) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS=xla.flags(devices, fast_compile), JAX_PLATFORMS="cpu")
+def run_main(*args: str, devices: int = 4, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     return subprocess.run(
         [sys.executable, "-m", "jaxalign.main", *args],
         cwd=ROOT,

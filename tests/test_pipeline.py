@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 
-from tests import xla
 from tests.test_main import ROOT
 
 
@@ -20,7 +19,7 @@ def _quickstart(workdir, cache, expect=0, **extra_env):
     persistent compilation cache: the programs are the same, so only the first run compiles (no result changes)."""
     env = dict(
         os.environ,
-        XLA_FLAGS=xla.flags(1),
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
         JAX_PLATFORMS="cpu",
         JAX_COMPILATION_CACHE_DIR=str(cache),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

@@ -17,8 +17,6 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from tests import xla
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -35,7 +33,9 @@ def command(workdir, *overrides):
 
 
 def run(workdir, *overrides, expect=0, **extra_env):
-    env = dict(os.environ, XLA_FLAGS=xla.flags(1), JAX_PLATFORMS="cpu", **extra_env)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu", **extra_env
+    )
     proc = subprocess.run(
         command(workdir, *overrides), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )

@@ -40,9 +40,7 @@ def _records(workdir, stage):
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("world_chain")
-    proc = run_main(
-        *CHAIN, STAGES, f"--config.workdir={workdir}", devices=1, timeout=1800, fast_compile=False
-    )
+    proc = run_main(*CHAIN, STAGES, f"--config.workdir={workdir}", devices=1, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir, json.loads((workdir / "eval.json").read_text())
 
@@ -57,7 +55,7 @@ def _sft_from_the_chains_pretraining(chain, tmp_path_factory, name, *flags):
     for path in ("tokenizer.model", "tokenizer_record.json", "pipeline/pretrain.done"):
         (workdir / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(source / path, workdir / path)
-    proc = run_main(*CHAIN, f"--config.workdir={workdir}", *flags, devices=1, timeout=900, fast_compile=False)
+    proc = run_main(*CHAIN, f"--config.workdir={workdir}", *flags, devices=1, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir
 

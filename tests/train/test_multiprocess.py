@@ -14,7 +14,6 @@ import time
 import numpy as np
 import pytest
 
-from tests import xla
 from tests.train.test_resume import ROOT, committed_steps, losses
 
 
@@ -70,7 +69,7 @@ def launch(workdir, corpus, cluster="explicit", **extra_env):
 def single(corpus, tmp_path_factory):
     """The reference: one process with 4 devices."""
     single = tmp_path_factory.mktemp("single")
-    env = dict(os.environ, XLA_FLAGS=xla.flags(4), JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "jaxalign.main", *args(single, corpus)],
         cwd=ROOT,

@@ -15,7 +15,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxalign.data.tokenizer import train_sentencepiece
-from tests import xla
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -46,7 +45,7 @@ def command(workdir, corpus, *overrides):
 def env(devices=2, **extra):
     return dict(
         os.environ,
-        XLA_FLAGS=xla.flags(devices),
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         JAX_PLATFORMS="cpu",
         **extra,
     )
