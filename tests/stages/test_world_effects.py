@@ -160,7 +160,7 @@ RL_CHAIN = (
 @pytest.fixture(scope="module")
 def rl_chain(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("world_rl_chain")
-    proc = run_main(*RL_CHAIN, f"--config.workdir={workdir}", devices=1, timeout=2400, fast_compile=False)
+    proc = run_main(*RL_CHAIN, f"--config.workdir={workdir}", devices=1, timeout=2400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir, json.loads((workdir / "eval.json").read_text())
 
