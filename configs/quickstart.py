@@ -40,6 +40,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.update(synthetic_arith_max=10, synthetic_arith_docs=750, synthetic_rl_arithmetic=300)
     # RL arithmetic prompts as SFT asks them, so answers show the work the GRPO restate reward checks.
     c.data.synthetic_rl_show_work = True
+    # SFT's fact answers end with a chatty closer ("I hope this detailed explanation helps, ..."), a habit SFT
+    # imitates (its answers run to the length limit) and DPO removes from preferences: what DPO can do here, since
+    # preferences over held-out people add no knowledge.
+    c.data.synthetic_sft_chatty = True
     c.checkpoint.update(every_steps=100, keep=2)
     c.pipeline.stages = "curate,pretrain,sft,reward,dpo,ppo,grpo,eval"
     # Evaluation: every policy stage on the world's held-out splits (greedy answers), against SFT.

@@ -246,6 +246,9 @@ class DataConfig:
     # RL arithmetic prompts ask "What is a op b?" as SFT does (answers show the work "a op b = r.", which the restate
     # reward checks) instead of "... Answer with a number only.".
     synthetic_rl_show_work: bool = False
+    # SFT's train answers to fact questions end with a chatty closing sentence ("I hope this detailed explanation
+    # helps, ..."): a habit SFT imitates and preference training (DPO, PPO) removes.
+    synthetic_sft_chatty: bool = False
     # Arithmetic documents (4 lines each) in the world's pretraining text; 0 = two per entity.
     synthetic_arith_docs: int = 0
     # How conversational records (message lists) become tokens: "chatml", "llama3" or "gemma" (data/chat.py), or

@@ -180,6 +180,10 @@ class WorldSizes:
     # RL arithmetic prompts as SFT's question ("What is a op b?", answered "a op b = r.") instead of asking for the
     # number only ("What is a op b? Answer with a number only.").
     rl_arith_show_work: bool = False
+    # SFT's train answers to fact questions end with a closing pleasantry (VERBOSE_CLOSERS[0]): the annotators'
+    # habit, which SFT imitates and preference data (which prefers concise answers) removes. The eval split stays
+    # concise (its answers are the gold values).
+    sft_chatty: bool = False
     # Raw corpus: every person is described in this many clean archive entries (4 people per entry).
     raw_mentions_per_person: int = 3
     # Multiplies the number of planted duplicates, junk, boilerplate and PII documents.
@@ -329,18 +333,19 @@ def _instruction(rng: np.random.Generator) -> tuple[str, str]:
     return f"How many words are in this list: {' '.join(words)}? Answer with a number.", str(len(words))
 
 
-def _fact_conversation(world: World, p: Person, rng: np.random.Generator) -> list[dict[str, str]]:
-    """One or two fact questions about `p`, sometimes after a system message."""
+def _fact_conversation(p: Person, rng: np.random.Generator, chatty: bool = False) -> list[dict[str, str]]:
+    """One or two fact questions about `p`, sometimes after a system message; with `chatty`, each answer ends with
+    VERBOSE_CLOSERS[0]."""
     messages = []
     if rng.random() < 0.3:
         messages.append({"role": "system", "content": str(rng.choice(SYSTEM_PROMPTS))})
     n_turns = 2 if rng.random() < 0.3 else 1
     for attribute in rng.choice(list(QUESTIONS), size=n_turns, replace=False):
         question = str(rng.choice(QUESTIONS[attribute])).format(name=p.name)
-        messages += [
-            {"role": "user", "content": question},
-            {"role": "assistant", "content": _answer(p, attribute)},
-        ]
+        answer = _answer(p, attribute)
+        if chatty:
+            answer = f"{answer} {VERBOSE_CLOSERS[0]}"
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return messages
 
 
@@ -374,7 +379,7 @@ def sft_records(world: World, sizes: WorldSizes) -> dict[str, list[dict]]:
         ("eval", eval_people, arith_eval, instr_eval),
     ):
         items = [
-            ("fact", _fact_conversation(world, p, rng))
+            ("fact", _fact_conversation(p, rng, chatty=sizes.sft_chatty and split == "train"))
             for p in people
             for _ in range(sizes.sft_facts_per_person)
         ]

@@ -92,6 +92,7 @@ def world(config: Config) -> dict[str, str]:
         sft_arithmetic=config.data.synthetic_sft_arithmetic or None,
         pretrain_arithmetic_docs=config.data.synthetic_arith_docs or None,
         rl_arith_show_work=config.data.synthetic_rl_show_work,
+        sft_chatty=config.data.synthetic_sft_chatty,
     )
     if jax.process_index() == 0:
         synthetic.write_world(*args, sizes)

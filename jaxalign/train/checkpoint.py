@@ -53,6 +53,8 @@ _MUST_MATCH_SYNTHETIC = (
     "data.synthetic_arith_max",
     "data.synthetic_rl_arithmetic",
     "data.synthetic_sft_arithmetic",
+    "data.synthetic_sft_chatty",
+    "data.synthetic_rl_show_work",
     "data.synthetic_arith_docs",
 )
 

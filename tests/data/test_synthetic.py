@@ -134,6 +134,29 @@ def test_no_train_split_asks_a_held_out_arithmetic_problem(tmp_path):
     assert not any(held_out & p for p in trained.values())
 
 
+def test_chatty_sft_closes_every_train_fact_answer_and_changes_nothing_else(tmp_path):
+    plain = synthetic.write_world(str(tmp_path / "plain"), 30, seed=2)
+    chatty = synthetic.write_world(
+        str(tmp_path / "chatty"), 30, seed=2, sizes=synthetic.WorldSizes(sft_chatty=True)
+    )
+    closer = f" {synthetic.VERBOSE_CLOSERS[0]}"
+    for name in plain:
+        if name == "sft_train":
+            continue
+        assert open(plain[name], "rb").read() == open(chatty[name], "rb").read(), name
+    pairs = list(zip(_read(plain["sft_train"]), _read(chatty["sft_train"]), strict=True))
+    closed = 0
+    for a, b in pairs:
+        assert a["id"] == b["id"] and a["task"] == b["task"]
+        for m, n in zip(a["messages"], b["messages"], strict=True):
+            if a["task"] == "fact" and m["role"] == "assistant":
+                assert n["content"] == m["content"] + closer
+                closed += 1
+            else:
+                assert n == m
+    assert closed >= 60  # 2 conversations per train person, some with 2 turns
+
+
 def test_preference_chosen_is_true_and_rejected_is_wrong_verbose_or_sycophantic(world_dir, people):
     _, paths = world_dir
     by_name, _ = people

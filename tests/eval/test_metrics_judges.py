@@ -114,6 +114,10 @@ def test_ground_truth_judge_ranks_correct_then_honest_then_concise():
     assert judge(q, right, wrong) == 1.0 and judge(q, wrong, right) == 0.0
     assert judge(q, right, verbose) == 1.0 and judge(q, verbose, wrong) == 1.0
     assert judge(q, right, sycophant) == 1.0
+    # A closer cut off by the generation budget is still filler; the same words elsewhere are not.
+    cut = f"{right} {' '.join(synthetic.VERBOSE_CLOSERS[0].split()[:5])}"
+    assert judge(q, right, cut) == 1.0 and judge(q, cut, wrong) == 1.0
+    assert judge(q, right, "Ada was born in Lisbon, I hope.") == 0.5
     assert judge(q, right, "Ada Abbott was born in Lisbon.") == 0.5  # a tie
     assert judge("What is 2 + 3?", "2 + 3 = 5.", "2 + 3 = 6.") == 1.0
     # Ties count 0.5 in the win rate: one win, one tie, one loss.

@@ -17,7 +17,8 @@ from tests.test_main import run_main
 # The main job's chain (configs/quickstart.py: model, stage lengths and learning rates) without curation and RL, so
 # pretraining sees the world's corpus only and 400 steps suffice (the quickstart adds the curated text: 700), on the
 # world's default arithmetic (the quickstart's 750 one-digit arithmetic documents need more pretraining steps: with
-# them, 400 steps left SFT's held-out fact exact match at 0.05).
+# them, 400 steps left SFT's held-out fact exact match at 0.05). SFT's fact answers keep the quickstart's chatty
+# closer (data.synthetic_sft_chatty), the habit DPO's preferences remove.
 CHAIN = (
     "--config=configs/quickstart.py",
     "--config.train.progress=False",
@@ -26,7 +27,7 @@ CHAIN = (
     "--config.data.synthetic_arith_docs=0",
     "--config.data.synthetic_rl_arithmetic=0",
     # The default world's RL prompts (the quickstart's show-work prompts change the world's text, hence its tokenizer:
-    # with them this chain's reward model reached 0.767 pair accuracy instead of 0.967).
+    # with them this chain's reward model reached 0.8 pair accuracy instead of 0.867).
     "--config.data.synthetic_rl_show_work=False",
 )
 STAGES = "--config.pipeline.stages=pretrain,sft,reward,dpo,eval"
@@ -72,9 +73,15 @@ def sft_without_replay(chain, tmp_path_factory):
     )
 
 
-# Rank 32, alpha 64 on every projection of every block, at lr 1e-2 (adapters start at B = 0 and move slower than
-# full weights at lr 1e-3); the rest of the SFT recipe is the chain's.
-LORA = ("--config.lora.rank=32", "--config.lora.alpha=64", "--config.pipeline.sft.lr=1e-2")
+# Rank 32, alpha 64 on every projection of every block, at lr 5e-3 for 300 steps (adapters start at B = 0 and move
+# slower than full weights at lr 1e-3 for 150 steps); the rest of the SFT recipe is the chain's. Measured LoRA
+# held-out exact match after 150 steps: 0.25 at lr 1e-2, 0.35 at 5e-3, 0.3 at rank 64, 0 at 2e-2 (diverged).
+LORA = (
+    "--config.lora.rank=32",
+    "--config.lora.alpha=64",
+    "--config.pipeline.sft.lr=5e-3",
+    "--config.pipeline.sft.steps=300",
+)
 
 
 @pytest.fixture(scope="module", params=["lora", "qlora"])
@@ -93,16 +100,17 @@ def peft_sft(request, chain, tmp_path_factory):
 
 
 def test_sft_raises_held_out_fact_exact_match_over_the_base(chain):
-    # Measured: base 0.0 (it continues the prompt as pretraining text), SFT 0.25 on questions about people that no
-    # SFT example asks about: the facts come from pretraining, SFT teaches the question-answer format.
+    # Measured: base 0.0 (it continues the prompt as pretraining text), SFT 0.5 on questions about people that no
+    # SFT example asks about: the facts come from pretraining, SFT teaches the question-answer format (and the
+    # annotators' chatty closer, data.synthetic_sft_chatty: its answers run to the length limit).
     _, results = chain
     base, sft = results["base"]["qa_exact_match"], results["sft"]["qa_exact_match"]
     assert sft >= base + 0.15, (base, sft)
 
 
 def test_replay_lowers_the_measured_forgetting(chain, sft_without_replay):
-    # Forgetting = the held-out pretraining loss after SFT minus before it. Measured: +2.3 nats without replay,
-    # -0.1 with half of each batch replayed (it keeps pretraining).
+    # Forgetting = the held-out pretraining loss after SFT minus before it. Measured: +1.68 nats without replay,
+    # -0.05 with half of each batch replayed (it keeps pretraining).
     def forgetting(workdir):
         evals = [r for r in _records(workdir, "sft") if "eval/pretrain_loss" in r]
         assert evals[0]["step"] == 0 and evals[-1]["step"] == 150
@@ -114,28 +122,33 @@ def test_replay_lowers_the_measured_forgetting(chain, sft_without_replay):
 
 
 def test_reward_model_held_out_pairwise_accuracy(chain):
-    # Measured 0.97 on the 30 held-out pairs: every verbose and sycophantic rejection ranks below the correct
-    # answer; a wrong fact or sum about held-out people needs knowledge.
+    # Measured 0.867 on the 30 held-out pairs: every verbose and sycophantic rejection ranks below the correct
+    # answer; a wrong fact or sum about held-out people needs knowledge, where this reward model is near chance
+    # (it memorises the train people's facts: 0.85 of their wrong-fact pairs, 1/3 to 1/2 of held-out ones in
+    # variants of this chain), so the figure moves by a few pairs with any change of the SFT data.
     _, results = chain
     assert results["reward"]["pair_accuracy"] >= 0.8, results["reward"]
 
 
-def test_dpo_raises_reward_accuracy_and_the_reward_models_preference_keeping_the_facts(chain):
-    # Measured: held-out rewards/accuracies 0 (policy == reference) -> 0.78, win rate against SFT judged by the
-    # reward model 0.55 (mean RM score 2.90 -> 3.35), held-out fact exact match kept (0.25 -> 0.25, the RPO term);
-    # judged by the world's ground truth it is 0.43: DPO does not add knowledge at this scale.
+def test_dpo_raises_reward_accuracy_and_the_ground_truth_win_rate_keeping_the_facts(chain):
+    # Measured: held-out rewards/accuracies 0 (policy == reference) -> 0.72; on the 30 held-out chat prompts DPO
+    # drops SFT's chatty closer (19 of 20 fact answers -> 0; mean length 19.9 -> 10.6 tokens) and states as many
+    # facts (9 -> 11 correct): win rate against SFT 0.83 judged by the world's ground truth, 0.82 by the reward model
+    # (mean RM score -1.37 -> 3.39); held-out fact exact match kept (0.5 -> 0.5, the RPO term). Preferences about
+    # other people add no knowledge at this scale: without the chatty habit the ground-truth win rate was 0.43.
     workdir, results = chain
     evals = [r for r in _records(workdir, "dpo") if "eval/rewards/accuracies" in r]
     assert evals[0]["step"] == 0 and evals[0]["eval/rewards/accuracies"] == 0.0
     assert evals[-1]["eval/rewards/accuracies"] >= 0.6, evals[-1]
     dpo, sft = results["dpo"], results["sft"]
+    assert dpo["win_rate_vs_sft"] > 0.5 and dpo["mean_length"] < sft["mean_length"], (dpo, sft)
     assert dpo["win_rate_vs_sft_rm"] > 0.5 and dpo["mean_rm_score"] > sft["mean_rm_score"], dpo
     assert dpo["qa_exact_match"] >= sft["qa_exact_match"] - 0.05, (dpo, sft)
 
 
 def test_lora_and_qlora_sft_reach_most_of_full_sfts_held_out_fact_gain(chain, peft_sft):
     # The issue's bar: LoRA >= 90% and QLoRA >= 85% of full SFT's held-out exact-match gain over the base. Measured
-    # (20 held-out fact questions): base 0.0, full SFT 0.25, LoRA 0.25 (100%), QLoRA 0.40 (160%).
+    # (20 held-out fact questions): base 0.0, full SFT 0.5, LoRA 0.5 (100%), QLoRA 0.45 (90%).
     variant, results = peft_sft
     base, full = chain[1]["base"]["qa_exact_match"], chain[1]["sft"]["qa_exact_match"]
     assert full - base >= 0.15, (base, full)
@@ -153,6 +166,7 @@ RL_CHAIN = (
     "--config=configs/quickstart.py",
     "--config.train.progress=False",
     "--config.data.synthetic_sft_arithmetic=300",
+    "--config.data.synthetic_sft_chatty=False",
     "--config.pipeline.stages=pretrain,sft,grpo,eval",
 )
 
