@@ -23,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxalign import storage
-from jaxalign.config import CheckpointConfig, Config
+from jaxalign.config import CheckpointConfig, Config, DataConfig
 from jaxalign.errors import CheckpointError
 from jaxalign.peft import lora
 
@@ -72,6 +72,9 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     synthetic = not _get(saved, "data.input") and not _get(current, "data.input")
     for key in _MUST_MATCH + (_MUST_MATCH_SYNTHETIC if synthetic else ()):
         a, b = _get(saved, key), _get(current, key)
+        if key in _MUST_MATCH_SYNTHETIC and a == {}:
+            # A checkpoint written before this world key existed made the world of its default.
+            a = getattr(DataConfig(), key.split(".")[1])
         if isinstance(a, dict) and isinstance(b, dict):
             for sub in sorted(set(a) | set(b)):
                 if a.get(sub) != b.get(sub):

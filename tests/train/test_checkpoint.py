@@ -115,6 +115,13 @@ def test_resume_compares_the_synthetic_world_only_when_it_is_the_data():
     corpus = saved(input="/c/*.jsonl", synthetic_seed=0)
     assert config_differences(corpus, saved(input="/c/*.jsonl", synthetic_seed=1)) == []
     assert config_differences(corpus, world) == ["data.input: checkpoint '/c/*.jsonl', run ''"]
+    # A checkpoint from before a world key existed made the default world.
+    older = json.loads(json.dumps(world))
+    del older["data"]["synthetic_sft_chatty"]
+    assert config_differences(older, world) == []
+    assert config_differences(older, saved(synthetic_sft_chatty=True)) == [
+        "data.synthetic_sft_chatty: checkpoint False, run True"
+    ]
 
 
 def poison_gradients(monkeypatch, bad_step):
