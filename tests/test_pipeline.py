@@ -14,16 +14,13 @@ def _records(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _quickstart(workdir, cache, expect=0, **extra_env):
-    """`configs/quickstart.py:smoke` through the real command line, on one device. All runs of the test share one
-    persistent compilation cache: the programs are the same, so only the first run compiles (no result changes)."""
+def _quickstart(workdir, expect=0, **extra_env):
+    """`configs/quickstart.py:smoke` through the real command line, on one device. All runs share the session's
+    persistent compilation cache (tests/conftest.py): the programs are the same, so only the first run compiles."""
     env = dict(
         os.environ,
         XLA_FLAGS="--xla_force_host_platform_device_count=1",
         JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
         **extra_env,
     )
     command = [
@@ -43,9 +40,8 @@ def test_quickstart_smoke_runs_every_stage_and_a_sigkilled_rerun_ends_with_the_s
     """The whole main job on its :smoke config: every stage chains through its checkpoints in one workdir;
     SIGKILL in the middle of SFT (right after its step-10 checkpoint) and a re-run of the same command finish with
     exactly the uninterrupted run's eval.json; a re-run of a finished workdir skips every stage."""
-    cache = tmp_path / "jax_cache"
     straight = tmp_path / "straight"
-    _quickstart(straight, cache)
+    _quickstart(straight)
     scores = json.loads((straight / "eval.json").read_text())
     assert {"curate", "base", "sft", "reward", "dpo", "ppo", "grpo"} <= set(scores), sorted(scores)
     assert scores["curate"]["planted_duplicates"] > 0
@@ -69,16 +65,16 @@ def test_quickstart_smoke_runs_every_stage_and_a_sigkilled_rerun_ends_with_the_s
     )
 
     killed = tmp_path / "killed"
-    _quickstart(killed, cache, expect=-signal.SIGKILL, JAXALIGN_FAULT_KILL_AFTER_SAVE="sft:10")
+    _quickstart(killed, expect=-signal.SIGKILL, JAXALIGN_FAULT_KILL_AFTER_SAVE="sft:10")
     assert (killed / "pipeline" / "pretrain.done").exists() and not (
         killed / "pipeline" / "sft.done"
     ).exists()
-    proc = _quickstart(killed, cache)
+    proc = _quickstart(killed)
     assert proc.stdout.count("finished before; skipped") == 2  # curate and pretrain
     assert json.loads((killed / "eval.json").read_text()) == scores
 
     before = (straight / "metrics.jsonl").read_text()
-    proc = _quickstart(straight, cache)
+    proc = _quickstart(straight)
     assert proc.stdout.count("finished before; skipped") == 8
     assert (straight / "metrics.jsonl").read_text() == before
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -88,6 +89,22 @@ class _ObjectRecordWriterFactory:
         pass  # object stores have no directories to create
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported with PyTorch hidden unless it is loaded already: tensorboardX imports
+    torch when it is installed only to accept torch tensors (1-3 s of every process's start beside torch, as in the
+    test environment), and jaxalign logs Python floats."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX catches
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 def _register_tensorboard_writer(workdir: str) -> None:
     from tensorboardX import record_writer
 
@@ -111,11 +128,10 @@ class MetricsLog:
             return
         storage.path(workdir).mkdir(parents=True, exist_ok=True)
         self._drop_after(resume_step)
-        from tensorboardX import SummaryWriter
-
+        writer_class = _summary_writer_class()
         if not self.local:
             _register_tensorboard_writer(workdir)
-        self.writer = SummaryWriter(storage.join(workdir, "tb", stage))
+        self.writer = writer_class(storage.join(workdir, "tb", stage))
 
     def _redone(self, line: str, resume_step: int) -> bool:
         """True for this stage's lines after the restored step, and for a line torn by a kill mid-write."""

@@ -110,18 +110,12 @@ def test_pipelined_resume_after_sigkill_is_bitwise_identical(corpus, tmp_path_fa
         tmp_path_factory.mktemp("pipe_straight"),
         tmp_path_factory.mktemp("pipe_resumed"),
     )
-    # One persistent compilation cache for the three runs (same programs: only the first compiles).
-    cache = dict(
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("pipe_cache")),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-    run(straight_dir, corpus, *PIPELINED, **cache)
+    run(straight_dir, corpus, *PIPELINED)
     saved = json.loads((straight_dir / "config.json").read_text())
     assert saved["mesh"]["stage"] == 2 and saved["model"]["scan_layers"]
-    run(resumed_dir, corpus, *PIPELINED, expect=-signal.SIGKILL, JAXALIGN_FAULT_KILL_AFTER_SAVE="8", **cache)
+    run(resumed_dir, corpus, *PIPELINED, expect=-signal.SIGKILL, JAXALIGN_FAULT_KILL_AFTER_SAVE="8")
     assert committed_steps(resumed_dir)[-1] == 8
-    run(resumed_dir, corpus, *PIPELINED, **cache)
+    run(resumed_dir, corpus, *PIPELINED)
     assert params_bytes(resumed_dir, 12) == params_bytes(straight_dir, 12)
     resumed, reference = losses(resumed_dir), losses(straight_dir)
     assert [resumed[s] for s in range(9, 13)] == [reference[s] for s in range(9, 13)]
@@ -225,18 +219,13 @@ def stage_command(job, workdir, world):
     ]
 
 
-def run_stage(job, workdir, world, cache, expect=0, **extra_env):
-    # One persistent compilation cache for the three runs of a job: only the first compiles (the programs are the
-    # same, so this changes no result; it only keeps each test well under a minute).
+def run_stage(job, workdir, world, expect=0, **extra_env):
+    # The three runs of a job share the session's persistent compilation cache (tests/conftest.py): only the first
+    # compiles (the programs are the same, so this changes no result; it keeps each test well under a minute).
     proc = subprocess.run(
         stage_command(job, workdir, world),
         cwd=ROOT,
-        env=env(
-            JAX_COMPILATION_CACHE_DIR=str(cache),
-            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-            **extra_env,
-        ),
+        env=env(**extra_env),
         capture_output=True,
         text=True,
         timeout=300,
@@ -253,35 +242,26 @@ def logged(workdir):
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
-def straight_stage(small_world, compile_cache, tmp_path_factory):
+def straight_stage(small_world, tmp_path_factory):
     """One uninterrupted run per job, shared by the tests of this module."""
     runs = {}
 
     def get(job):
         if job not in runs:
             runs[job] = tmp_path_factory.mktemp(f"straight_{job}")
-            run_stage(job, runs[job], small_world, compile_cache)
+            run_stage(job, runs[job], small_world)
         return runs[job]
 
     return get
 
 
 @pytest.mark.parametrize("job", ["sft", "reward", "dpo"])
-def test_stage_resume_after_sigkill_is_bitwise_identical(
-    job, small_world, compile_cache, straight_stage, tmp_path
-):
+def test_stage_resume_after_sigkill_is_bitwise_identical(job, small_world, straight_stage, tmp_path):
     straight = straight_stage(job)
-    run_stage(
-        job, tmp_path, small_world, compile_cache, expect=-signal.SIGKILL, JAXALIGN_FAULT_KILL_AFTER_SAVE="8"
-    )
+    run_stage(job, tmp_path, small_world, expect=-signal.SIGKILL, JAXALIGN_FAULT_KILL_AFTER_SAVE="8")
     directory = tmp_path / "checkpoints" / job
     assert max(int(d.name) for d in directory.iterdir() if d.name.isdigit()) == 8
-    proc = run_stage(job, tmp_path, small_world, compile_cache)
+    proc = run_stage(job, tmp_path, small_world)
     assert "resumed from step 8" in proc.stdout
     assert params_bytes(tmp_path, 12, job) == params_bytes(straight, 12, job)
     resumed, reference = logged(tmp_path), logged(straight)
