@@ -42,16 +42,25 @@ REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def sequence_logps(
-    params: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], logits_chunk: int = 0
+    params: nnx.State,
+    graphdef: nnx.GraphDef,
+    batch: dict[str, jax.Array],
+    logits_chunk: int = 0,
+    prompt_too: bool = False,
 ):
-    """Per-row sums over the 2B rows (chosen first): completion log-probs [2B], completion lengths [2B], and the
-    log-probs and count of every real target [2B] (ORPO's NLL covers the prompt too)."""
+    """Per-row sums over the 2B rows (chosen first): completion log-probs [2B], completion lengths [2B], and, with
+    `prompt_too`, the log-probs and count of every real target [2B] (ORPO's NLL covers the prompt too; else None).
+    Only the positions summed pay for the vocabulary projection."""
     model = nnx.merge(graphdef, params)
     cat = {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in SIDE_KEYS}
     h_NxD = model.hidden(cat["inputs"], cat["positions"], cat["segment_ids"])
-    logps_2BxT, _ = target_logps(model, h_NxD, cat["targets"], chunk=logits_chunk)
     weights = cat["weights"].astype(jnp.float32)
-    real = (cat["segment_ids"] > 0).astype(jnp.float32)
+    real = cat["segment_ids"] > 0
+    where = real | (weights != 0) if prompt_too else weights != 0
+    logps_2BxT, _ = target_logps(model, h_NxD, cat["targets"], chunk=logits_chunk, where_BxT=where)
+    if not prompt_too:
+        return jnp.sum(logps_2BxT * weights, axis=1), jnp.sum(weights, axis=1), None, None
+    real = real.astype(jnp.float32)
     return (
         jnp.sum(logps_2BxT * weights, axis=1),
         jnp.sum(weights, axis=1),
@@ -73,7 +82,9 @@ def reference_logps(ref_params, batch, graphdef, logits_chunk: int = 0) -> tuple
 
 def loss_fn(params, batch, graphdef, cfg: DpoConfig, logits_chunk: int, tokens_per_pair, ref=None):
     """(loss_sum, (pairs, metric_sums)) of one (micro)batch. `ref` = reference (chosen, rejected) log-probs."""
-    logps_2B, lengths_2B, all_logps_2B, all_count_2B = sequence_logps(params, graphdef, batch, logits_chunk)
+    logps_2B, lengths_2B, all_logps_2B, all_count_2B = sequence_logps(
+        params, graphdef, batch, logits_chunk, prompt_too=cfg.objective == "orpo"
+    )
     (c, r), (lc, lr) = _split(logps_2B), _split(lengths_2B)
     if cfg.objective == "dpo":
         loss, weight, metrics = losses.dpo_loss(

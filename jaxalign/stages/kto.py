@@ -34,11 +34,12 @@ BATCH_KEYS = ROW_KEYS + tuple(f"kl_{k}" for k in ROW_KEYS)
 def completion_logps(
     params: nnx.State, graphdef: nnx.GraphDef, rows: dict[str, jax.Array], logits_chunk: int = 0
 ):
-    """Completion log-prob sums [B] of LM-style rows."""
+    """Completion log-prob sums [B] of LM-style rows (only completion positions pay for the projection)."""
     model = nnx.merge(graphdef, params)
     h_NxD = model.hidden(rows["inputs"], rows["positions"], rows["segment_ids"])
-    logps_BxT, _ = target_logps(model, h_NxD, rows["targets"], chunk=logits_chunk)
-    return jnp.sum(logps_BxT * rows["weights"].astype(jnp.float32), axis=1)
+    weights = rows["weights"].astype(jnp.float32)
+    logps_BxT, _ = target_logps(model, h_NxD, rows["targets"], chunk=logits_chunk, where_BxT=weights != 0)
+    return jnp.sum(logps_BxT * weights, axis=1)
 
 
 def _kl_rows(batch):

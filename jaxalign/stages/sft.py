@@ -33,7 +33,7 @@ def loss_fn(params: nnx.State, batch: dict[str, jax.Array], graphdef: nnx.GraphD
     model = nnx.merge(graphdef, params)
     h_NxD = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
     logps_BxT, _, entropy_BxT, top1_BxT = target_logps(
-        model, h_NxD, batch["targets"], chunk=logits_chunk, stats=True
+        model, h_NxD, batch["targets"], chunk=logits_chunk, stats=True, where_BxT=batch["weights"] != 0
     )
     loss, weight, metrics = losses.sft_loss(
         logps_BxT, batch["weights"], entropy_BxT=entropy_BxT, is_top1_BxT=top1_BxT
