@@ -12,6 +12,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+# One xdist worker runs this module (pyproject.toml's --dist loadgroup): the uninterrupted GRPO run is made once.
+pytestmark = pytest.mark.xdist_group("test_grpo_resume")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

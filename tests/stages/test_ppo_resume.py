@@ -17,6 +17,9 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+# One xdist worker runs this module (pyproject.toml's --dist loadgroup): the uninterrupted PPO run is made once.
+pytestmark = pytest.mark.xdist_group("test_ppo_resume")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -33,6 +33,11 @@ CHAIN = (
 STAGES = "--config.pipeline.stages=pretrain,sft,reward,dpo,eval"
 
 
+# The tests of the chain (and the variants built from its pretraining) run on one xdist worker: the chain is built
+# once (pyproject.toml's --dist loadgroup); GRPO's chain is another, on the other worker meanwhile.
+ON_THE_CHAINS_WORKER = pytest.mark.xdist_group("world_chain")
+
+
 def _records(workdir, stage):
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["stage"] == stage]
@@ -99,6 +104,7 @@ def peft_sft(request, chain, tmp_path_factory):
     return request.param, json.loads((workdir / "eval.json").read_text())
 
 
+@ON_THE_CHAINS_WORKER
 def test_sft_raises_held_out_fact_exact_match_over_the_base(chain):
     # Measured: base 0.0 (it continues the prompt as pretraining text), SFT 0.5 on questions about people that no
     # SFT example asks about: the facts come from pretraining, SFT teaches the question-answer format (and the
@@ -108,6 +114,7 @@ def test_sft_raises_held_out_fact_exact_match_over_the_base(chain):
     assert sft >= base + 0.15, (base, sft)
 
 
+@ON_THE_CHAINS_WORKER
 def test_replay_lowers_the_measured_forgetting(chain, sft_without_replay):
     # Forgetting = the held-out pretraining loss after SFT minus before it. Measured: +1.68 nats without replay,
     # -0.05 with half of each batch replayed (it keeps pretraining).
@@ -121,6 +128,7 @@ def test_replay_lowers_the_measured_forgetting(chain, sft_without_replay):
     assert with_replay < without - 0.5, (with_replay, without)
 
 
+@ON_THE_CHAINS_WORKER
 def test_reward_model_held_out_pairwise_accuracy(chain):
     # Measured 0.867 on the 30 held-out pairs: every verbose and sycophantic rejection ranks below the correct
     # answer; a wrong fact or sum about held-out people needs knowledge, where this reward model is near chance
@@ -130,6 +138,7 @@ def test_reward_model_held_out_pairwise_accuracy(chain):
     assert results["reward"]["pair_accuracy"] >= 0.8, results["reward"]
 
 
+@ON_THE_CHAINS_WORKER
 def test_dpo_raises_reward_accuracy_and_the_ground_truth_win_rate_keeping_the_facts(chain):
     # Measured: held-out rewards/accuracies 0 (policy == reference) -> 0.72; on the 30 held-out chat prompts DPO
     # drops SFT's chatty closer (19 of 20 fact answers -> 0; mean length 19.9 -> 10.6 tokens) and states as many
@@ -146,6 +155,7 @@ def test_dpo_raises_reward_accuracy_and_the_ground_truth_win_rate_keeping_the_fa
     assert dpo["qa_exact_match"] >= sft["qa_exact_match"] - 0.05, (dpo, sft)
 
 
+@ON_THE_CHAINS_WORKER
 def test_lora_and_qlora_sft_reach_most_of_full_sfts_held_out_fact_gain(chain, peft_sft):
     # The bar: LoRA >= 90% and QLoRA >= 85% of full SFT's held-out exact-match gain over the base. Measured
     # (20 held-out fact questions): base 0.0, full SFT 0.5, LoRA 0.5 (100%), QLoRA 0.45 (90%).

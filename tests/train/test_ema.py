@@ -29,6 +29,9 @@ from jaxalign.train import state as state_lib
 from tests.helpers import lm_batch, random_model, rules_for
 from tests.train.test_resume import committed_steps, run
 
+# One xdist worker runs this module (pyproject.toml's --dist loadgroup): its EMA run is made once.
+pytestmark = pytest.mark.xdist_group("test_ema")
+
 DECAY = 0.75
 
 

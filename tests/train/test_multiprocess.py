@@ -16,6 +16,9 @@ import pytest
 
 from tests.train.test_resume import ROOT, committed_steps, losses
 
+# One xdist worker runs this module (pyproject.toml's --dist loadgroup): the single-process reference run is made once.
+pytestmark = pytest.mark.xdist_group("test_multiprocess")
+
 
 def args(workdir, corpus):
     return [

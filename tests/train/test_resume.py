@@ -16,6 +16,9 @@ import pytest
 
 from jaxalign.data.tokenizer import train_sentencepiece
 
+# One xdist worker runs this module (pyproject.toml's --dist loadgroup): the uninterrupted reference runs is made once.
+pytestmark = pytest.mark.xdist_group("test_resume")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
