@@ -56,6 +56,7 @@ _MUST_MATCH_SYNTHETIC = (
     "data.synthetic_sft_chatty",
     "data.synthetic_rl_show_work",
     "data.synthetic_arith_docs",
+    "data.synthetic_preference_per_person",
 )
 
 

@@ -26,9 +26,11 @@ CHAIN = (
     "--config.data.synthetic_arith_max=100",
     "--config.data.synthetic_arith_docs=0",
     "--config.data.synthetic_rl_arithmetic=0",
-    # The default world's RL prompts (the quickstart's show-work prompts change the world's text, hence its tokenizer:
-    # with them this chain's reward model reached 0.8 pair accuracy instead of 0.867).
+    # The default world's RL prompts (the quickstart's show-work prompts change the world's text, hence its tokenizer).
     "--config.data.synthetic_rl_show_work=False",
+    # Six preference pairs per person instead of two: 630 train pairs, and 70 held-out pairs (64 scored,
+    # eval.max_examples) measure the reward model instead of 30, of which 14 happened to be wrong-fact pairs.
+    "--config.data.synthetic_preference_per_person=6",
 )
 STAGES = "--config.pipeline.stages=pretrain,sft,reward,dpo,eval"
 
@@ -106,7 +108,7 @@ def peft_sft(request, chain, tmp_path_factory):
 
 @ON_THE_CHAINS_WORKER
 def test_sft_raises_held_out_fact_exact_match_over_the_base(chain):
-    # Measured: base 0.0 (it continues the prompt as pretraining text), SFT 0.5 on questions about people that no
+    # Measured: base 0.0 (it continues the prompt as pretraining text), SFT 0.35 on questions about people that no
     # SFT example asks about: the facts come from pretraining, SFT teaches the question-answer format (and the
     # annotators' chatty closer, data.synthetic_sft_chatty: its answers run to the length limit).
     _, results = chain
@@ -116,8 +118,8 @@ def test_sft_raises_held_out_fact_exact_match_over_the_base(chain):
 
 @ON_THE_CHAINS_WORKER
 def test_replay_lowers_the_measured_forgetting(chain, sft_without_replay):
-    # Forgetting = the held-out pretraining loss after SFT minus before it. Measured: +1.68 nats without replay,
-    # -0.05 with half of each batch replayed (it keeps pretraining).
+    # Forgetting = the held-out pretraining loss after SFT minus before it. Measured: +1.25 nats without replay,
+    # -0.08 with half of each batch replayed (it keeps pretraining).
     def forgetting(workdir):
         evals = [r for r in _records(workdir, "sft") if "eval/pretrain_loss" in r]
         assert evals[0]["step"] == 0 and evals[-1]["step"] == 150
@@ -130,21 +132,22 @@ def test_replay_lowers_the_measured_forgetting(chain, sft_without_replay):
 
 @ON_THE_CHAINS_WORKER
 def test_reward_model_held_out_pairwise_accuracy(chain):
-    # Measured 0.867 on the 30 held-out pairs: every verbose and sycophantic rejection ranks below the correct
-    # answer; a wrong fact or sum about held-out people needs knowledge, where this reward model is near chance
-    # (it memorises the train people's facts: 0.85 of their wrong-fact pairs, 1/3 to 1/2 of held-out ones in
-    # variants of this chain), so the figure moves by a few pairs with any change of the SFT data.
+    # Measured 0.875 on 64 held-out pairs: every verbose and sycophantic rejection (52) ranks below the correct
+    # answer; wrong facts about held-out people are at chance (10 of 18 here; 0.37-0.6 on 300 more held-out pairs
+    # in variants of this chain), though the SFT policy's own likelihood prefers the true fact on 0.93 of them: this
+    # 2-layer trunk's last-token head does not read that knowledge out. With two pairs per person the 30 held-out
+    # pairs held 14 wrong-fact ones and the figure ranged 0.63-0.83 over seeds and reward steps.
     _, results = chain
     assert results["reward"]["pair_accuracy"] >= 0.8, results["reward"]
 
 
 @ON_THE_CHAINS_WORKER
 def test_dpo_raises_reward_accuracy_and_the_ground_truth_win_rate_keeping_the_facts(chain):
-    # Measured: held-out rewards/accuracies 0 (policy == reference) -> 0.72; on the 30 held-out chat prompts DPO
-    # drops SFT's chatty closer (19 of 20 fact answers -> 0; mean length 19.9 -> 10.6 tokens) and states as many
-    # facts (9 -> 11 correct): win rate against SFT 0.83 judged by the world's ground truth, 0.82 by the reward model
-    # (mean RM score -1.37 -> 3.39); held-out fact exact match kept (0.5 -> 0.5, the RPO term). Preferences about
-    # other people add no knowledge at this scale: without the chatty habit the ground-truth win rate was 0.43.
+    # Measured: held-out rewards/accuracies 0 (policy == reference) -> 0.94; on 64 held-out chat prompts DPO drops
+    # SFT's chatty closer (mean length 21.0 -> 9.6 tokens): win rate against SFT 0.84 judged by the world's ground
+    # truth, 0.92 by the reward model (mean RM score -3.11 -> 2.94); held-out fact exact match kept (0.35 -> 0.35,
+    # the RPO term). Preferences about other people add no knowledge at this scale: without the chatty habit the
+    # ground-truth win rate was 0.43 (two pairs per person).
     workdir, results = chain
     evals = [r for r in _records(workdir, "dpo") if "eval/rewards/accuracies" in r]
     assert evals[0]["step"] == 0 and evals[0]["eval/rewards/accuracies"] == 0.0
@@ -158,7 +161,7 @@ def test_dpo_raises_reward_accuracy_and_the_ground_truth_win_rate_keeping_the_fa
 @ON_THE_CHAINS_WORKER
 def test_lora_and_qlora_sft_reach_most_of_full_sfts_held_out_fact_gain(chain, peft_sft):
     # The issue's bar: LoRA >= 90% and QLoRA >= 85% of full SFT's held-out exact-match gain over the base. Measured
-    # (20 held-out fact questions): base 0.0, full SFT 0.5, LoRA 0.5 (100%), QLoRA 0.45 (90%).
+    # (20 held-out fact questions): base 0.0, full SFT 0.35, LoRA 0.45 (129%), QLoRA 0.35 (100%).
     variant, results = peft_sft
     base, full = chain[1]["base"]["qa_exact_match"], chain[1]["sft"]["qa_exact_match"]
     assert full - base >= 0.15, (base, full)
@@ -190,10 +193,11 @@ def rl_chain(tmp_path_factory):
 
 
 def test_grpo_raises_held_out_arithmetic_over_the_sft_policy(rl_chain):
-    # The issue's bar: >= 10 points on the 30 held-out problems (greedy answers). Measured: SFT 0.033 -> GRPO 0.2
-    # (this world, seed 0; fact exact match 0.35 -> 0.3) and 0.1 -> 0.8 with data.synthetic_seed=1: SFT teaches the
-    # show-work format but mostly restates another problem ("9 + 0 = 9." for 8 + 9); GRPO's restate and answer
-    # rewards on the 270 train problems teach it to copy the question's operands, and the sum comes from pretraining.
+    # The issue's bar: >= 10 points on the 30 held-out problems (greedy answers). Measured: SFT 0.1 -> GRPO 0.97
+    # (fact exact match 0.05 -> 0), and 0.73 with seed=1. SFT teaches the show-work format but mostly restates
+    # another problem ("4 * 8 = 32." for 4 * 4), though it completes every plain-text sum right; GRPO's restate and
+    # answer rewards on the 270 train problems teach it to copy the question's operands, and the KL penalty keeps the
+    # sums (configs/quickstart.py: without it, 0.1 -> 0.1).
     _, results = rl_chain
     sft, grpo = results["sft"], results["grpo"]
     assert grpo["arith_accuracy"] >= sft["arith_accuracy"] + 0.1, (sft, grpo)
