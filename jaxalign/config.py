@@ -252,8 +252,8 @@ class DataConfig:
     # Arithmetic documents (4 lines each) in the world's pretraining text; 0 = two per entity.
     synthetic_arith_docs: int = 0
     # Preference pairs about each person of the world (train people: the reward model's and DPO's fact pairs;
-    # held-out people: the held-out pairs its pairwise accuracy scores); 0 = two.
-    synthetic_preference_per_person: int = 0
+    # held-out people: the held-out pairs its pairwise accuracy scores).
+    synthetic_preference_per_person: int = 2
     # How conversational records (message lists) become tokens: "chatml", "llama3" or "gemma" (data/chat.py), or
     # "tokenizer": the tokenizer's own template (a Hugging Face tokenizer's, for imported models).
     chat_template: Literal["chatml", "llama3", "gemma", "tokenizer"] = "chatml"

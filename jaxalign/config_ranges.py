@@ -62,7 +62,7 @@ RANGES: dict[str, dict[str, str]] = {
         "synthetic_rl_arithmetic": ">= 0",
         "synthetic_sft_arithmetic": ">= 0",
         "synthetic_arith_docs": ">= 0",
-        "synthetic_preference_per_person": ">= 0",
+        "synthetic_preference_per_person": POSITIVE,
         "max_prompt_length": POSITIVE,
     },
     "CheckpointConfig": {

@@ -93,7 +93,7 @@ def world(config: Config) -> dict[str, str]:
         pretrain_arithmetic_docs=config.data.synthetic_arith_docs or None,
         rl_arith_show_work=config.data.synthetic_rl_show_work,
         sft_chatty=config.data.synthetic_sft_chatty,
-        **({"preference_per_person": n} if (n := config.data.synthetic_preference_per_person) else {}),
+        preference_per_person=config.data.synthetic_preference_per_person,
     )
     if jax.process_index() == 0:
         synthetic.write_world(*args, sizes)

@@ -271,14 +271,16 @@ def test_preference_pairs_per_person_is_set_by_the_config(tmp_path):
     from jaxalign import config
     from jaxalign.stages import common
 
-    def fact_pairs(workdir, per_person):
+    def fact_pairs(workdir, per_person=None):
         c = config.defaults()
         c.workdir, c.data.synthetic_entities = str(workdir), 30
-        c.data.synthetic_preference_per_person = per_person
+        if per_person is not None:
+            c.data.synthetic_preference_per_person = per_person
         paths = common.world(config.from_config_dict(c))
         split = {name: _read(paths[f"preference_{name}"]) for name in ("train", "eval")}
         return {name: sum(r["task"] == "fact" for r in rs) for name, rs in split.items()}
 
     held_out = 3  # a tenth of the 30 people
-    assert fact_pairs(tmp_path / "default", 0) == {"train": 2 * 27, "eval": 2 * held_out}
+    # The default world: WorldSizes' two pairs per person.
+    assert fact_pairs(tmp_path / "default") == {"train": 2 * 27, "eval": 2 * held_out}
     assert fact_pairs(tmp_path / "six", 6) == {"train": 6 * 27, "eval": 6 * held_out}
