@@ -17,8 +17,9 @@ Rows are prompt-major (rows p*G .. p*G+G-1 are prompt p's samples), then permute
 `check_groups` guard). Advantages are computed over the whole batch before any split, so they are the same under
 any grad_accum or mesh.
 
-Shape legend: P prompts, G generations per prompt, B = P * G rows, W prompt width (data.max_prompt_length),
-C completion length (grpo.max_completion_length).
+Shape legend: P prompts, G generations per prompt, B = P * G rows, W prompt width (at most data.max_prompt_length),
+C completion width (at most grpo.max_completion_length): the rollout trims padding columns no row uses
+(`rollout.bucket_width`), so W and C change from step to step among a few powers of two (one compile each).
 
 Device batch (`BATCH_KEYS`): prompt_ids, prompt_mask [B, W] int32 (left-padded); completion_ids,
 completion_mask [B, C] int32 (mask 1 up to and including the stop token, 0 for ignored groups); advantages [B]
@@ -27,7 +28,7 @@ float32; sampler_logps [B, C] float32 (the sampler's log-probs of the tokens, ch
 
 Logged per step, besides the loop's: loss, `reward`, `reward_std`, `frac_reward_zero_std`, `rewards/<func>/mean`,
 `kl` (beta > 0), `clip_ratio/*`, `completions/mean_length`, `completions/min_length`, `completions/max_length`,
-`completions/clipped_ratio` (no stop token within C), `reward_skipped_groups`, and the time split
+`completions/clipped_ratio` (no stop token within grpo.max_completion_length), `reward_skipped_groups`, and the time split
 `time/generation_s`, `time/scoring_s`, `time/update_wait_s` (host time spent waiting for the previous step's
 update: the loop dispatches updates asynchronously). Held-out: `eval/answer` (greedy answer reward) and per task.
 """
@@ -231,7 +232,7 @@ class Rollout:
         t2 = time.perf_counter()
 
         texts, stopped_B = self.generator.decode(tokens_BxC, cmask_BxC)
-        B, C = tokens_BxC.shape
+        B = len(tokens_BxC)
         extras = [
             {
                 **prompts["extras"][i // G],
@@ -245,7 +246,7 @@ class Rollout:
         lengths_B = cmask_BxC.sum(axis=1)
         if cfg.overlong_buffer:
             total_B = total_B + rewards_lib.overlong_penalty(
-                lengths_B, C, cfg.overlong_buffer, cfg.overlong_penalty
+                lengths_B, cfg.max_completion_length, cfg.overlong_buffer, cfg.overlong_penalty
             )
         rewards_PxG = total_B.reshape(-1, G)
         valid_P = valid_B.reshape(-1, G).all(axis=1)

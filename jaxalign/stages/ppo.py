@@ -25,8 +25,9 @@ Params are `{"policy": ..., "value": ...}` with one optimizer over both (TRL's P
 graphdef is the pair (policy graphdef, value graphdef). The value model is a `ScalarModel` (a per-token head on a
 trunk), started from the RM (`ppo.value_init="reward"`) or from the policy's trunk (`"policy"`).
 
-Shape legend: B rows (prompts; one completion each), W prompt width (data.max_prompt_length), C completion length
-(ppo.max_completion_length), M rows per minibatch (B / num_mini_batches), E = num_ppo_epochs.
+Shape legend: B rows (prompts; one completion each), W prompt width (at most data.max_prompt_length), C completion
+width (at most ppo.max_completion_length; both trimmed of unused padding, `rollout.bucket_width`), M rows per
+minibatch (B / num_mini_batches), E = num_ppo_epochs.
 
 Device batch (`BATCH_KEYS`): prompt_ids, prompt_mask [B, W] int32 (left-padded); completion_ids, completion_mask
 [B, C] int32 (mask 1 up to and including the stop token); scores [B] float32 (RM score minus the missing-EOS

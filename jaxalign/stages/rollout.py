@@ -6,8 +6,12 @@ policy, decoding the completions, and the `completions/*` metrics.
     texts, stopped_B = gen.decode(out.tokens_BxC, out.mask_BxC)
     metrics = completion_metrics(out.mask_BxC.sum(1), stopped_B)
 
-Shape legend: B rows (prompts x generations, prompt-major), W prompt width (data.max_prompt_length), C completion
-length (max_new_tokens).
+Batches come back trimmed of padding columns no row uses (`bucket_width`): prompts are left-padded to
+data.max_prompt_length and completions end at their stop token well before max_new_tokens, so the update that
+follows runs on fewer positions (configs/quickstart.py's GRPO steps: 0.20 -> 0.09 s, the update 157 -> 63 ms).
+
+Shape legend: B rows (prompts x generations, prompt-major), W prompt width (at most data.max_prompt_length), C
+completion width (at most max_new_tokens).
 """
 
 from __future__ import annotations
@@ -22,6 +26,17 @@ from jaxalign.data import chat
 from jaxalign.parallel.mesh import Rules
 from jaxalign.rl import sampler
 from jaxalign.stages import common
+
+
+def bucket_width(used: int, cap: int) -> int:
+    """Columns to keep of a batch whose rows use at most `used` of `cap`: the next power of two (at least 8), at
+    most `cap`, the same on every process (their rows form one global array). Few distinct widths mean few compiles
+    of the jitted programs that see them."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        used = int(np.max(multihost_utils.process_allgather(np.int32(used))))
+    return min(cap, max(8, 1 << max(used - 1, 0).bit_length()))
 
 
 class Sampled(NamedTuple):
@@ -52,7 +67,7 @@ class Generator:
         top_p: float = 1.0,
         num_generations: int = 1,
     ):
-        self.rules, self.tokenizer = rules, tokenizer
+        self.rules, self.tokenizer, self.max_new_tokens = rules, tokenizer, max_new_tokens
         self.stop_ids = tuple(chat.stop_ids(tokenizer, chat_template))
         self._generate = jax.jit(
             functools.partial(
@@ -69,17 +84,20 @@ class Generator:
         )
 
     def __call__(self, params: Any, prompts: dict[str, Any], key: jax.Array) -> Sampled:
-        """Samples the loader batch `prompts` (`prompt_ids`, `prompt_mask`: this process's rows, left-padded)."""
+        """Samples the loader batch `prompts` (`prompt_ids`, `prompt_mask`: this process's rows, left-padded). The
+        prompts lose the leading columns no row uses and the completions the trailing ones (`bucket_width`)."""
+        W = prompts["prompt_mask"].shape[1]
+        w = bucket_width(int(prompts["prompt_mask"].sum(axis=1).max()), W)
         ids, mask = (
-            jax.make_array_from_process_local_data(
-                self.rules.sharding(("batch", "length"), prompts[k].shape), prompts[k]
-            )
-            for k in ("prompt_ids", "prompt_mask")
+            jax.make_array_from_process_local_data(self.rules.sharding(("batch", "length"), x.shape), x)
+            for x in (prompts[k][:, W - w :] for k in ("prompt_ids", "prompt_mask"))
         )
         out = self._generate(params, ids, mask, key)
-        return Sampled(
-            *(common.host_rows(x) for x in (out.tokens, out.mask, out.logps, out.prompt_ids, out.prompt_mask))
+        tokens, cmask, logps, pids, pmask = (
+            common.host_rows(x) for x in (out.tokens, out.mask, out.logps, out.prompt_ids, out.prompt_mask)
         )
+        c = bucket_width(int(cmask.sum(axis=1).max()), self.max_new_tokens)
+        return Sampled(tokens[:, :c], cmask[:, :c], logps[:, :c], pids, pmask)
 
     def decode(self, tokens_BxC: np.ndarray, mask_BxC: np.ndarray) -> tuple[list[str], np.ndarray]:
         """Decoded texts (without the stop token) and whether each row stopped [B] bool."""

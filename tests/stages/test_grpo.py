@@ -4,6 +4,11 @@ invariance, whole groups under micro-batching and sharding, and bad input (one l
 import dataclasses
 import functools
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +24,7 @@ from jaxalign.errors import ConfigError, DataError
 from jaxalign.models.heads import RewardScorer, ScalarModel
 from jaxalign.models.transformer import Transformer
 from jaxalign.rl import rewards, sampler
-from jaxalign.stages import grpo
+from jaxalign.stages import grpo, rollout
 from jaxalign.train import state as state_lib
 from tests.helpers import rules_for, tiny
 
@@ -223,6 +228,38 @@ def test_grad_accum_and_data_parallel_mesh_give_the_same_update():
     )
 
 
+def test_padding_columns_trimmed_by_the_rollout_leave_the_update_unchanged():
+    _, _, batch = _rollout_batch(P=4, G=4)
+    cfg = GrpoConfig(beta=0.1, max_completion_length=16)
+    # The same rows with 10 more left-padding columns on the prompts and 8 more unused completion columns: what a
+    # batch looked like before `rollout.bucket_width` trimmed it.
+    wide = dict(batch)
+    for k in ("prompt_ids", "prompt_mask"):
+        wide[k] = np.pad(batch[k], ((0, 0), (10, 0)))
+    for k in ("completion_ids", "completion_mask", "sampler_logps"):
+        wide[k] = np.pad(batch[k], ((0, 0), (0, 8)))
+    (trimmed, m1), (padded, m2) = (_step(cfg, b, ref_seed=7) for b in (batch, wide))
+    for a, b in zip(jax.tree.leaves(trimmed.params), jax.tree.leaves(padded.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for k in ("loss", "kl", "grad_norm"):
+        np.testing.assert_allclose(m1[k], m2[k], rtol=1e-5)
+
+
+def test_bucket_width_is_the_next_power_of_two_within_the_cap():
+    assert [rollout.bucket_width(n, 64) for n in (0, 1, 8, 9, 16, 17, 33, 64)] == [
+        8,
+        8,
+        8,
+        16,
+        16,
+        32,
+        64,
+        64,
+    ]
+    assert [rollout.bucket_width(n, 24) for n in (3, 9, 17, 24)] == [8, 16, 24, 24]
+    assert rollout.bucket_width(5, 6) == 6
+
+
 def test_a_batch_with_every_group_ignored_keeps_the_weights():
     _, params, batch = _rollout_batch()
     batch = {**batch, "completion_mask": np.zeros_like(batch["completion_mask"])}
@@ -284,18 +321,23 @@ def test_rollout_advantages_are_per_prompt_under_grad_accum_and_a_data_parallel_
     graphdef, params = nnx.split(Transformer(config.model, nnx.Rngs(0), rules))
     state, _ = state_lib.create_sharded(graphdef, params, config.optim, 10, 0, rules)
     reward_set = rewards.RewardSet({"length": _length_reward})
-    rollout = grpo.Rollout(config, rules, tok, graphdef, reward_set)
+    roll = grpo.Rollout(config, rules, tok, graphdef, reward_set)
     loader = prompt_pipelines.rl_loader(
-        world["rl_train"], tok, global_batch_size=4, seed=0, max_prompt_length=48, columns=("answer",)
+        world["rl_train"], tok, global_batch_size=4, seed=0, max_prompt_length=96, columns=("answer",)
     )
     prompts = next(loader)
     loader.close()
-    batch, metrics = rollout(state, prompts, step=1)
-    host = {k: np.asarray(v)[np.argsort(rollout.perm)] for k, v in batch.items()}  # back to prompt-major
+    batch, metrics = roll(state, prompts, step=1)
+    host = {k: np.asarray(v)[np.argsort(roll.perm)] for k, v in batch.items()}  # back to prompt-major
     G = 4
+    # The prompts lost only columns no row uses (left padding), down to a power-of-two width.
+    longest = int(prompts["prompt_mask"].sum(1).max())
+    W = host["prompt_ids"].shape[1]
+    assert longest <= W == rollout.bucket_width(longest, 96) < 96
+    assert not prompts["prompt_mask"][:, : 96 - W].any()
     for p in range(4):  # every group is one prompt, and its rows are that prompt's
         rows = host["prompt_ids"][p * G : (p + 1) * G]
-        assert (rows == prompts["prompt_ids"][p]).all()
+        assert (rows == prompts["prompt_ids"][p, 96 - W :]).all()
     extras = [
         {"completion_ids": ids[m > 0].tolist()}
         for ids, m in zip(host["completion_ids"], host["completion_mask"], strict=True)
@@ -331,7 +373,7 @@ def test_rollout_skips_the_groups_of_a_failing_reward_and_counts_them(tmp_path, 
     def nan_for_first(completions, extras):  # NaN for one completion of the first prompt only
         return [float("nan")] + [1.0] * (len(completions) - 1)
 
-    rollout = grpo.Rollout(
+    roll = grpo.Rollout(
         config, rules, tok, graphdef, rewards.RewardSet({"nan": nan_for_first}, on_error="skip")
     )
     loader = prompt_pipelines.rl_loader(
@@ -339,15 +381,15 @@ def test_rollout_skips_the_groups_of_a_failing_reward_and_counts_them(tmp_path, 
     )
     prompts = next(loader)
     loader.close()
-    batch, metrics = rollout(state, prompts, step=1)
-    host = {k: np.asarray(v)[np.argsort(rollout.perm)] for k, v in batch.items()}
+    batch, metrics = roll(state, prompts, step=1)
+    host = {k: np.asarray(v)[np.argsort(roll.perm)] for k, v in batch.items()}
     assert metrics["reward_skipped_groups"] == 1
     assert not host["completion_mask"][:4].any() and host["completion_mask"][4:].any()
     assert not host["advantages"].any()  # the other group's rewards are all 1: zero advantage
     assert metrics["frac_reward_zero_std"] == 1.0
     # DAPO's dynamic filtering drops that zero-variance group from the loss too (same sampler program, new option).
-    rollout.cfg = dataclasses.replace(rollout.cfg, filter_zero_std=True)
-    batch, metrics = rollout(state, prompts, step=1)
+    roll.cfg = dataclasses.replace(roll.cfg, filter_zero_std=True)
+    batch, metrics = roll(state, prompts, step=1)
     assert not np.asarray(batch["completion_mask"]).any() and metrics["reward_skipped_groups"] == 1
 
 
@@ -414,7 +456,7 @@ def test_grpo_steps_raise_the_mean_reward(tmp_path, world, tok):
     rules = rules_for(1)
     graphdef, params = nnx.split(Transformer(config.model, nnx.Rngs(0), rules))
     state, _ = state_lib.create_sharded(graphdef, params, config.optim, 100, 0, rules)
-    rollout = grpo.Rollout(config, rules, tok, graphdef, rewards.RewardSet({"even": _even_token_reward}))
+    roll = grpo.Rollout(config, rules, tok, graphdef, rewards.RewardSet({"even": _even_token_reward}))
     step_fn = jax.jit(
         functools.partial(grpo.train_step, cfg=config.grpo, optim=config.optim, microbatches=1),
         donate_argnums=0,
@@ -424,7 +466,7 @@ def test_grpo_steps_raise_the_mean_reward(tmp_path, world, tok):
     )
     rewards_per_step = []
     for step in range(1, 13):
-        batch, metrics = rollout(state, next(loader), step=step)
+        batch, metrics = roll(state, next(loader), step=step)
         rewards_per_step.append(metrics["reward"])
         state, _ = step_fn(state, batch, None)
     loader.close()
@@ -451,3 +493,40 @@ def test_pipelined_policy_update_equals_one_device(schedule):
             want = one[path]
         np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6, err_msg=str(path))
     np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
+
+
+_BUCKET_SCRIPT = """
+import sys
+from jaxalign.parallel import distributed
+distributed.maybe_initialize()
+import jax
+from jaxalign.stages import rollout
+print("width", rollout.bucket_width([5, 20][jax.process_index()], 64), flush=True)
+"""
+
+
+def test_every_process_trims_to_the_same_width():
+    # Two processes whose rows use 5 and 20 columns: both keep 32 (the global arrays they build must agree).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _BUCKET_SCRIPT],
+            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+            env={
+                **{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+                "JAX_PLATFORMS": "cpu",
+                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": str(i),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    assert [re.findall(r"^width (\d+)$", out, re.M) for out, _ in outs] == [["32"], ["32"]]
