@@ -6,7 +6,9 @@
 Reference model of benchmarks/train_throughput.py (vocab 8192, d_model 256, 4 layers, 4 heads of 64, 2 KV heads,
 MLP 1024, f32, one device); 8 prompts of 32 tokens, 128 greedy new tokens (no EOS, so every step runs). Times the
 two compiled programs of `sampler.generate` separately: the prefill and the decode loop (sampling of all
-`--new` tokens, `--new - 1` cached forward steps). `--temperature` > 0 samples instead (as RL does; no EOS either). `first_call_s` is the first `generate` call, compiles included.
+`--new` tokens, `--new - 1` cached forward steps). `--temperature` > 0 samples instead (as RL does; no EOS
+either). `first_call_s` is the first `generate` call, compiles included. Two floors are measured in the same run
+(`matmul_floors`): the decode's weight matmuls alone, and reading the weights once per step.
 The last line is one JSON object.
 """
 
@@ -28,36 +30,51 @@ from jaxalign.parallel.mesh import Rules, make_mesh
 from jaxalign.rl import sampler
 
 
-def matmul_floor(params, rows: int, steps: int, repeats: int) -> float:
-    """Seconds for `steps` iterations of only the weight matmuls of a decode step (every kernel but the embedding
-    table, on `rows` rows) in one jitted loop: the part of a step no sampler can avoid. Measured in the same run as
-    the decode, it shows how much of a step is overhead whatever the load on the machine."""
+def matmul_floors(model: Transformer, rows: int, steps: int, repeats: int) -> tuple[float, float]:
+    """Seconds for `steps` iterations of only the weight matmuls of a decode step, on `rows` rows, in one jitted
+    loop: the part of a step no sampler can avoid, measured in the same run as the decode so that it shows how much
+    of a step is overhead whatever the load on the machine. Returns (dots, stream): `dots` runs the decode's own
+    matmuls (per layer the fused q|k|v and gate|up kernels, wo and w_down; then the LM head), each input depending
+    on the one before; `stream` multiplies by every one of those weights at once (one matmul against all of them
+    side by side), the memory-bandwidth bound of reading the weights once per step."""
+    weights = lambda b: (b.attn.wq, b.attn.wk, b.attn.wv, b.attn.wo, b.mlp.w_gate, b.mlp.w_up, b.mlp.w_down)
+    if model.cfg.scan_layers:  # one stacked block: (L, ...) arrays
+        layers = zip(*(w[...] for w in weights(model.blocks)), strict=True)
+    else:
+        layers = [tuple(w[...] for w in weights(b)) for b in model.blocks]
     kernels = []
-    for path, var in nnx.to_flat_state(params):
-        w = var.get_value()
-        if path != ("embed",) and w.ndim >= 2:
-            kernels.extend(w.reshape(-1, *w.shape[-2:]))
+    for wq, wk, wv, wo, w_gate, w_up, w_down in layers:
+        kernels += [
+            jnp.concatenate([wq, wk, wv], axis=1),
+            wo,
+            jnp.concatenate([w_gate, w_up], axis=1),
+            w_down,
+        ]
+    kernels.append(model.embed[...].T if model.cfg.tie_embeddings else model.lm_head[...])
+    D = model.cfg.d_model
 
-    width = min(w.shape[0] for w in kernels)
+    def chained(kernels, x_RxD):
+        for w in kernels:
+            y = x_RxD[:, : w.shape[0]] if w.shape[0] <= D else jnp.tile(x_RxD, (1, w.shape[0] // D))
+            x_RxD = x_RxD + (y @ w)[:, :D] * 1e-6
+        return x_RxD
 
-    @jax.jit
-    def loop(kernels):
-        def body(_, x_RxD):
-            for w in kernels:  # each matmul's input depends on the one before, as in a step
-                in_RxK = jnp.tile(x_RxD, (1, w.shape[0] // width))
-                x_RxD = x_RxD + jnp.mean(in_RxK @ w, axis=1, keepdims=True) * 1e-6
-            return x_RxD
+    def stream(kernels, x_RxD):
+        side_by_side = jnp.concatenate([w if w.shape[0] == D else w.T for w in kernels], axis=1)
+        return x_RxD + (x_RxD @ side_by_side)[:, :D] * 1e-6
 
-        x_RxD = jax.random.normal(jax.random.key(0), (rows, width), jnp.float32)
-        return jax.lax.fori_loop(0, steps, body, x_RxD)
+    def timed(f) -> float:
+        loop = jax.jit(lambda kernels, x: jax.lax.fori_loop(0, steps, lambda _, x: f(kernels, x), x))
+        x_RxD = jax.random.normal(jax.random.key(0), (rows, D), jnp.float32)
+        jax.block_until_ready(loop(kernels, x_RxD))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(loop(kernels, x_RxD))
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
 
-    jax.block_until_ready(loop(kernels))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(loop(kernels))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return timed(chained), timed(stream)
 
 
 def main() -> None:
@@ -119,7 +136,7 @@ def main() -> None:
         jax.block_until_ready(tokens)
         decode_times.append(time.perf_counter() - start)
     assert (np.asarray(tokens) == np.asarray(out.tokens)).all(), "timed run differs from generate()"
-    floor_s = matmul_floor(params, B, C, args.repeats)
+    floor_s, stream_s = matmul_floors(model, B, C, args.repeats)
 
     prefill_s, decode_s = float(np.median(prefill_times)), float(np.median(decode_times))
     best_decode_s = min(decode_times)
@@ -131,6 +148,7 @@ def main() -> None:
         (f"decode loop (median of {args.repeats})", f"{decode_s * 1e3:.1f} ms"),
         ("decode step", f"{decode_s / C * 1e3:.2f} ms"),
         ("matmul floor per step (same run)", f"{floor_s / C * 1e3:.2f} ms"),
+        ("  weights read once (one matmul)", f"{stream_s / C * 1e3:.2f} ms"),
         ("prefill tokens/s", f"{B * P / prefill_s:,.0f}"),
         ("decode tokens/s (median)", f"{B * C / decode_s:,.0f}"),
         ("decode tokens/s (best run)", f"{B * C / best_decode_s:,.0f}"),
@@ -151,6 +169,7 @@ def main() -> None:
                 "decode_tokens_per_s_best": round(B * C / best_decode_s, 1),
                 "decode_step_ms": round(decode_s / C * 1e3, 3),
                 "matmul_floor_step_ms": round(floor_s / C * 1e3, 3),
+                "stream_floor_step_ms": round(stream_s / C * 1e3, 3),
                 "load_avg_1m": round(load, 2),
             }
         )
