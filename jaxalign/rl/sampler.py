@@ -360,7 +360,8 @@ def completion_logps(
     # Position P - 1 + c predicts completion token c.
     logits_NxV = model.logits(h_BxTxD[:, P - 1 : P + C - 1].reshape(B * C, -1))
     logp_NxV = jax.nn.log_softmax(process_logits(logits_NxV, temperature, top_k, top_p), axis=-1)
-    logps_BxC = jnp.take_along_axis(logp_NxV, completion_ids_BxC.reshape(-1, 1), axis=-1).reshape(B, C)
+    hit_NxV = jnp.arange(logp_NxV.shape[-1])[None, :] == completion_ids_BxC.reshape(-1, 1)
+    logps_BxC = jnp.sum(jnp.where(hit_NxV, logp_NxV, 0.0), axis=-1).reshape(B, C)
     logps_BxC = jnp.where(completion_mask_BxC > 0, logps_BxC, 0.0)
     if not with_entropy:
         return logps_BxC
