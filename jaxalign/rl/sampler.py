@@ -271,13 +271,11 @@ def decode(
         mask_BxC = jax.lax.dynamic_update_slice(mask_BxC, column(live_B.astype(jnp.int32)), (0, t))
         return t + 1, token_B, cache, tokens_BxC, logps_BxC, mask_BxC, done_B | (live_B & is_eos(token_B))
 
-    per_layer = not model.cfg.scan_layers
-    if per_layer:
-        cache = KVCache(*(tuple(x) for x in cache))
+    # The loop carries one cache array per layer (`Transformer.decode_step`: a stacked cache is copied each step).
+    cache = KVCache(*(tuple(x) for x in cache))
     carry = (jnp.int32(1), token_B, cache, tokens_BxC, logps_BxC, mask_BxC, is_eos(token_B))
     _, _, cache, tokens_BxC, logps_BxC, mask_BxC, _ = jax.lax.while_loop(cond, body, carry)
-    if per_layer:
-        cache = KVCache(*(jnp.stack(x) for x in cache))
+    cache = KVCache(*(jnp.stack(x) for x in cache))
     return tokens_BxC, logps_BxC, mask_BxC, cache
 
 

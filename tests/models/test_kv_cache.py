@@ -80,18 +80,19 @@ def test_cached_decode_logits_equal_full_forward(name):
     def run(params):
         full = nnx.merge(graphdef, params)(tokens, positions, full_mask)
         cached, cache = cached_logits(graphdef, params, tokens, mask, positions, width, per_layer=False)
-        if scan:
-            return full, cached, cache, None
-        # Unrolled layers also take the per-layer tuple form a decode loop carries.
+        # The per-layer tuple form a decode loop carries (the layers unrolled, scanned models' too).
         per_layer, _ = cached_logits(graphdef, params, tokens, mask, positions, width, per_layer=True)
         return full, cached, cache, per_layer
 
     full, cached, cache, per_layer = run(params)
     real = full_mask.astype(bool)
-    err = float(np.abs(np.asarray(full) - np.asarray(cached))[real].max())
-    print(f"{name}: max |cached - full| logits = {err:.2e} (|logits| <= {float(np.abs(full).max()):.1f})")
-    assert err <= REL_TOL * float(np.abs(full).max()), err
-    if per_layer is not None:
+    for form, logits in (("stacked", cached), ("per-layer", per_layer)):
+        err = float(np.abs(np.asarray(full) - np.asarray(logits))[real].max())
+        print(
+            f"{name}, {form} cache: max |cached - full| logits = {err:.2e} (|logits| <= {float(np.abs(full).max()):.1f})"
+        )
+        assert err <= REL_TOL * float(np.abs(full).max()), (form, err)
+    if not scan:  # the same layers in the same order
         np.testing.assert_array_equal(np.asarray(per_layer), np.asarray(cached))
     # GQA-aware: the cache holds K kv heads, never repeated to H.
     cfg = nnx.merge(graphdef, params).cfg
