@@ -31,6 +31,8 @@ Logged per step, besides the loop's: loss, `reward`, `reward_std`, `frac_reward_
 `completions/clipped_ratio` (no stop token within grpo.max_completion_length), `reward_skipped_groups`, and the time split
 `time/generation_s`, `time/scoring_s`, `time/update_wait_s` (host time spent waiting for the previous step's
 update: the loop dispatches updates asynchronously). Held-out: `eval/answer` (greedy answer reward) and per task.
+The loop's `tokens_per_s` and `mfu` count the configured widths (train.batch_size x (data.max_prompt_length +
+grpo.max_completion_length) per iteration), not the trimmed ones: compare runs by `step_s`.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ penalty).
 Logged per step (TRL's names): objective/kl, objective/entropy, objective/non_score_reward, objective/rlhf_reward,
 objective/scores, policy/approxkl_avg, policy/clipfrac_avg, loss/policy_avg, loss/value_avg, val/clipfrac_avg,
 policy/entropy_avg, val/num_eos_tokens, completions/*, time/generation_s, time/scoring_s, time/update_wait_s.
-Held-out: eval/score (RM score of greedy completions) and eval/mean_length.
+Held-out: eval/score (RM score of greedy completions) and eval/mean_length. The loop's `tokens_per_s` and `mfu` count
+the configured widths (data.max_prompt_length + ppo.max_completion_length), not the trimmed ones.
 """
 
 from __future__ import annotations
