@@ -380,9 +380,9 @@ class Transformer(nnx.Module):
 
         `cache.k`/`cache.v` are (L, B, S, K, Dh) arrays, or tuples of L (B, S, K, Dh) arrays: the form a decode loop
         should carry, since XLA:CPU materialises every layer's slice of a stacked cache and copies the whole of it at
-        each step. With a tuple cache the layers run unrolled, scanned models' too (on layer slices of the stacked
-        weights, which XLA hoists out of a decode loop): the reference model with scanned layers decodes greedily at
-        2.0 ms per step on CPU (4.3 ms when the loop carried a stacked cache through a scan over layers). The cache comes back in the form it was given."""
+        each step. The layers run unrolled, scanned models' too (on layer slices of the stacked weights, which XLA
+        hoists out of a decode loop): the reference model with scanned layers decodes greedily at 2.0 ms per step on
+        CPU, 4.3 ms when a scan over layers carried a stacked cache. The cache comes back in the form it was given."""
         cos, sin = self._rope(positions_B[:, None])
         x_BxD = self._embed(tokens_B[:, None])
 
@@ -392,18 +392,11 @@ class Transformer(nnx.Module):
             return self._constrain(x_BxD, ("batch", "act_embed")), (k, v)
 
         blocks = self.blocks
-        if self.cfg.scan_layers:
+        if self.cfg.scan_layers:  # unrolled over layer slices of the stacked weights, as a decode loop wants
             graphdef, state = nnx.split(self.blocks)
-            if isinstance(cache.k, jax.Array):
-
-                def body(x_BxD, xs):
-                    state, k_BxSxKxDh, v_BxSxKxDh = xs
-                    return apply(nnx.merge(graphdef, state), x_BxD, k_BxSxKxDh, v_BxSxKxDh)
-
-                x_BxD, (k, v) = jax.lax.scan(body, x_BxD, (state, cache.k, cache.v))
-                return self.final_norm(x_BxD), KVCache(k, v)
-            layer_state = lambda i: jax.tree.map(lambda x: x[i], state)
-            blocks = [nnx.merge(graphdef, layer_state(i)) for i in range(len(cache.k))]
+            blocks = [
+                nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state)) for i in range(len(cache.k))
+            ]
         ks, vs = [], []
         for layer, block in enumerate(blocks):
             x_BxD, (k, v) = apply(block, x_BxD, cache.k[layer], cache.v[layer])
