@@ -4,9 +4,7 @@ invariance, whole groups under micro-batching and sharding, and bad input (one l
 import dataclasses
 import functools
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -26,7 +24,10 @@ from jaxalign.models.transformer import Transformer
 from jaxalign.rl import rewards, sampler
 from jaxalign.stages import grpo, rollout
 from jaxalign.train import state as state_lib
+from launch.local import cluster_env, free_port
 from tests.helpers import rules_for, tiny
+from tests.train.test_multiprocess import launch_env
+from tests.train.test_resume import ROOT
 
 # --- reward functions ----------------------------------------------------------------------------------------------
 
@@ -507,20 +508,12 @@ print("width", rollout.bucket_width([5, 20][jax.process_index()], 64), flush=Tru
 
 def test_every_process_trims_to_the_same_width():
     # Two processes whose rows use 5 and 20 columns: both keep 32 (the global arrays they build must agree).
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _BUCKET_SCRIPT],
-            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-            env={
-                **{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-                "JAX_PLATFORMS": "cpu",
-                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-                "JAX_NUM_PROCESSES": "2",
-                "JAX_PROCESS_ID": str(i),
-            },
+            cwd=ROOT,
+            env=launch_env(JAX_PLATFORMS="cpu", **cluster_env("explicit", 2, i, port)),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
